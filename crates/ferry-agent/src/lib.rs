@@ -1,0 +1,1 @@
+//! the ferry agent: serves check/migrate, runs the source and target sides

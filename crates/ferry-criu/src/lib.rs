@@ -1,0 +1,1 @@
+//! runs runc and CRIU: checkpoint, feature checks, log quoting

@@ -1,0 +1,1 @@
+//! a small Docker Engine API client and the inspect-to-create mapping

@@ -1,0 +1,1 @@
+//! the migration state machine and the traits its sides implement

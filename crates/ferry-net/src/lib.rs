@@ -1,0 +1,1 @@
+//! network side of a migration: lock rules, ARP switch, gratuitous ARP

@@ -1,0 +1,232 @@
+//! Control messages. Every connection opens with [`Message::Hello`] naming its purpose, so one
+//! listening port serves the CLI, agent-to-agent control and bulk image channels.
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::{Event, Report};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    Hello { protocol: u32, purpose: Purpose },
+    HelloOk { protocol: u32, agent: String },
+    Error(ErrorInfo),
+
+    /// Ask an agent about its host. `cpuinfo` is the peer's `criu cpuinfo dump` image: when
+    /// given, the agent also checks that a checkpoint from that CPU can run on its own.
+    Check { cpuinfo: Option<Vec<u8>> },
+    CheckReply(HostFacts),
+
+    /// CLI → source agent: start a migration; answered by `Event`s and one final `Report`.
+    Migrate(MigrateRequest),
+    Event(Event),
+    Report(Report),
+    /// CLI → source agent: stop and roll back if not yet committed.
+    Cancel,
+
+    /// Source agent → target agent on a `Control` channel.
+    Prepare(PrepareRequest),
+    Prepared { container_id: String },
+    Restore,
+    Restored(RestoreInfo),
+    Commit,
+    Committed,
+    Abort,
+    Aborted { detail: String },
+    /// Asked on a fresh connection when a control channel broke at an uncertain moment.
+    Status { migration_id: String },
+    StatusReply { state: TargetState },
+
+    /// On an `Images` channel: a file follows as `Data` frames, closed by `FileEnd`.
+    FileStart { path: String, size: u64, mode: u32 },
+    FileEnd { sha256: String },
+    ImagesDone { files: u64, bytes: u64 },
+    ImagesReceived { files: u64, bytes: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Purpose {
+    Cli,
+    Control { migration_id: String },
+    Images { migration_id: String },
+}
+
+/// A failure as it crosses the wire: which step, what happened, and the failing tool's own log
+/// lines (CRIU, runc) that say why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ErrorInfo {
+    pub step: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_log: Vec<String>,
+}
+
+impl std::fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.message)?;
+        for line in &self.tool_log {
+            write!(f, "\n    | {line}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    #[default]
+    Auto,
+    StopAndCopy,
+    PreCopy,
+    PostCopy,
+    Hybrid,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Auto => "auto",
+            Strategy::StopAndCopy => "stop-and-copy",
+            Strategy::PreCopy => "pre-copy",
+            Strategy::PostCopy => "post-copy",
+            Strategy::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Faults a test can ask the target to suffer, so rollback is exercised on the real code path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// The target damages the received page images so CRIU's restore really fails.
+    TargetRestore,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    pub container: String,
+    /// `IP:PORT` of the target agent, as the source agent reaches it.
+    pub target: String,
+    pub strategy: Strategy,
+    /// Upper bound for any single remote step, in seconds.
+    pub step_timeout_s: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub migration_id: String,
+    pub strategy: Strategy,
+    pub container_name: String,
+    pub image_id: String,
+    /// Body for the Engine API's `POST /containers/create`, derived from the source's inspect.
+    pub create_body: serde_json::Value,
+    pub networks: Vec<NetworkAttachment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    pub network: String,
+    pub driver: String,
+    pub ipv4: Option<String>,
+    pub mac: Option<String>,
+    pub subnet: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RestoreInfo {
+    pub container_id: String,
+    pub pid: u32,
+    /// Wall time of Docker's start-from-checkpoint call on the target.
+    pub docker_start_ms: u64,
+    pub garp_sent: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetState {
+    Unknown,
+    Prepared,
+    Restored,
+    Committed,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CriuFeatures {
+    pub tcp_established: bool,
+    pub uffd: bool,
+    pub uffd_noncoop: bool,
+    pub mem_dirty_track: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HostFacts {
+    pub agent: String,
+    pub hostname: String,
+    pub kernel: String,
+    pub arch: String,
+    pub criu_version: Option<String>,
+    pub criu_features: CriuFeatures,
+    pub runc_version: Option<String>,
+    pub docker_version: Option<String>,
+    pub docker_api_version: Option<String>,
+    pub docker_experimental: bool,
+    pub docker_data_root: Option<String>,
+    pub docker_runtimes: Vec<String>,
+    /// The runc-wrapping runtime ferry restores through is registered in daemon.json.
+    pub ferry_runtime: bool,
+    pub cap_sys_resource: bool,
+    pub pipe_max_size: u64,
+    /// Result of `criu cpuinfo check` against the peer's CPU, when one was sent.
+    pub cpu_compatible: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_check_log: Vec<String>,
+    /// Reasons this host cannot take part in a migration at all.
+    pub problems: Vec<String>,
+    /// Things that work but an operator should know.
+    pub warnings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Frame;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let msgs = vec![
+            Message::Hello { protocol: 1, purpose: Purpose::Images { migration_id: "m1".into() } },
+            Message::Check { cpuinfo: Some(vec![1, 2, 3]) },
+            Message::Migrate(MigrateRequest {
+                container: "redis".into(),
+                target: "198.18.0.2:7070".into(),
+                strategy: Strategy::StopAndCopy,
+                step_timeout_s: 60,
+                fault: Some(Fault::TargetRestore),
+            }),
+            Message::Error(ErrorInfo { step: "restore".into(), message: "x".into(), tool_log: vec!["Error (criu)".into()] }),
+            Message::StatusReply { state: TargetState::Restored },
+        ];
+        for m in msgs {
+            let f = Frame::control(&m).unwrap();
+            assert_eq!(f.into_message().unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn strategy_names_are_kebab_case() {
+        assert_eq!(serde_json::to_string(&Strategy::StopAndCopy).unwrap(), "\"stop-and-copy\"");
+        assert_eq!(Strategy::PostCopy.as_str(), "post-copy");
+    }
+}

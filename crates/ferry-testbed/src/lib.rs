@@ -1,0 +1,1 @@
+//! local multi-host Docker test bed in network namespaces

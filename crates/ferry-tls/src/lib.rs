@@ -1,0 +1,1 @@
+//! mutual-TLS PKI and connection setup for ferry agents

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs what ferry's demo and tests need on a fresh Debian 12 machine (root). Idempotent.
+# CRIU 4.2.1 is built from Debian sid's source package: Debian 12's CRIU 3.17 fails on recent
+# kernels (vDSO) and 4.1 cannot dump INET sockets on kernels >= 6.16.
+set -euo pipefail
+
+CRIU_WANT="4.2"
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+need_pkgs=()
+for p in docker.io iproute2 iptables redis-server redis-tools busybox-static procps \
+         build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler \
+         protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev \
+         libgnutls28-dev uuid-dev xz-utils ca-certificates postgresql postgresql-contrib; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if ((${#need_pkgs[@]})); then
+  log "installing: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian's postgresql package starts nothing here (no systemd), but make sure no cluster runs.
+pkill -x redis-server 2>/dev/null || true
+
+criu_ok() {
+  command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q "Version: ${CRIU_WANT}"
+}
+if ! criu_ok; then
+  log "building CRIU ${CRIU_WANT}.x from Debian sid sources"
+  work=$(mktemp -d /tmp/ferry-criu-build.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+  # Derive the deb-src entry from the machine's own apt source (never hard-code a mirror).
+  uri=""
+  if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
+    uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [[ -z "$uri" && -f /etc/apt/sources.list ]]; then
+    uri=$(awk '$1=="deb"{for(i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//){print $i; exit}}' /etc/apt/sources.list)
+  fi
+  [[ -n "$uri" ]] || { log "no apt source found to derive a deb-src entry from"; exit 1; }
+  mkdir -p "$work/lists/partial" "$work/src"
+  echo "deb-src [trusted=yes] $uri sid main" > "$work/sources.list"
+  aptopts=(-o "Dir::Etc::sourcelist=$work/sources.list" -o "Dir::Etc::sourceparts=-"
+           -o "Dir::State::Lists=$work/lists" -o "APT::Get::List-Cleanup=0")
+  apt-get "${aptopts[@]}" update -qq
+  (cd "$work/src" && apt-get "${aptopts[@]}" source --download-only criu/sid) || true
+  orig=$(ls "$work"/src/criu_*.orig.tar.* 2>/dev/null | head -n1)
+  [[ -n "$orig" ]] || { log "criu orig tarball did not arrive"; exit 1; }
+  tar -xf "$orig" -C "$work/src"
+  dir=$(find "$work/src" -maxdepth 1 -type d -name 'criu-*' | head -n1)
+  make -C "$dir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log"; exit 1; }
+  install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
+  hash -r
+  criu_ok || { log "built criu does not report ${CRIU_WANT}"; exit 1; }
+fi
+log "criu: $(criu --version | head -n1)"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: this machine is expected to ship a Rust toolchain"; exit 1
+fi
