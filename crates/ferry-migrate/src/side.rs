@@ -1,0 +1,128 @@
+use std::future::Future;
+use std::path::PathBuf;
+
+use ferry_proto::{ErrorInfo, HostFacts, NetworkReport, PrepareRequest, RestoreInfo, TargetState};
+
+/// Why a step failed; the engine's rollback decisions depend on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideErrorKind {
+    /// The side refused before changing anything (bad input, incompatible host).
+    Refused,
+    /// The step ran and failed.
+    Failed,
+    /// The step did not answer in time: its outcome on the remote side is unknown.
+    Timeout,
+    /// The connection to the remote side broke: its outcome is unknown.
+    ConnectionLost,
+    /// The operator cancelled.
+    Cancelled,
+}
+
+/// A failed step: which step, what happened, and the tool log lines (CRIU, runc) that say why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{step}: {message}")]
+pub struct SideError {
+    pub kind: SideErrorKind,
+    pub step: String,
+    pub message: String,
+    pub tool_log: Vec<String>,
+}
+
+impl SideError {
+    pub fn new(kind: SideErrorKind, step: impl Into<String>, message: impl Into<String>) -> Self {
+        SideError { kind, step: step.into(), message: message.into(), tool_log: Vec::new() }
+    }
+    pub fn failed(step: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(SideErrorKind::Failed, step, message)
+    }
+    pub fn refused(step: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(SideErrorKind::Refused, step, message)
+    }
+    pub fn with_log(mut self, lines: Vec<String>) -> Self {
+        self.tool_log = lines;
+        self
+    }
+    /// Whether the remote side may or may not have done the step.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self.kind, SideErrorKind::Timeout | SideErrorKind::ConnectionLost | SideErrorKind::Cancelled)
+    }
+    pub fn info(&self) -> ErrorInfo {
+        ErrorInfo { step: self.step.clone(), message: self.message.clone(), tool_log: self.tool_log.clone() }
+    }
+    pub fn from_info(kind: SideErrorKind, info: ErrorInfo) -> Self {
+        SideError { kind, step: info.step, message: info.message, tool_log: info.tool_log }
+    }
+}
+
+/// What the source learned in preflight, without changing anything.
+#[derive(Debug, Clone)]
+pub struct SourcePreflight {
+    pub facts: HostFacts,
+    /// `criu cpuinfo dump` of the source, for the target to check against its own CPU.
+    pub cpuinfo: Option<Vec<u8>>,
+    /// How the target should create the container (everything but the migration id filled in).
+    pub prepare: PrepareRequest,
+    pub networks: Vec<NetworkReport>,
+    pub warnings: Vec<String>,
+}
+
+/// One file of a CRIU image set, read from `path` and written as `rel` on the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFile {
+    pub rel: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DumpedImages {
+    pub dir: PathBuf,
+    pub files: Vec<ImageFile>,
+}
+
+impl DumpedImages {
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Progress callback: (bytes done, bytes total).
+pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// The host the container leaves.
+pub trait SourceSide: Send {
+    fn preflight(&mut self) -> impl Future<Output = Result<SourcePreflight, SideError>> + Send;
+    /// Stops the container's processes and its network without losing anything; undone by
+    /// `rollback`.
+    fn freeze(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
+    fn dump(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send;
+    /// The container now runs on the target: remove it here. Failures are warnings, since the
+    /// migration itself has succeeded.
+    fn commit(&mut self) -> impl Future<Output = Result<Vec<String>, SideError>> + Send;
+    /// Resumes the container where it was frozen and removes every trace of the attempt.
+    /// Reports each cleanup step that failed instead of stopping at the first.
+    fn rollback(&mut self) -> impl Future<Output = Vec<SideError>> + Send;
+}
+
+/// The host the container goes to.
+pub trait TargetSide: Send {
+    fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> impl Future<Output = Result<HostFacts, SideError>> + Send;
+    fn prepare(&mut self, req: &PrepareRequest) -> impl Future<Output = Result<String, SideError>> + Send;
+    fn restore(&mut self) -> impl Future<Output = Result<RestoreInfo, SideError>> + Send;
+    fn commit(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
+    /// Removes the half-made container and every received file; Ok only when the target
+    /// confirms nothing of the attempt runs there.
+    fn rollback(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
+    /// Asks the target, on a fresh connection if needed, what became of this migration.
+    fn status(&mut self) -> impl Future<Output = Result<TargetState, SideError>> + Send;
+}
+
+/// Carries the dumped images from source to target.
+pub trait Transport: Send {
+    fn send_images(
+        &mut self,
+        images: &DumpedImages,
+        progress: &ProgressFn,
+    ) -> impl Future<Output = Result<u64, SideError>> + Send;
+}

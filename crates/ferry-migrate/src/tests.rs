@@ -1,0 +1,308 @@
+//! The state machine against fake sides: every failure point must roll back exactly what was
+//! done, and the commit rule must never resume a source next to a committed target.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::{CriuFeatures, HostFacts, Outcome, PrepareRequest, RestoreInfo, Strategy, TargetState};
+use tokio_util::sync::CancellationToken;
+
+use crate::*;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn push(log: &Log, s: &str) {
+    log.lock().unwrap().push(s.to_string());
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum At {
+    None,
+    SourcePreflight,
+    Incompatible,
+    Prepare,
+    Freeze,
+    Dump,
+    Transfer,
+    TransferHang,
+    Restore,
+    RestoreHang,
+    CommitLostThenCommitted,
+    CommitLostThenUnreachable,
+    CommitLostThenRolledBack,
+}
+
+fn facts(name: &str) -> HostFacts {
+    HostFacts {
+        agent: name.into(),
+        arch: "x86_64".into(),
+        criu_version: Some("4.2.1".into()),
+        criu_features: CriuFeatures { tcp_established: true, uffd: true, uffd_noncoop: true, mem_dirty_track: false },
+        docker_experimental: true,
+        ferry_runtime: true,
+        ..Default::default()
+    }
+}
+
+struct FakeSource {
+    log: Log,
+    at: At,
+    rollback_errors: usize,
+}
+
+impl SourceSide for FakeSource {
+    async fn preflight(&mut self) -> Result<SourcePreflight, SideError> {
+        push(&self.log, "source.preflight");
+        if self.at == At::SourcePreflight {
+            return Err(SideError::refused("preflight", "no such container: nope"));
+        }
+        Ok(SourcePreflight {
+            facts: facts("a"),
+            cpuinfo: Some(vec![1]),
+            prepare: PrepareRequest {
+                migration_id: String::new(),
+                strategy: Strategy::Auto,
+                container_name: "c".into(),
+                image_id: "sha256:x".into(),
+                create_body: serde_json::json!({}),
+                networks: vec![],
+                fault: None,
+            },
+            networks: vec![],
+            warnings: vec![],
+        })
+    }
+    async fn freeze(&mut self) -> Result<(), SideError> {
+        push(&self.log, "source.freeze");
+        if self.at == At::Freeze {
+            return Err(SideError::failed("freeze", "pause failed"));
+        }
+        Ok(())
+    }
+    async fn dump(&mut self) -> Result<DumpedImages, SideError> {
+        push(&self.log, "source.dump");
+        if self.at == At::Dump {
+            return Err(SideError::failed("dump", "criu failed").with_log(vec!["Error (criu/cr-dump.c:1): x".into()]));
+        }
+        Ok(DumpedImages {
+            dir: "/nonexistent".into(),
+            files: vec![ImageFile { rel: "pages-1.img".into(), path: "/nonexistent/pages-1.img".into(), size: 4096, mode: 0o600 }],
+        })
+    }
+    async fn commit(&mut self) -> Result<Vec<String>, SideError> {
+        push(&self.log, "source.commit");
+        Ok(vec![])
+    }
+    async fn rollback(&mut self) -> Vec<SideError> {
+        push(&self.log, "source.rollback");
+        (0..self.rollback_errors).map(|i| SideError::failed(format!("rollback step {i}"), "could not")).collect()
+    }
+}
+
+struct FakeTarget {
+    log: Log,
+    at: At,
+    incompatible: bool,
+}
+
+impl TargetSide for FakeTarget {
+    async fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> Result<HostFacts, SideError> {
+        push(&self.log, "target.preflight");
+        assert_eq!(cpuinfo, Some(vec![1]), "the source's cpuinfo reaches the target");
+        let mut f = facts("b");
+        if self.incompatible {
+            f.docker_experimental = false;
+        }
+        Ok(f)
+    }
+    async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
+        push(&self.log, "target.prepare");
+        assert_eq!(req.migration_id, "m-1");
+        if self.at == At::Prepare {
+            return Err(SideError::failed("prepare", "name in use"));
+        }
+        Ok("cid".into())
+    }
+    async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
+        push(&self.log, "target.restore");
+        match self.at {
+            At::Restore => Err(SideError::failed("restore", "criu restore failed").with_log(vec!["Error (criu/cr-restore.c:1)".into()])),
+            At::RestoreHang => std::future::pending().await,
+            _ => Ok(RestoreInfo { container_id: "cid".into(), pid: 42, docker_start_ms: 1, garp_sent: vec!["eth0".into()] }),
+        }
+    }
+    async fn commit(&mut self) -> Result<(), SideError> {
+        push(&self.log, "target.commit");
+        match self.at {
+            At::CommitLostThenCommitted | At::CommitLostThenUnreachable | At::CommitLostThenRolledBack => {
+                Err(SideError::new(SideErrorKind::ConnectionLost, "commit", "connection reset"))
+            }
+            _ => Ok(()),
+        }
+    }
+    async fn rollback(&mut self) -> Result<(), SideError> {
+        push(&self.log, "target.rollback");
+        if self.at == At::CommitLostThenUnreachable {
+            return Err(SideError::new(SideErrorKind::ConnectionLost, "rollback", "unreachable"));
+        }
+        Ok(())
+    }
+    async fn status(&mut self) -> Result<TargetState, SideError> {
+        push(&self.log, "target.status");
+        match self.at {
+            At::CommitLostThenCommitted => Ok(TargetState::Committed),
+            At::CommitLostThenRolledBack => Ok(TargetState::RolledBack),
+            _ => Err(SideError::new(SideErrorKind::ConnectionLost, "status", "unreachable")),
+        }
+    }
+}
+
+struct FakeTransport {
+    log: Log,
+    at: At,
+}
+
+impl Transport for FakeTransport {
+    async fn send_images(&mut self, images: &DumpedImages, progress: &ProgressFn) -> Result<u64, SideError> {
+        push(&self.log, "transport.send");
+        match self.at {
+            At::Transfer => Err(SideError::new(SideErrorKind::ConnectionLost, "transfer", "broken pipe")),
+            At::TransferHang => std::future::pending().await,
+            _ => {
+                progress(images.total_bytes(), images.total_bytes());
+                Ok(images.total_bytes())
+            }
+        }
+    }
+}
+
+async fn run_with(at: At, rollback_errors: usize, cancel: Option<CancellationToken>) -> (ferry_proto::Report, Vec<String>) {
+    let log: Log = Arc::default();
+    let engine = Engine::new(
+        FakeSource { log: log.clone(), at, rollback_errors },
+        FakeTarget { log: log.clone(), at, incompatible: at == At::Incompatible },
+        FakeTransport { log: log.clone(), at },
+        EngineOptions { step_timeout: Duration::from_secs(5), transfer_timeout: Duration::from_secs(5) },
+    );
+    let engine = match cancel {
+        Some(c) => engine.with_cancel(c),
+        None => engine,
+    };
+    let report = engine
+        .run(MigrationPlan {
+            migration_id: "m-1".into(),
+            container: "c".into(),
+            source: "a".into(),
+            target: "b".into(),
+            strategy: Strategy::Auto,
+        })
+        .await;
+    let calls = log.lock().unwrap().clone();
+    (report, calls)
+}
+
+fn calls(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+const FORWARD: &[&str] = &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.restore"];
+
+#[tokio::test]
+async fn happy_path_walks_every_phase_in_order() {
+    let (report, log) = run_with(At::None, 0, None).await;
+    assert_eq!(report.outcome, Outcome::Migrated);
+    let mut want = FORWARD.to_vec();
+    want.extend(["target.commit", "source.commit"]);
+    assert_eq!(log, calls(&want));
+    assert_eq!(report.bytes_sent, 4096);
+    assert_eq!(report.strategy, Strategy::StopAndCopy);
+    assert!(report.strategy_reason.starts_with("auto:"));
+    for p in ["preflight", "prepare", "freeze", "dump", "transfer", "restore", "commit"] {
+        assert!(report.phases_ms.contains_key(p), "{p} missing from {:?}", report.phases_ms);
+    }
+    assert!(report.error.is_none());
+}
+
+#[tokio::test]
+async fn failures_roll_back_exactly_what_was_done() {
+    let cases: &[(At, &[&str], &str)] = &[
+        (At::SourcePreflight, &["source.preflight"], "preflight"),
+        (At::Incompatible, &["source.preflight", "target.preflight"], "preflight"),
+        (At::Prepare, &["source.preflight", "target.preflight", "target.prepare", "target.rollback"], "prepare"),
+        (At::Freeze, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "target.rollback", "source.rollback"], "freeze"),
+        (At::Dump, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "target.rollback", "source.rollback"], "dump"),
+        (At::Transfer, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.rollback", "source.rollback"], "transfer"),
+        (At::Restore, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.restore", "target.rollback", "source.rollback"], "restore"),
+    ];
+    for (at, want, step) in cases {
+        let (report, log) = run_with(*at, 0, None).await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{at:?}");
+        assert_eq!(log, calls(want), "{at:?}");
+        let err = report.error.expect("an error is reported");
+        assert_eq!(err.step, *step, "{at:?}");
+    }
+}
+
+#[tokio::test]
+async fn tool_log_lines_reach_the_report() {
+    let (report, _) = run_with(At::Restore, 0, None).await;
+    assert_eq!(report.error.unwrap().tool_log, vec!["Error (criu/cr-restore.c:1)".to_string()]);
+}
+
+#[tokio::test]
+async fn incompatible_target_is_refused_before_any_change_with_the_reason() {
+    let (report, _) = run_with(At::Incompatible, 0, None).await;
+    let err = report.error.unwrap();
+    assert!(err.message.contains("experimental"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn lost_commit_answer_with_committed_target_finishes_the_migration() {
+    let (report, log) = run_with(At::CommitLostThenCommitted, 0, None).await;
+    assert_eq!(report.outcome, Outcome::Migrated);
+    assert!(report.error.is_none());
+    assert_eq!(&log[log.len() - 3..], &calls(&["target.commit", "target.status", "source.commit"])[..]);
+}
+
+#[tokio::test]
+async fn lost_commit_answer_with_unreachable_target_keeps_the_source_frozen() {
+    let (report, log) = run_with(At::CommitLostThenUnreachable, 0, None).await;
+    assert_eq!(report.outcome, Outcome::InDoubt);
+    assert!(!log.contains(&"source.rollback".to_string()));
+    assert!(!log.contains(&"source.commit".to_string()));
+}
+
+#[tokio::test]
+async fn lost_commit_answer_with_rolled_back_target_resumes_the_source() {
+    let (report, log) = run_with(At::CommitLostThenRolledBack, 0, None).await;
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert_eq!(&log[log.len() - 3..], &calls(&["target.status", "target.rollback", "source.rollback"])[..]);
+}
+
+#[tokio::test]
+async fn rollback_reports_its_own_failures() {
+    let (report, _) = run_with(At::Restore, 2, None).await;
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert_eq!(report.rollback_errors.len(), 2);
+}
+
+#[tokio::test]
+async fn cancellation_mid_transfer_rolls_back() {
+    let token = CancellationToken::new();
+    let t2 = token.clone();
+    let handle = tokio::spawn(async move { run_with(At::TransferHang, 0, Some(t2)).await });
+    tokio::task::yield_now().await;
+    token.cancel();
+    let (report, log) = handle.await.unwrap();
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert!(log.ends_with(&calls(&["target.rollback", "source.rollback"])));
+    assert_eq!(report.error.unwrap().message, "cancelled by the operator");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_that_never_answers_times_out_and_rolls_back() {
+    let (report, log) = run_with(At::RestoreHang, 0, None).await;
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert!(log.ends_with(&calls(&["target.restore", "target.rollback", "source.rollback"])));
+    assert!(report.error.unwrap().message.contains("no answer within"));
+}
