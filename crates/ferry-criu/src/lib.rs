@@ -1,1 +1,15 @@
-//! runs runc and CRIU: checkpoint, feature checks, log quoting
+//! Runs runc and CRIU for ferry: host feature checks, checkpoints of Docker-managed containers
+//! through the runc that owns them, and the runtime wrapper that gives `docker start
+//! --checkpoint` per-container CRIU options.
+//!
+//! Every external process gets explicit stdio, a timeout after which it is killed and reaped,
+//! and on failure an error that quotes the lines of the tool's own log that say why.
+
+pub mod checkpoint;
+pub mod facts;
+pub mod proc;
+pub mod runtime;
+
+pub use checkpoint::{checkpoint, discover_runc, CheckpointOptions, RuncHandle};
+pub use facts::{cpuinfo_check, cpuinfo_dump, criu_facts, runc_version, CriuFacts};
+pub use proc::{quote_log, run, CmdOutput, ToolError};
