@@ -1,0 +1,118 @@
+//! The line-protocol client: one connection for the whole run, so a migration that breaks or
+//! resets the connection shows up as a failure rather than being papered over by a reconnect.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::stop::Stop;
+use crate::summary::{emit, Summary};
+
+/// Long enough to ride out a slow migration, short enough that a lost connection ends the run.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ClientOpts {
+    pub addr: SocketAddr,
+    pub interval: Duration,
+    pub stop: Stop,
+    pub out: Option<PathBuf>,
+}
+
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.set_write_timeout(Some(READ_TIMEOUT))?;
+    Ok(s)
+}
+
+pub fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!("timed out: {e}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Runs ticks until a stop condition or a connection failure; `tick` performs one exchange.
+/// Always returns the summary so the caller can write it whatever happened.
+pub fn run_loop(
+    opts: &ClientOpts,
+    summary: &mut Summary,
+    mut tick: impl FnMut(&mut Summary, Instant) -> Result<(), String>,
+) {
+    let started = Instant::now();
+    let mut next = started;
+    loop {
+        if let Some(reason) = opts.stop.sleep_until(next) {
+            summary.stopped_by = reason.to_string();
+            break;
+        }
+        if let Err(e) = tick(summary, started) {
+            summary.error(e);
+            summary.stopped_by = "error".to_string();
+            break;
+        }
+        next = (next + opts.interval).max(Instant::now());
+    }
+    summary.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+}
+
+pub fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+pub fn finish(opts: &ClientOpts, summary: &Summary) -> i32 {
+    if let Err(e) = emit(opts.out.as_deref(), &summary.to_json()) {
+        eprintln!("cannot write summary: {e}");
+        return 2;
+    }
+    if summary.ok() {
+        0
+    } else {
+        1
+    }
+}
+
+pub fn run(opts: ClientOpts) -> i32 {
+    let mut summary = Summary::new();
+    let stream = match connect(opts.addr) {
+        Ok(s) => s,
+        Err(e) => {
+            summary.error(format!("connect {}: {}", opts.addr, describe(&e)));
+            summary.stopped_by = "error".to_string();
+            return finish(&opts, &summary);
+        }
+    };
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            summary.error(format!("clone socket: {e}"));
+            summary.stopped_by = "error".to_string();
+            return finish(&opts, &summary);
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    run_loop(&opts, &mut summary, |summary, started| {
+        writer
+            .write_all(b"INCR\n")
+            .map_err(|e| format!("at {:.1} ms: send: {}", ms_since(started), describe(&e)))?;
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("at {:.1} ms: receive: {}", ms_since(started), describe(&e)))?;
+        let t = ms_since(started);
+        if n == 0 {
+            return Err(format!("at {t:.1} ms: connection closed by peer"));
+        }
+        let value: i64 = line
+            .trim_end()
+            .parse()
+            .map_err(|_| format!("at {t:.1} ms: unexpected reply {:?}", line.trim_end()))?;
+        summary.counter(value, t);
+        Ok(())
+    });
+    finish(&opts, &summary)
+}
