@@ -1,0 +1,204 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_migrate::{Engine, EngineOptions, MigrationPlan};
+use ferry_proto::{ErrorInfo, Message, MigrateRequest, Purpose, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::conn::{describe, Conn, ConnError};
+use crate::host::HostEnv;
+use crate::source::LocalSource;
+use crate::target::{ImagesChannel, RemoteTarget, Targets};
+use crate::AgentError;
+
+/// Bound on the TLS handshake and greeting, so a silent peer cannot hold a task.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a target waits between control messages before treating the source as gone.
+const CONTROL_IDLE: Duration = Duration::from_secs(1800);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub listen: SocketAddr,
+    pub tls_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+struct Shared {
+    env: HostEnv,
+    targets: Targets,
+    client_tls: Arc<rustls::ClientConfig>,
+}
+
+pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
+    let identity = ferry_tls::load_identity(&opts.tls_dir)?;
+    let name = identity.common_name().to_string();
+    let server_cfg = ferry_tls::server_config(&identity)?;
+    let client_tls = ferry_tls::client_config(&identity)?;
+    let env = HostEnv::discover(name.clone(), opts.state_dir.clone()).await?;
+    let facts = env.facts(None).await;
+    for p in &facts.problems {
+        warn!("host problem: {p}");
+    }
+    let shared = Arc::new(Shared { targets: Targets::new(env.clone()), env, client_tls });
+    let listener = TcpListener::bind(opts.listen).await.map_err(|source| AgentError::Listen { addr: opts.listen, source })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    info!(agent = %name, listen = %opts.listen, "agent listening");
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let (stream, who) = match ferry_tls::accept(tcp, &acceptor, GREETING_TIMEOUT).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("refused {peer}: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = handle(shared, Conn::new(stream), who.common_name).await {
+                    warn!("connection from {peer}: {e}");
+                }
+            }
+            .instrument(info_span!("conn", %peer)),
+        );
+    }
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>, who: String) -> Result<(), AgentError> {
+    let purpose = match conn.recv(GREETING_TIMEOUT).await? {
+        Message::Hello { protocol, purpose } if protocol == PROTOCOL_VERSION => purpose,
+        Message::Hello { protocol, .. } => {
+            let e = ErrorInfo { step: "hello".into(), message: format!("protocol {protocol} not supported (this agent speaks {PROTOCOL_VERSION})"), tool_log: vec![] };
+            conn.send(&Message::Error(e.clone())).await?;
+            return Err(AgentError::Remote(e));
+        }
+        other => return Err(ConnError::Unexpected(describe(&other)).into()),
+    };
+    conn.send(&Message::HelloOk { protocol: PROTOCOL_VERSION, agent: shared.env.name.clone() }).await?;
+    info!(peer = %who, ?purpose, "session");
+    match purpose {
+        Purpose::Cli => serve_cli(shared, conn).await,
+        Purpose::Control { migration_id } => {
+            shared.targets.serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(300)).await;
+            Ok(())
+        }
+        Purpose::Images { migration_id } => {
+            let reply = match shared.targets.receive_images(&mut conn, &migration_id, Duration::from_secs(120)).await {
+                Ok((files, bytes)) => Message::ImagesReceived { files, bytes },
+                Err(e) => Message::Error(e),
+            };
+            conn.send(&reply).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>) -> Result<(), AgentError> {
+    loop {
+        let msg = match conn.recv(Duration::from_secs(600)).await {
+            Ok(m) => m,
+            Err(ConnError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            Message::Check { cpuinfo } => {
+                let facts = shared.env.facts(cpuinfo.as_deref()).await;
+                conn.send(&Message::CheckReply(facts)).await?;
+            }
+            Message::Migrate(req) => return run_migration(shared, conn, req).await,
+            other => {
+                let e = ErrorInfo { step: "cli".into(), message: format!("unexpected {}", describe(&other)), tool_log: vec![] };
+                conn.send(&Message::Error(e)).await?;
+            }
+        }
+    }
+}
+
+async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>, req: MigrateRequest) -> Result<(), AgentError> {
+    let bad = |message: String| ErrorInfo { step: "migrate".into(), message, tool_log: vec![] };
+    let target: SocketAddr = match req.target.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            conn.send(&Message::Error(bad(format!("target {:?} is not an IP:PORT address", req.target)))).await?;
+            return Ok(());
+        }
+    };
+    if req.step_timeout_s == 0 {
+        conn.send(&Message::Error(bad("step timeout must be at least 1 s".into()))).await?;
+        return Ok(());
+    }
+    let id = crate::new_id();
+    let step_timeout = Duration::from_secs(req.step_timeout_s);
+    let source = LocalSource::new(shared.env.clone(), req.container.clone(), id.clone(), req.fault, step_timeout);
+    let remote = RemoteTarget::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
+    let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let engine = Engine::new(source, remote, images, EngineOptions { step_timeout, transfer_timeout: Duration::from_secs(3600) })
+        .with_events(tx)
+        .with_cancel(cancel.clone());
+    let plan = MigrationPlan {
+        migration_id: id.clone(),
+        container: req.container.clone(),
+        source: shared.env.name.clone(),
+        target: req.target.clone(),
+        strategy: req.strategy,
+    };
+    // The migration runs on its own task: losing the CLI cancels it, which rolls back, but
+    // never abandons it half-way.
+    let mut job = tokio::spawn(engine.run(plan));
+    let mut cli_alive = true;
+    let report = loop {
+        tokio::select! {
+            done = &mut job => break done,
+            ev = rx.recv() => {
+                if let Some(ev) = ev {
+                    if cli_alive && conn.send(&Message::Event(ev)).await.is_err() {
+                        cli_alive = false;
+                        cancel.cancel();
+                    }
+                }
+            }
+            msg = conn.recv(Duration::from_secs(86400)), if cli_alive => {
+                match msg {
+                    Ok(Message::Cancel) => { info!("cancelled by the CLI"); cancel.cancel(); }
+                    Ok(other) => warn!("ignoring {} during a migration", describe(&other)),
+                    Err(e) => { warn!("CLI connection lost ({e}): cancelling"); cli_alive = false; cancel.cancel(); }
+                }
+            }
+        }
+    };
+    while let Ok(ev) = rx.try_recv() {
+        if cli_alive && conn.send(&Message::Event(ev)).await.is_err() {
+            cli_alive = false;
+        }
+    }
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let info = bad(format!("migration task failed: {e}"));
+            if cli_alive {
+                conn.send(&Message::Error(info.clone())).await?;
+            }
+            return Err(AgentError::Remote(info));
+        }
+    };
+    info!(outcome = ?report.outcome, downtime_ms = report.downtime_ms, "migration finished");
+    if cli_alive {
+        conn.send(&Message::Report(report)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The source side of a migration on this host.
+//!
+//! Freezing keeps everything needed to resume: the cgroup is frozen by `docker pause`, the
+//! container's network namespace is locked by our own rules (so the frozen kernel neither ACKs
+//! data the target will never see nor leaks a FIN/RST when the source is finally removed), ARP
+//! answers are switched off for the moving addresses, and the dump leaves the processes in
+//! place. Rollback is therefore an unlock and unpause — no restore on the source, nothing lost.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_docker::{ContainerView, Docker};
+use ferry_migrate::{DumpedImages, ImageFile, SideError, SideErrorKind, SourcePreflight, SourceSide};
+use ferry_proto::{NetworkAttachment, NetworkReport, PrepareRequest, Strategy};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+use crate::host::{has_cap_sys_resource, HostEnv};
+
+pub struct LocalSource {
+    env: HostEnv,
+    docker: Arc<Docker>,
+    container: String,
+    migration_id: String,
+    fault: Option<ferry_proto::Fault>,
+    dump_timeout: Duration,
+    view: Option<ContainerView>,
+    saved_restart_policy: Option<serde_json::Value>,
+    locked: bool,
+    arp_off: Vec<String>,
+    paused: bool,
+    dir: PathBuf,
+}
+
+fn side_err(step: &str, e: impl std::fmt::Display) -> SideError {
+    SideError::failed(step, e.to_string())
+}
+
+impl LocalSource {
+    pub fn new(env: HostEnv, container: String, migration_id: String, fault: Option<ferry_proto::Fault>, dump_timeout: Duration) -> Self {
+        let dir = env.state_dir.join("migrations").join(&migration_id);
+        LocalSource {
+            docker: env.docker.clone(),
+            env,
+            container,
+            migration_id,
+            fault,
+            dump_timeout,
+            view: None,
+            saved_restart_policy: None,
+            locked: false,
+            arp_off: Vec::new(),
+            paused: false,
+            dir,
+        }
+    }
+
+    fn view(&self) -> Result<&ContainerView, SideError> {
+        self.view.as_ref().ok_or_else(|| SideError::failed("source", "preflight did not run"))
+    }
+}
+
+/// Uids of every process in the container's pid namespace, so preflight can name the cause
+/// CRIU would otherwise report deep inside a dump.
+fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return vec![] };
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("").trim().to_string();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if uid != 0 {
+            out.push((pid, uid, name));
+        }
+    }
+    out
+}
+
+impl SourceSide for LocalSource {
+    async fn preflight(&mut self) -> Result<SourcePreflight, SideError> {
+        let step = "preflight (source)";
+        let inspect = self
+            .docker
+            .inspect_container(&self.container)
+            .await
+            .map_err(|e| side_err(step, e))?
+            .ok_or_else(|| SideError::refused(step, format!("no container named {:?} on source {}", self.container, self.env.name)))?;
+        let view = ContainerView::from_inspect(&inspect).map_err(|e| side_err(step, e))?;
+        if !view.running || view.restarting {
+            let status = inspect.pointer("/State/Status").and_then(|s| s.as_str()).unwrap_or("unknown");
+            return Err(SideError::refused(step, format!("container {} is not running (status {status}): only running containers are live-migrated", view.name)));
+        }
+        if view.paused {
+            return Err(SideError::refused(step, format!("container {} is paused: unpause it first (ferry pauses it itself while freezing)", view.name)));
+        }
+        let foreign: Vec<String> = view
+            .mounts
+            .iter()
+            .filter(|m| m.kind == "bind" || m.kind == "volume")
+            .map(|m| format!("{} {} -> {}", m.kind, m.name.clone().unwrap_or_else(|| m.source.clone()), m.destination))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(SideError::refused(
+                step,
+                format!("container {} has mounts whose data this build does not carry: {}", view.name, foreign.join(", ")),
+            ));
+        }
+        if !has_cap_sys_resource() {
+            let procs = foreign_uid_processes(view.pid);
+            if !procs.is_empty() {
+                let list: Vec<String> = procs.iter().take(5).map(|(p, u, n)| format!("{n} (pid {p}, uid {u})")).collect();
+                return Err(SideError::refused(
+                    step,
+                    format!(
+                        "container {} runs processes as non-root uids ({}) and root on this host lacks CAP_SYS_RESOURCE, so CRIU cannot read their rlimits (\"Can't get rlimit\"); run the container as root or in a user namespace (dockerd userns-remap)",
+                        view.name,
+                        list.join(", ")
+                    ),
+                ));
+            }
+        }
+        let handle = ferry_criu::discover_runc(view.pid, &view.id, self.env.runc.as_deref().unwrap_or("runc"))
+            .map_err(|e| SideError::refused(step, e.to_string()))?;
+        info!(runc = %handle.binary, root = %handle.root.display(), "runc discovered");
+
+        let facts = self.env.facts(None).await;
+        let cpuinfo = self.env.cpuinfo().await;
+        let body = ferry_docker::create_body_from_inspect(&inspect, Some(crate::FERRY_RUNTIME), self.docker.api_version())
+            .map_err(|e| side_err(step, e))?;
+        let mut networks = Vec::new();
+        let mut reports = Vec::new();
+        for ep in &view.networks {
+            let net = self.docker.inspect_network(&ep.network).await.map_err(|e| side_err(step, e))?;
+            let driver = net.as_ref().and_then(|n| n.get("Driver")).and_then(|d| d.as_str()).unwrap_or("unknown").to_string();
+            let subnet = net
+                .as_ref()
+                .and_then(|n| n.pointer("/IPAM/Config/0/Subnet"))
+                .and_then(|s| s.as_str())
+                .map(str::to_string);
+            let l2 = matches!(driver.as_str(), "macvlan" | "ipvlan");
+            let note = if l2 {
+                format!("{driver} network {}: the address moves with the container on the shared L2 segment and established connections survive", ep.network)
+            } else {
+                format!(
+                    "{driver} network {}: the container keeps its address inside the target host's network of the same subnet, but external established connections only survive on an L2 (macvlan/ipvlan) or routed network",
+                    ep.network
+                )
+            };
+            reports.push(NetworkReport {
+                network: ep.network.clone(),
+                driver: driver.clone(),
+                ipv4: ep.ipv4.clone(),
+                mac: ep.mac.clone(),
+                external_connections_survive: l2,
+                note,
+            });
+            networks.push(NetworkAttachment { network: ep.network.clone(), driver, ipv4: ep.ipv4.clone(), mac: ep.mac.clone(), subnet });
+        }
+        let prepare = PrepareRequest {
+            migration_id: self.migration_id.clone(),
+            strategy: Strategy::StopAndCopy,
+            container_name: view.name.clone(),
+            image_id: view.image_id.clone(),
+            create_body: body,
+            networks,
+            fault: self.fault,
+        };
+        self.view = Some(view);
+        Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings: vec![] })
+    }
+
+    async fn freeze(&mut self) -> Result<(), SideError> {
+        let step = "freeze";
+        let view = self.view()?.clone();
+        // Docker would restart a container with a restart policy the moment it looks dead.
+        self.saved_restart_policy = Some(view.restart_policy.clone());
+        self.docker
+            .update_restart_policy(&view.id, &serde_json::json!({"Name": "no"}))
+            .await
+            .map_err(|e| side_err(step, format!("setting restart policy to no: {e}")))?;
+        ferry_net::lock(view.pid).await.map_err(|e| side_err(step, format!("locking the network: {e}")))?;
+        self.locked = true;
+        let ifaces = ferry_net::interfaces(view.pid).await.map_err(|e| side_err(step, e))?;
+        for i in ifaces.iter().filter(|i| !i.ipv4.is_empty()) {
+            ferry_net::set_arp(view.pid, &i.name, false).await.map_err(|e| side_err(step, format!("ARP off on {}: {e}", i.name)))?;
+            self.arp_off.push(i.name.clone());
+        }
+        self.docker.pause(&view.id).await.map_err(|e| side_err(step, format!("pausing: {e}")))?;
+        self.paused = true;
+        Ok(())
+    }
+
+    async fn dump(&mut self) -> Result<DumpedImages, SideError> {
+        let view = self.view()?.clone();
+        let handle = ferry_criu::discover_runc(view.pid, &view.id, self.env.runc.as_deref().unwrap_or("runc"))
+            .map_err(|e| side_err("dump", e))?;
+        let image_dir = self.dir.join("images");
+        let opts = ferry_criu::CheckpointOptions {
+            image_dir: image_dir.clone(),
+            work_dir: self.dir.join("work"),
+            tcp_established: true,
+            leave_running: true,
+            timeout: self.dump_timeout,
+        };
+        ferry_criu::checkpoint(&handle, &opts)
+            .await
+            .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+        let files = ferry_criu::checkpoint::image_files(&image_dir).map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
+        Ok(DumpedImages {
+            dir: image_dir,
+            files: files.into_iter().map(|(rel, path, size, mode)| ImageFile { rel, path, size, mode }).collect(),
+        })
+    }
+
+    async fn commit(&mut self) -> Result<Vec<String>, SideError> {
+        let mut warnings = Vec::new();
+        let view = self.view()?.clone();
+        // The lock rules stay until the namespace is gone, so the kill sends nothing on the wire.
+        if let Err(e) = self.docker.remove_container(&view.id, true).await {
+            warnings.push(format!("removing the source container {}: {e}", view.name));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warnings.push(format!("removing {}: {e}", self.dir.display()));
+            }
+        }
+        Ok(warnings)
+    }
+
+    async fn rollback(&mut self) -> Vec<SideError> {
+        let mut errs = Vec::new();
+        let Some(view) = self.view.clone() else { return errs };
+        if self.paused {
+            match self.docker.unpause(&view.id).await {
+                Ok(()) => self.paused = false,
+                Err(e) => errs.push(side_err("rollback: unpause", e)),
+            }
+        }
+        for iface in std::mem::take(&mut self.arp_off) {
+            if let Err(e) = ferry_net::set_arp(view.pid, &iface, true).await {
+                errs.push(side_err("rollback: ARP on", format!("{iface}: {e}")));
+            }
+        }
+        match ferry_net::remove_criu_lock(view.pid).await {
+            Ok(true) => warn!("removed a network-lock chain CRIU left behind"),
+            Ok(false) => {}
+            Err(e) => errs.push(side_err("rollback: CRIU lock", e)),
+        }
+        if self.locked {
+            match ferry_net::unlock(view.pid).await {
+                Ok(()) => self.locked = false,
+                Err(e) => errs.push(side_err("rollback: unlock network", e)),
+            }
+        }
+        if let Some(policy) = self.saved_restart_policy.take() {
+            if let Err(e) = self.docker.update_restart_policy(&view.id, &policy).await {
+                errs.push(side_err("rollback: restart policy", e));
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errs.push(side_err("rollback: remove images", format!("{}: {e}", self.dir.display())));
+            }
+        }
+        let _ = SideErrorKind::Failed;
+        errs
+    }
+}

@@ -1,0 +1,625 @@
+//! The target side: what this agent does when another agent migrates a container to it, and
+//! the source agent's handles on a remote target ([`RemoteTarget`], [`ImagesChannel`]).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ferry_migrate::{DumpedImages, ProgressFn, SideError, SideErrorKind, TargetSide, Transport};
+use ferry_proto::{ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo, TargetState, PROTOCOL_VERSION};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::conn::{describe, Conn, ConnError};
+use crate::host::HostEnv;
+
+/// Chunk size of image streams: large enough to keep TLS records full, far below the frame limit.
+const CHUNK: usize = 1024 * 1024;
+
+fn err(step: &str, message: impl std::fmt::Display) -> ErrorInfo {
+    ErrorInfo { step: step.into(), message: message.to_string(), tool_log: vec![] }
+}
+
+#[derive(Debug)]
+struct TargetMigration {
+    state: TargetState,
+    prepare: PrepareRequest,
+    container_id: Option<String>,
+    dir: PathBuf,
+    checkpoint_dir: Option<PathBuf>,
+    ctrd_copy: Option<String>,
+    images_complete: bool,
+}
+
+/// Migrations arriving at this host, by migration id.
+#[derive(Clone)]
+pub struct Targets {
+    env: HostEnv,
+    map: Arc<Mutex<HashMap<String, TargetMigration>>>,
+}
+
+/// A file name inside a flat CRIU image directory: one normal component, nothing else.
+pub fn safe_image_name(name: &str) -> bool {
+    let p = Path::new(name);
+    let mut comps = p.components();
+    matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None)) && !name.contains('/') && !name.contains('\0')
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+    if parts.len() == 6 && s.split(':').count() == 6 {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&parts);
+        Some(m)
+    } else {
+        None
+    }
+}
+
+impl Targets {
+    pub fn new(env: HostEnv) -> Self {
+        Targets { env, map: Arc::default() }
+    }
+
+    pub async fn state(&self, id: &str) -> TargetState {
+        self.map.lock().await.get(id).map(|m| m.state).unwrap_or(TargetState::Unknown)
+    }
+
+    pub async fn prepare(&self, req: PrepareRequest) -> Result<String, ErrorInfo> {
+        let step = "prepare (target)";
+        if req.migration_id.is_empty() || !safe_image_name(&req.migration_id) {
+            return Err(err(step, format!("invalid migration id {:?}", req.migration_id)));
+        }
+        let docker = &self.env.docker;
+        if docker.inspect_container(&req.container_name).await.map_err(|e| err(step, e))?.is_some() {
+            return Err(err(step, format!("a container named {:?} already exists on target {}", req.container_name, self.env.name)));
+        }
+        if docker.inspect_image(&req.image_id).await.map_err(|e| err(step, e))?.is_none() {
+            return Err(err(step, format!("image {} is not present on target {}", req.image_id, self.env.name)));
+        }
+        for n in &req.networks {
+            let net = docker
+                .inspect_network(&n.network)
+                .await
+                .map_err(|e| err(step, e))?
+                .ok_or_else(|| err(step, format!("network {:?} does not exist on target {}", n.network, self.env.name)))?;
+            let driver = net.get("Driver").and_then(|d| d.as_str()).unwrap_or("");
+            if driver != n.driver {
+                return Err(err(step, format!("network {:?} is a {driver} network on the target but {} on the source", n.network, n.driver)));
+            }
+            if let Some(ip) = &n.ipv4 {
+                if let Some(containers) = net.get("Containers").and_then(|c| c.as_object()) {
+                    for (cid, c) in containers {
+                        let addr = c.get("IPv4Address").and_then(|a| a.as_str()).unwrap_or("");
+                        if addr.split('/').next() == Some(ip.as_str()) {
+                            return Err(err(step, format!("address {ip} is already used on network {:?} of the target by container {}", n.network, &cid[..12.min(cid.len())])));
+                        }
+                    }
+                }
+            }
+        }
+        let mut body = req.create_body.clone();
+        if let Some(hc) = body.get_mut("HostConfig").and_then(|h| h.as_object_mut()) {
+            hc.insert("Runtime".into(), serde_json::Value::String(crate::FERRY_RUNTIME.into()));
+        }
+        let dir = self.env.state_dir.join("incoming").join(&req.migration_id);
+        std::fs::create_dir_all(dir.join("images")).map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("work")).map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
+        let mut map = self.map.lock().await;
+        map.insert(
+            req.migration_id.clone(),
+            TargetMigration {
+                state: TargetState::Prepared,
+                prepare: req.clone(),
+                container_id: None,
+                dir: dir.clone(),
+                checkpoint_dir: None,
+                ctrd_copy: None,
+                images_complete: false,
+            },
+        );
+        drop(map);
+        let id = docker.create_container(&req.container_name, &body).await.map_err(|e| err(step, format!("creating the container: {e}")))?;
+        if let Some(m) = self.map.lock().await.get_mut(&req.migration_id) {
+            m.container_id = Some(id.clone());
+        }
+        info!(container = %req.container_name, id = %id, "target container created");
+        Ok(id)
+    }
+
+    /// Receives one image set; every file is checked against the sender's SHA-256.
+    pub async fn receive_images<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, id: &str, timeout: Duration) -> Result<(u64, u64), ErrorInfo> {
+        let step = "receive images";
+        let dir = {
+            let map = self.map.lock().await;
+            let m = map.get(id).ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            if m.state != TargetState::Prepared {
+                return Err(err(step, format!("migration {id} is {:?}, not waiting for images", m.state)));
+            }
+            m.dir.join("images")
+        };
+        let (mut files, mut bytes) = (0u64, 0u64);
+        loop {
+            let msg = conn.recv(timeout).await.map_err(|e| err(step, e))?;
+            match msg {
+                Message::FileStart { path, size, mode } => {
+                    if !safe_image_name(&path) {
+                        return Err(err(step, format!("refused image file name {path:?}: not a plain file name")));
+                    }
+                    let dest = dir.join(&path);
+                    let mut f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&dest)
+                        .await
+                        .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                    let mut hasher = Sha256::new();
+                    let mut got = 0u64;
+                    let want = loop {
+                        let frame = conn.recv_frame(timeout).await.map_err(|e| err(step, e))?;
+                        match frame.kind {
+                            FrameKind::Data => {
+                                got += frame.payload.len() as u64;
+                                if got > size {
+                                    return Err(err(step, format!("{path}: more data than the announced {size} bytes")));
+                                }
+                                hasher.update(&frame.payload);
+                                f.write_all(&frame.payload).await.map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                            }
+                            FrameKind::Control => match frame.into_message().map_err(|e| err(step, e))? {
+                                Message::FileEnd { sha256 } => break sha256,
+                                other => return Err(err(step, format!("unexpected {} inside file {path}", describe(&other)))),
+                            },
+                        }
+                    };
+                    f.flush().await.map_err(|e| err(step, e))?;
+                    drop(f);
+                    let have = hex::encode(hasher.finalize());
+                    if got != size || have != want {
+                        return Err(err(step, format!("{path}: received {got} of {size} bytes, sha256 {have} where the source sent {want}")));
+                    }
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode & 0o777));
+                    files += 1;
+                    bytes += size;
+                }
+                Message::ImagesDone { files: f, bytes: b } => {
+                    if f != files || b != bytes {
+                        return Err(err(step, format!("source sent {f} files / {b} bytes, {files} / {bytes} arrived")));
+                    }
+                    if let Some(m) = self.map.lock().await.get_mut(id) {
+                        m.images_complete = true;
+                    }
+                    return Ok((files, bytes));
+                }
+                other => return Err(err(step, format!("unexpected {}", describe(&other)))),
+            }
+        }
+    }
+
+    pub async fn restore(&self, id: &str, timeout: Duration) -> Result<RestoreInfo, ErrorInfo> {
+        let step = "restore (target)";
+        let (container_id, dir, prepare) = {
+            let map = self.map.lock().await;
+            let m = map.get(id).ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            if !m.images_complete {
+                return Err(err(step, "the checkpoint images have not all arrived"));
+            }
+            let cid = m.container_id.clone().ok_or_else(|| err(step, "no target container"))?;
+            (cid, m.dir.clone(), m.prepare.clone())
+        };
+        let images = dir.join("images");
+        let work = dir.join("work");
+        if prepare.fault == Some(Fault::TargetRestore) {
+            damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
+            warn!("fault injected: page images damaged before restore");
+        }
+        let overrides = ferry_criu::runtime::RestoreOverrides { image_path: images.clone(), work_path: work.clone(), tcp_established: true, extra_args: vec![] };
+        let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
+        let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
+        if let Some(parent) = opath.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
+        }
+        let _ = std::fs::remove_file(&rpath);
+        std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default()).map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
+
+        let info = self.env.docker.info().await.map_err(|e| err(step, e))?;
+        let root = info.get("DockerRootDir").and_then(|v| v.as_str()).ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
+        let cp_name = format!("ferry-{id}");
+        let cp_dir = Path::new(root).join("containers").join(&container_id).join("checkpoints").join(&cp_name);
+        std::fs::create_dir_all(&cp_dir).map_err(|e| err(step, format!("{}: {e}", cp_dir.display())))?;
+        // Docker insists on a checkpoint directory; the real images are handed to runc by the
+        // runtime wrapper, so containerd copies only this note through its content store.
+        let _ = std::fs::write(cp_dir.join("FERRY"), format!("images for this restore are in {}\n", images.display()));
+        if let Some(m) = self.map.lock().await.get_mut(id) {
+            m.checkpoint_dir = Some(cp_dir.clone());
+        }
+
+        let started = Instant::now();
+        let start_res = tokio::time::timeout(timeout, self.env.docker.start_container(&container_id, Some(&cp_name))).await;
+        let docker_start_ms = started.elapsed().as_millis() as u64;
+        let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(r) = &record {
+            if let Some(m) = self.map.lock().await.get_mut(id) {
+                m.ctrd_copy = r.original_image_path.clone();
+            }
+        }
+        let start_err = match start_res {
+            Err(_) => Some(format!("docker start from checkpoint did not finish within {} s", timeout.as_secs())),
+            Ok(Err(e)) => Some(format!("docker start from checkpoint failed: {e}")),
+            Ok(Ok(())) => None,
+        };
+        if let Some(message) = start_err {
+            let mut tool_log = ferry_criu::quote_log(&work.join("restore.log"));
+            if record.is_none() {
+                tool_log.push(format!("(the {} runtime wrapper was not called: is the container's runtime {}?)", crate::FERRY_RUNTIME, crate::FERRY_RUNTIME));
+            }
+            return Err(ErrorInfo { step: step.into(), message, tool_log });
+        }
+        let inspect = self
+            .env
+            .docker
+            .wait_running(&container_id, Duration::from_secs(10))
+            .await
+            .map_err(|e| ErrorInfo { step: step.into(), message: format!("restored container is not running: {e}"), tool_log: ferry_criu::quote_log(&work.join("restore.log")) })?;
+        let pid = inspect.pointer("/State/Pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+        let garp_sent = self.announce(pid, &prepare).await;
+        if let Some(m) = self.map.lock().await.get_mut(id) {
+            m.state = TargetState::Restored;
+        }
+        info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
+        Ok(RestoreInfo { container_id, pid, docker_start_ms, garp_sent })
+    }
+
+    /// Gratuitous ARP for every moved address, so switches and neighbours learn the new port at
+    /// once instead of after their MAC tables age out.
+    async fn announce(&self, pid: u32, prepare: &PrepareRequest) -> Vec<String> {
+        let mut sent = Vec::new();
+        let ifaces = match ferry_net::interfaces(pid).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!("cannot list the restored container's interfaces: {e}");
+                return sent;
+            }
+        };
+        for n in &prepare.networks {
+            let (Some(ip), Some(mac)) = (n.ipv4.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()), n.mac.as_deref().and_then(parse_mac)) else { continue };
+            let Some(iface) = ifaces.iter().find(|i| i.ipv4.contains(&ip)) else { continue };
+            match ferry_net::gratuitous_arp(pid, &iface.name, ip, mac, 3).await {
+                Ok(()) => sent.push(format!("{}:{ip}", iface.name)),
+                Err(e) => warn!("gratuitous ARP for {ip} on {}: {e}", iface.name),
+            }
+        }
+        sent
+    }
+
+    fn cleanup_files(&self, m: &TargetMigration) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut rm = |p: &Path| {
+            let r = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+            if let Err(e) = r {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("{}: {e}", p.display()));
+                }
+            }
+        };
+        rm(&m.dir);
+        if let Some(cp) = &m.checkpoint_dir {
+            rm(cp);
+        }
+        if let Some(c) = &m.ctrd_copy {
+            // Only ever containerd's own temp copy, never a path the peer could choose.
+            if Path::new(c).starts_with(std::env::temp_dir()) && c.contains("ctrd-checkpoint") {
+                rm(Path::new(c));
+            }
+        }
+        if let Some(cid) = &m.container_id {
+            rm(&ferry_criu::runtime::overrides_path(&self.env.state_dir, cid));
+            rm(&ferry_criu::runtime::record_path(&self.env.state_dir, cid));
+        }
+        problems
+    }
+
+    pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
+        let mut map = self.map.lock().await;
+        let m = map.get_mut(id).ok_or_else(|| err("commit (target)", format!("no migration {id}")))?;
+        if m.state != TargetState::Restored {
+            return Err(err("commit (target)", format!("migration {id} is {:?}, not restored", m.state)));
+        }
+        m.state = TargetState::Committed;
+        let problems = self.cleanup_files(m);
+        for p in problems {
+            warn!("cleanup after commit: {p}");
+        }
+        Ok(())
+    }
+
+    /// Removes the half-made container and every file of the attempt. Idempotent.
+    pub async fn rollback(&self, id: &str) -> Result<String, ErrorInfo> {
+        let mut map = self.map.lock().await;
+        let Some(m) = map.get_mut(id) else { return Ok("nothing of this migration exists here".into()) };
+        match m.state {
+            TargetState::Committed => return Err(err("rollback (target)", format!("migration {id} is already committed"))),
+            TargetState::RolledBack => return Ok("already rolled back".into()),
+            _ => {}
+        }
+        let mut problems = Vec::new();
+        if let Some(cid) = &m.container_id {
+            if let Err(e) = self.env.docker.remove_container(cid, true).await {
+                problems.push(format!("removing container {cid}: {e}"));
+            }
+        } else if let Ok(Some(c)) = self.env.docker.inspect_container(&m.prepare.container_name).await {
+            // A create whose answer never came back: remove it only if it is ours (ferry runtime).
+            if c.pointer("/HostConfig/Runtime").and_then(|r| r.as_str()) == Some(crate::FERRY_RUNTIME)
+                && c.pointer("/State/Status").and_then(|s| s.as_str()) == Some("created")
+            {
+                if let Some(cid) = c.get("Id").and_then(|i| i.as_str()) {
+                    if let Err(e) = self.env.docker.remove_container(cid, true).await {
+                        problems.push(format!("removing container {cid}: {e}"));
+                    }
+                }
+            }
+        }
+        problems.extend(self.cleanup_files(m));
+        if problems.is_empty() {
+            m.state = TargetState::RolledBack;
+            Ok("target container and received images removed".into())
+        } else {
+            Err(err("rollback (target)", problems.join("; ")))
+        }
+    }
+
+    /// Serves one control channel. A channel that ends before `Commit` rolls the migration back:
+    /// the source resumes whenever it cannot reach us, so nothing may keep running here.
+    pub async fn serve_control<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: Conn<S>, id: String, idle: Duration, step_timeout: Duration) {
+        loop {
+            let msg = match conn.recv(idle).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let state = self.state(&id).await;
+                    if !matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown) {
+                        warn!(migration = %id, "control channel lost ({e}) before commit: rolling back");
+                        if let Err(e) = self.rollback(&id).await {
+                            warn!(migration = %id, "rollback after a lost channel failed: {e}");
+                        }
+                    }
+                    return;
+                }
+            };
+            let reply = match msg {
+                Message::Check { cpuinfo } => Message::CheckReply(self.env.facts(cpuinfo.as_deref()).await),
+                Message::Prepare(req) if req.migration_id == id => match self.prepare(req).await {
+                    Ok(container_id) => Message::Prepared { container_id },
+                    Err(e) => Message::Error(e),
+                },
+                Message::Restore => match self.restore(&id, step_timeout).await {
+                    Ok(info) => Message::Restored(info),
+                    Err(e) => Message::Error(e),
+                },
+                Message::Commit => match self.commit(&id).await {
+                    Ok(()) => Message::Committed,
+                    Err(e) => Message::Error(e),
+                },
+                Message::Abort => match self.rollback(&id).await {
+                    Ok(detail) => Message::Aborted { detail },
+                    Err(e) => Message::Error(e),
+                },
+                Message::Status { migration_id } => Message::StatusReply { state: self.state(&migration_id).await },
+                other => Message::Error(err("control", format!("unexpected {}", describe(&other)))),
+            };
+            if conn.send(&reply).await.is_err() {
+                let state = self.state(&id).await;
+                if !matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown) {
+                    let _ = self.rollback(&id).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Damages the page images so CRIU's restore fails for real (fault injection for tests).
+fn damage_pages(images: &Path) -> std::io::Result<()> {
+    let mut largest: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(images)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("pages-") {
+            let len = e.metadata()?.len();
+            if largest.as_ref().map(|(l, _)| len > *l).unwrap_or(true) {
+                largest = Some((len, e.path()));
+            }
+        }
+    }
+    let (len, path) = largest.ok_or_else(|| std::io::Error::other("no pages-*.img to damage"))?;
+    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+    f.set_len(len / 2)
+}
+
+type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Opens an authenticated connection to an agent and announces its purpose.
+pub async fn dial(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, purpose: Purpose, timeout: Duration) -> Result<Conn<ClientTls>, ConnError> {
+    let stream = ferry_tls::connect(addr, tls, timeout).await.map_err(|e| ConnError::Unexpected(format!("connecting to agent {addr}: {e}")))?;
+    let mut conn = Conn::new(stream);
+    match conn.call(&Message::Hello { protocol: PROTOCOL_VERSION, purpose }, timeout).await {
+        Ok(Message::HelloOk { .. }) => Ok(conn),
+        Ok(other) => Err(ConnError::Unexpected(describe(&other))),
+        Err(ConnError::Closed) => Err(ConnError::Unexpected(format!("agent {addr} closed the connection during the greeting (is this client's certificate signed by the agent's CA?)"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The target as the source agent sees it: one control channel, reopened only to learn the
+/// outcome or to abort after it broke.
+pub struct RemoteTarget {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    migration_id: String,
+    conn: Option<Conn<ClientTls>>,
+    step_timeout: Duration,
+}
+
+impl RemoteTarget {
+    pub fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, migration_id: String, step_timeout: Duration) -> Self {
+        RemoteTarget { addr, tls, migration_id, conn: None, step_timeout }
+    }
+
+    async fn call(&mut self, step: &str, m: Message, timeout: Duration) -> Result<Message, SideError> {
+        if self.conn.is_none() {
+            let purpose = Purpose::Control { migration_id: self.migration_id.clone() };
+            let conn = dial(self.addr, self.tls.clone(), purpose, self.step_timeout).await.map_err(|e| match e {
+                ConnError::Unexpected(m) => SideError::new(SideErrorKind::ConnectionLost, step, m),
+                other => other.into_side(step),
+            })?;
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else { return Err(SideError::new(SideErrorKind::ConnectionLost, step, "no connection")) };
+        match conn.call(&m, timeout).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                if !matches!(e, ConnError::Remote(_)) {
+                    self.conn = None;
+                }
+                Err(e.into_side(step))
+            }
+        }
+    }
+}
+
+fn unexpected(step: &str, m: &Message) -> SideError {
+    SideError::failed(step, format!("unexpected answer {}", describe(m)))
+}
+
+impl TargetSide for RemoteTarget {
+    async fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> Result<HostFacts, SideError> {
+        let step = "preflight (target)";
+        match self.call(step, Message::Check { cpuinfo }, self.step_timeout).await {
+            Ok(Message::CheckReply(f)) => Ok(f),
+            Ok(other) => Err(unexpected(step, &other)),
+            Err(mut e) => {
+                if e.kind == SideErrorKind::ConnectionLost {
+                    e.kind = SideErrorKind::Refused;
+                    e.message = format!("target agent {} unreachable: {}", self.addr, e.message);
+                }
+                Err(e)
+            }
+        }
+    }
+    async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
+        match self.call("prepare", Message::Prepare(req.clone()), self.step_timeout).await? {
+            Message::Prepared { container_id } => Ok(container_id),
+            other => Err(unexpected("prepare", &other)),
+        }
+    }
+    async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
+        match self.call("restore", Message::Restore, self.step_timeout).await? {
+            Message::Restored(info) => Ok(info),
+            other => Err(unexpected("restore", &other)),
+        }
+    }
+    async fn commit(&mut self) -> Result<(), SideError> {
+        match self.call("commit", Message::Commit, self.step_timeout).await? {
+            Message::Committed => Ok(()),
+            other => Err(unexpected("commit", &other)),
+        }
+    }
+    async fn rollback(&mut self) -> Result<(), SideError> {
+        match self.call("rollback (target)", Message::Abort, self.step_timeout).await? {
+            Message::Aborted { .. } => Ok(()),
+            other => Err(unexpected("rollback (target)", &other)),
+        }
+    }
+    async fn status(&mut self) -> Result<TargetState, SideError> {
+        self.conn = None;
+        let m = Message::Status { migration_id: self.migration_id.clone() };
+        match self.call("status (target)", m, self.step_timeout).await? {
+            Message::StatusReply { state } => Ok(state),
+            other => Err(unexpected("status (target)", &other)),
+        }
+    }
+}
+
+/// Streams image sets to the target on a channel of their own, so the control channel stays
+/// responsive and later strategies can run several streams at once.
+pub struct ImagesChannel {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    migration_id: String,
+    timeout: Duration,
+}
+
+impl ImagesChannel {
+    pub fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, migration_id: String, timeout: Duration) -> Self {
+        ImagesChannel { addr, tls, migration_id, timeout }
+    }
+}
+
+impl Transport for ImagesChannel {
+    async fn send_images(&mut self, images: &DumpedImages, progress: &ProgressFn) -> Result<u64, SideError> {
+        let step = "transfer";
+        let lost = |e: ConnError| e.into_side(step);
+        let mut conn = dial(self.addr, self.tls.clone(), Purpose::Images { migration_id: self.migration_id.clone() }, self.timeout)
+            .await
+            .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?;
+        let total = images.total_bytes();
+        let mut done = 0u64;
+        let mut wire = 0u64;
+        for f in &images.files {
+            conn.send(&Message::FileStart { path: f.rel.clone(), size: f.size, mode: f.mode }).await.map_err(lost)?;
+            let mut file = tokio::fs::File::open(&f.path).await.map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
+            let mut hasher = Sha256::new();
+            let mut sent = 0u64;
+            loop {
+                let mut buf = BytesMut::zeroed(CHUNK);
+                let n = file.read(&mut buf).await.map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                hasher.update(&buf);
+                sent += n as u64;
+                conn.send_data(buf.freeze()).await.map_err(lost)?;
+                done += n as u64;
+                wire += n as u64 + 5;
+                progress(done, total);
+            }
+            if sent != f.size {
+                return Err(SideError::failed(step, format!("{} changed size while being sent ({} → {sent})", f.path.display(), f.size)));
+            }
+            conn.send(&Message::FileEnd { sha256: hex::encode(hasher.finalize()) }).await.map_err(lost)?;
+        }
+        let n = images.files.len() as u64;
+        match conn.call(&Message::ImagesDone { files: n, bytes: total }, self.timeout).await.map_err(lost)? {
+            Message::ImagesReceived { .. } => Ok(wire),
+            other => Err(unexpected(step, &other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_must_be_plain() {
+        for ok in ["pages-1.img", "core-42.img", "inventory.img"] {
+            assert!(safe_image_name(ok), "{ok}");
+        }
+        for bad in ["", "..", ".", "/etc/passwd", "a/b", "../x", "x/..", "a\0b"] {
+            assert!(!safe_image_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("02:42:c6:12:00:82"), Some([2, 0x42, 0xc6, 0x12, 0, 0x82]));
+        assert_eq!(parse_mac("02:42:c6:12:00"), None);
+        assert_eq!(parse_mac("zz:42:c6:12:00:82"), None);
+    }
+}
