@@ -9,7 +9,7 @@ pub enum NetError {
     Spawn { step: String, command: String, cause: io::Error },
 
     /// The tool ran and failed; `stderr` holds its own lines, which say why.
-    #[error("{step}: `{command}` failed ({status}): {}", quote_lines(stderr))]
+    #[error("{step}: `{command}` failed ({status}); stderr: {}", quote_lines(stderr))]
     Tool { step: String, command: String, status: String, stderr: Vec<String> },
 
     #[error("{step}: `{command}` did not finish within {after:?} and was killed")]
@@ -30,8 +30,8 @@ pub enum NetError {
 
 fn quote_lines(lines: &[String]) -> String {
     if lines.is_empty() {
-        "no output on stderr".to_string()
+        "(empty)".to_string()
     } else {
-        lines.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ")
+        lines.join(" | ")
     }
 }

@@ -115,7 +115,7 @@ mod tests {
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("testing: `sh -c"), "{msg}");
-        assert!(msg.contains("exit status: 3") && msg.contains("\"first\", \"second\""), "{msg}");
+        assert!(msg.contains("exit status: 3") && msg.ends_with("stderr: first | second"), "{msg}");
     }
 
     #[tokio::test]
