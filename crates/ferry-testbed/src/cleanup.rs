@@ -1,0 +1,284 @@
+//! Finding and removing whatever a previous (possibly killed) run left behind.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config::{TestbedConfig, ALL_HOSTS};
+use crate::error::TestbedError;
+use crate::topology;
+
+pub(crate) fn read_pidfile(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok().filter(|p| *p > 1)
+}
+
+/// The process's argv joined by spaces, or None if it is gone.
+pub(crate) fn cmdline(pid: i32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Alive and not a zombie.
+pub(crate) fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name, which may itself contain spaces.
+            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// A pid from a pid file counts only if the process still looks like the one that wrote it;
+/// pids are reused and a stale file must not make us kill a stranger.
+pub(crate) fn pidfile_process(path: &Path, markers: &[&str]) -> Option<i32> {
+    let pid = read_pidfile(path)?;
+    let cl = cmdline(pid)?;
+    (alive(pid) && markers.iter().all(|m| cl.contains(m))).then_some(pid)
+}
+
+fn netns_pids_sync(ns: &str) -> Vec<i32> {
+    // Same comparison `ip netns pids` makes, without spawning it per namespace.
+    let Ok(target) = fs::metadata(Path::new("/run/netns").join(ns)) else {
+        return Vec::new();
+    };
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino) = (target.dev(), target.ino());
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) {
+            if m.dev() == dev && m.ino() == ino {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Container ids that exist in our data roots: their processes live in their own network
+/// namespaces and survive the death of their shim, so they are found through their cgroups.
+fn our_container_ids(cfg: &TestbedConfig) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    for (h, _) in ALL_HOSTS {
+        let dir = cfg.layout(h).data_root().join("containers");
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if let Some(name) = e.file_name().to_str() {
+                    if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        ids.insert(name.to_string());
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+fn container_pids(ids: &HashSet<String>) -> Vec<i32> {
+    let mut out = Vec::new();
+    if ids.is_empty() {
+        return out;
+    }
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cg) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        let hit = cg.lines().any(|line| {
+            let path = line.splitn(3, ':').nth(2).unwrap_or("");
+            path.split('/').any(|seg| {
+                let seg = seg.strip_prefix("docker-").unwrap_or(seg);
+                let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+                ids.contains(seg)
+            })
+        });
+        if hit {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Everything that belongs to the test bed: daemons and agents by pid file, anything inside
+/// our namespaces, and container processes by cgroup.
+pub(crate) fn our_processes(cfg: &TestbedConfig) -> BTreeSet<i32> {
+    let mut pids = BTreeSet::new();
+    for (h, _) in ALL_HOSTS {
+        let l = cfg.layout(h);
+        let data_root = l.data_root().to_string_lossy().into_owned();
+        let exec_root = l.exec_root().to_string_lossy().into_owned();
+        let state_dir = l.state_dir().to_string_lossy().into_owned();
+        pids.extend(pidfile_process(&l.dockerd_pidfile(), &[&data_root]));
+        pids.extend(pidfile_process(&l.containerd_pidfile(), &[&exec_root]));
+        pids.extend(pidfile_process(&l.agent_pidfile(), &[&state_dir]));
+    }
+    for ns in topology::all_namespaces() {
+        pids.extend(netns_pids_sync(&ns));
+    }
+    pids.extend(container_pids(&our_container_ids(cfg)));
+    let me = std::process::id() as i32;
+    pids.retain(|p| *p > 1 && *p != me);
+    pids
+}
+
+/// SIGKILLs `pids` and waits until none is alive; a polite shutdown would only cost time,
+/// since every daemon here recovers from an unclean stop.
+pub(crate) async fn kill_all(pids: &BTreeSet<i32>, wait: Duration) -> Vec<i32> {
+    for &p in pids {
+        match kill(Pid::from_raw(p), Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => tracing::warn!(pid = p, error = %e, "kill failed"),
+        }
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Decodes the octal escapes (`\040` for space) the kernel uses in mountinfo paths.
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Mount points under any of `bases` in our mount namespace, deepest first.
+pub(crate) fn mounts_under(mountinfo: &str, bases: &[&Path]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| bases.iter().any(|b| p.starts_with(b)))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+fn unmount_leftovers(cfg: &TestbedConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let info = match fs::read_to_string("/proc/self/mountinfo") {
+        Ok(s) => s,
+        Err(e) => return vec![format!("read /proc/self/mountinfo: {e}")],
+    };
+    for m in mounts_under(&info, &[&cfg.root, &cfg.run_dir]) {
+        match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(e) => problems.push(format!("umount {}: {e}", m.display())),
+        }
+    }
+    problems
+}
+
+/// Stops everything and removes runtime state; keeps data roots (images survive) and the PKI.
+pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
+    let mut problems = Vec::new();
+    // Twice: a dying dockerd or shim can still fork a child between the scan and the kill.
+    for _ in 0..2 {
+        let pids = our_processes(cfg);
+        if pids.is_empty() {
+            break;
+        }
+        tracing::info!(count = pids.len(), "killing leftover test bed processes");
+        let left = kill_all(&pids, Duration::from_secs(10)).await;
+        if !left.is_empty() {
+            problems.push(format!("processes still alive after SIGKILL: {left:?}"));
+        }
+    }
+    problems.extend(unmount_leftovers(cfg));
+    topology::destroy().await;
+    for ns in topology::all_namespaces() {
+        if topology::netns_exists(&ns) {
+            problems.push(format!("network namespace {ns} still exists"));
+        }
+    }
+    if topology::ctl_link_exists() {
+        problems.push("link ferry-ctl still exists".to_string());
+    }
+    if let Err(e) = fs::remove_dir_all(&cfg.run_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            problems.push(format!("remove {}: {e}", cfg.run_dir.display()));
+        }
+    }
+    if let Err(e) = fs::remove_file(cfg.info_path()) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            problems.push(format!("remove {}: {e}", cfg.info_path().display()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TestbedError::unexpected("tear down the test bed", problems.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_filter_is_deepest_first_and_unescaped() {
+        let mi = "\
+22 1 8:1 / / rw - ext4 /dev/vda rw
+30 22 0:5 / /run/ferry-testbed/a/exec/netns/x rw - nsfs nsfs rw
+31 22 0:6 / /run/ferry-testbed rw - tmpfs t rw
+32 22 0:7 / /var/lib/ferry-testbed/a\\040b rw - tmpfs t rw
+33 22 0:8 / /run/ferry-testbedX rw - tmpfs t rw
+";
+        let got = mounts_under(mi, &[Path::new("/run/ferry-testbed"), Path::new("/var/lib/ferry-testbed")]);
+        assert_eq!(
+            got,
+            vec![
+                PathBuf::from("/run/ferry-testbed/a/exec/netns/x"),
+                PathBuf::from("/var/lib/ferry-testbed/a b"),
+                PathBuf::from("/run/ferry-testbed"),
+            ]
+        );
+    }
+
+    #[test]
+    fn self_is_alive_and_bogus_pid_is_not() {
+        assert!(alive(std::process::id() as i32));
+        assert!(!alive(i32::MAX));
+        assert!(cmdline(std::process::id() as i32).is_some());
+    }
+}

@@ -1,0 +1,212 @@
+//! Configuration, the layout derived from it, and the description handed to tests.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub const AGENT_PORT: u16 = 7070;
+pub const BRIDGE_NETNS: &str = "ferry-br";
+pub const CLIENT_NETNS: &str = "ferry-client";
+/// Root-namespace end of the link to the segment, so a ferry CLI on the host reaches agents.
+pub const CTL_IFACE: &str = "ferry-ctl";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+pub const CTL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const SEGMENT_PREFIX: u8 = 24;
+pub const MACVLAN_NETWORK: &str = "ferrynet";
+pub const MACVLAN_SUBNET: &str = "198.18.0.0/24";
+/// Docker hands out container addresses only from here, away from hosts, client and ctl.
+pub const MACVLAN_IP_RANGE: &str = "198.18.0.128/25";
+pub const MACVLAN_GATEWAY: &str = "198.18.0.254";
+pub const BRIDGE_NETWORK: &str = "ferrybr";
+pub const BRIDGE_SUBNET: &str = "198.19.5.0/24";
+pub const WORKLOAD_IMAGE: &str = "ferry-workload:latest";
+pub const REDIS_IMAGE: &str = "ferry-redis:latest";
+/// Port `ferry-workload serve` listens on inside the workload image.
+pub const WORKLOAD_PORT: u16 = 7000;
+pub const REDIS_PORT: u16 = 6379;
+/// Set to `1` to tolerate a ferry binary that cannot yet run `pki init` / `agent`.
+pub const NO_AGENTS_ENV: &str = "FERRY_TESTBED_NO_AGENTS";
+
+/// Every host the test bed may create; `c` only with [`TestbedConfig::with_incompatible_host`].
+pub(crate) const ALL_HOSTS: [(&str, Ipv4Addr); 3] = [
+    ("a", Ipv4Addr::new(198, 18, 0, 1)),
+    ("b", Ipv4Addr::new(198, 18, 0, 2)),
+    ("c", Ipv4Addr::new(198, 18, 0, 3)),
+];
+
+#[derive(Clone, Debug)]
+pub struct TestbedConfig {
+    /// Persistent state: docker data roots, PKI, logs, testbed.json.
+    pub root: PathBuf,
+    /// Runtime state that must not outlive the daemons: sockets, exec roots, pid files.
+    pub run_dir: PathBuf,
+    /// The ferry binary, for `ferry pki init` and `ferry agent`.
+    pub ferry_exe: PathBuf,
+    /// The ferry-workload binary copied into the images.
+    pub workload_exe: PathBuf,
+    /// Adds host `c`, whose Docker lacks experimental mode and the ferry runtime, so
+    /// preflight refusals can be tested.
+    pub with_incompatible_host: bool,
+}
+
+impl TestbedConfig {
+    pub fn new(ferry_exe: PathBuf, workload_exe: PathBuf) -> Self {
+        TestbedConfig {
+            root: PathBuf::from("/var/lib/ferry-testbed"),
+            run_dir: PathBuf::from("/run/ferry-testbed"),
+            ferry_exe,
+            workload_exe,
+            with_incompatible_host: false,
+        }
+    }
+
+    pub(crate) fn host_names(&self) -> Vec<&'static str> {
+        let n = if self.with_incompatible_host { 3 } else { 2 };
+        ALL_HOSTS[..n].iter().map(|(h, _)| *h).collect()
+    }
+
+    pub(crate) fn info_path(&self) -> PathBuf {
+        self.root.join("testbed.json")
+    }
+
+    pub(crate) fn lock_path(&self) -> PathBuf {
+        self.root.join(".lock")
+    }
+
+    pub(crate) fn pki_dir(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+
+    pub(crate) fn layout(&self, host: &str) -> HostLayout {
+        HostLayout {
+            dir: self.root.join(host),
+            run: self.run_dir.join(host),
+        }
+    }
+
+    pub(crate) fn host_info(&self, name: &str, ip: Ipv4Addr) -> HostInfo {
+        let l = self.layout(name);
+        HostInfo {
+            name: name.to_string(),
+            netns: format!("ferry-{name}"),
+            ip,
+            docker_host: format!("unix://{}", l.socket().display()),
+            data_root: l.data_root(),
+            exec_root: l.exec_root(),
+            agent_addr: SocketAddr::new(ip.into(), AGENT_PORT),
+            tls_dir: self.pki_dir().join(name),
+            state_dir: l.state_dir(),
+            agent_log: l.agent_log(),
+            compatible: name != "c",
+        }
+    }
+
+    /// What `up` promises to build; also what a healthy test bed's testbed.json must equal.
+    pub(crate) fn expected_info(&self) -> TestbedInfo {
+        let hosts = ALL_HOSTS
+            .iter()
+            .filter(|(h, _)| self.host_names().contains(h))
+            .map(|(h, ip)| self.host_info(h, *ip))
+            .collect();
+        TestbedInfo {
+            hosts,
+            client_netns: CLIENT_NETNS.to_string(),
+            client_ip: CLIENT_IP,
+            ctl_ip: CTL_IP,
+            macvlan_network: MACVLAN_NETWORK.to_string(),
+            macvlan_subnet: MACVLAN_SUBNET.to_string(),
+            bridge_network: BRIDGE_NETWORK.to_string(),
+            pki_dir: self.pki_dir(),
+            client_tls_dir: self.pki_dir().join("client"),
+            workload_image: WORKLOAD_IMAGE.to_string(),
+            redis_image: REDIS_IMAGE.to_string(),
+        }
+    }
+}
+
+/// Per-host file locations; persistent ones under `root/<h>`, runtime ones under `run_dir/<h>`.
+pub(crate) struct HostLayout {
+    pub dir: PathBuf,
+    pub run: PathBuf,
+}
+
+impl HostLayout {
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.join("docker")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("ferry")
+    }
+    pub fn daemon_json(&self) -> PathBuf {
+        self.dir.join("daemon.json")
+    }
+    pub fn runtime_script(&self) -> PathBuf {
+        self.dir.join("ferry-runtime")
+    }
+    pub fn launch_script(&self) -> PathBuf {
+        self.dir.join("dockerd-launch.sh")
+    }
+    pub fn dockerd_log(&self) -> PathBuf {
+        self.dir.join("dockerd.log")
+    }
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn exec_root(&self) -> PathBuf {
+        self.run.join("exec")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("docker.sock")
+    }
+    pub fn dockerd_pidfile(&self) -> PathBuf {
+        self.run.join("dockerd.pid")
+    }
+    pub fn agent_pidfile(&self) -> PathBuf {
+        self.run.join("agent.pid")
+    }
+    pub fn containerd_pidfile(&self) -> PathBuf {
+        self.exec_root().join("containerd").join("containerd.pid")
+    }
+}
+
+/// One simulated Docker host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HostInfo {
+    /// "a", "b" or "c".
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// `unix:///run/ferry-testbed/<h>/docker.sock`, usable from the root namespace.
+    pub docker_host: String,
+    pub data_root: PathBuf,
+    pub exec_root: PathBuf,
+    pub agent_addr: SocketAddr,
+    pub tls_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub agent_log: PathBuf,
+    /// False for host `c`: no experimental mode, no ferry runtime.
+    pub compatible: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TestbedInfo {
+    pub hosts: Vec<HostInfo>,
+    pub client_netns: String,
+    pub client_ip: Ipv4Addr,
+    /// Address of the root namespace on the segment.
+    pub ctl_ip: Ipv4Addr,
+    pub macvlan_network: String,
+    pub macvlan_subnet: String,
+    pub bridge_network: String,
+    pub pki_dir: PathBuf,
+    pub client_tls_dir: PathBuf,
+    pub workload_image: String,
+    pub redis_image: String,
+}
+
+impl TestbedInfo {
+    pub fn host(&self, name: &str) -> Option<&HostInfo> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+}
