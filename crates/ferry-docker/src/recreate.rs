@@ -46,7 +46,7 @@ pub const FIELD_RULES: &[FieldRule] = &[
     FieldRule { field: "Config.Image", treatment: Treatment::Rewritten,
         why: "set to the image ID (inspect `Image`): a tag can name another image on the target or be re-tagged later, and the checkpoint and rootfs diff belong to exactly this image" },
     FieldRule { field: "Config.MacAddress", treatment: Treatment::Rewritten,
-        why: "API >= 1.44: removed, the MAC goes per endpoint (the field is deprecated and the daemon rejects a value that disagrees with the endpoint's); API < 1.44: set to the primary network's current MAC, the only MAC old daemons read" },
+        why: "API >= 1.44: removed, the MAC goes per endpoint (the field is deprecated and the daemon rejects a value that disagrees with the endpoint's); API < 1.44: set to the primary network's current MAC, the only MAC old daemons read. Also read: when the primary endpoint has no current MAC (container not running) the configured Config.MacAddress is used for it" },
     FieldRule { field: "Config.Hostname", treatment: Treatment::Rewritten,
         why: "cleared when the container shares the host's or another container's UTS/network namespace (it is then the source machine's name, and Docker refuses a hostname with container: networking); kept otherwise, even when it is the source's short ID, because the processes already saw it and CRIU restores the UTS namespace with it" },
     FieldRule { field: "Config.Domainname", treatment: Treatment::Rewritten,
@@ -118,10 +118,8 @@ fn apply_drops(section: &str, obj: &mut Map<String, Value>) {
             Treatment::Dropped => {
                 obj.remove(key);
             }
-            Treatment::DroppedIfZero => {
-                if obj.get(key).is_some_and(is_zero) {
-                    obj.remove(key);
-                }
+            Treatment::DroppedIfZero if obj.get(key).is_some_and(is_zero) => {
+                obj.remove(key);
             }
             _ => {}
         }
@@ -248,10 +246,19 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
         }
     }
 
+    let primary = primary_network(&mode, endpoints.keys().map(String::as_str));
+    // A container that is not running has no current MAC; a MAC the operator fixed with
+    // --mac-address is then only in Config.MacAddress (always so on 20.10) and belongs to the
+    // primary network.
+    if let (Some(primary), Some(configured)) = (&primary, non_empty_str(inspect.get("Config"), "MacAddress")) {
+        if let Some(Value::Object(ep)) = endpoints.get_mut(primary) {
+            ep.entry("MacAddress").or_insert_with(|| json!(configured));
+        }
+    }
     // Config.MacAddress below API 1.44: the primary network's MAC.
     if !per_endpoint_mac {
-        if let Some(primary) = primary_network(&mode, endpoints.keys().map(String::as_str)) {
-            if let Some(mac) = endpoints.get(&primary).and_then(|e| e.get("MacAddress")).and_then(Value::as_str) {
+        if let Some(primary) = &primary {
+            if let Some(mac) = endpoints.get(primary).and_then(|e| e.get("MacAddress")).and_then(Value::as_str) {
                 config.insert("MacAddress".into(), json!(mac));
             }
         }
