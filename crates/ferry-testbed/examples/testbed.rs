@@ -1,4 +1,4 @@
-//! Drive the test bed by hand: `cargo run -p ferry-testbed --example testbed -- up|down|info [--with-c]`.
+//! Drive the test bed by hand: `cargo run -p ferry-testbed --example testbed -- up|down|info|restart-agent H|stop-agent H [--with-c]`.
 //! Binaries default to the workspace's target/debug; override with FERRY_EXE / FERRY_WORKLOAD_EXE.
 
 use std::path::PathBuf;
@@ -24,8 +24,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         Some("down") => ferry_testbed::down(&cfg).await?,
+        Some(cmd @ ("restart-agent" | "stop-agent")) => {
+            let info = ferry_testbed::load_info(&cfg).await?;
+            let host = args.get(1).ok_or("which host?")?;
+            if cmd == "restart-agent" {
+                ferry_testbed::restart_agent(&cfg, &info, host).await?;
+            } else {
+                ferry_testbed::stop_agent(&cfg, &info, host).await?;
+            }
+        }
         Some("info") => println!("{}", serde_json::to_string_pretty(&ferry_testbed::load_info(&cfg).await?)?),
-        _ => return Err("usage: testbed up|down|info [--with-c]".into()),
+        _ => return Err("usage: testbed up|down|info|restart-agent H|stop-agent H [--with-c]".into()),
     }
     eprintln!("took {:.2} s", started.elapsed().as_secs_f64());
     Ok(())

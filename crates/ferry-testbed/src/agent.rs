@@ -25,32 +25,45 @@ pub(crate) fn agents_optional() -> bool {
     std::env::var(NO_AGENTS_ENV).is_ok_and(|v| v == "1")
 }
 
+const IDENTITY_FILES: [&str; 3] = ["ca.pem", "cert.pem", "key.pem"];
+
+/// Every agent's and the CLI's identity directory holds Docker-layout TLS files.
 pub(crate) fn pki_complete(cfg: &TestbedConfig, hosts: &[HostInfo]) -> bool {
-    let pki = cfg.pki_dir();
-    pki.join("ca.pem").is_file() && pki.join("client").is_dir() && hosts.iter().all(|h| h.tls_dir.is_dir())
+    let client = cfg.pki_dir().join("client");
+    hosts
+        .iter()
+        .map(|h| h.tls_dir.as_path())
+        .chain(std::iter::once(client.as_path()))
+        .all(|d| IDENTITY_FILES.iter().all(|f| d.join(f).is_file()))
 }
 
-/// Runs `ferry pki init` unless a complete PKI for these hosts is already there.
+/// Runs `ferry pki init` unless every identity exists; the command reuses an existing CA and
+/// only adds what is missing (e.g. host c on a later run).
 pub(crate) async fn ensure_pki(cfg: &TestbedConfig, hosts: &[HostInfo]) -> Result<(), TestbedError> {
     if pki_complete(cfg, hosts) {
         return Ok(());
     }
     let step = "create the test bed PKI";
     let pki = cfg.pki_dir();
-    // A partial PKI (killed run, or one made without host c) is regenerated from scratch.
-    if pki.exists() {
-        fs::remove_dir_all(&pki).map_err(|e| TestbedError::io(step, &pki, e))?;
-    }
-    let mut args: Vec<String> = vec!["pki".into(), "init".into(), "--dir".into(), pki.to_string_lossy().into_owned()];
+    let mut args: Vec<String> = vec!["--dir".into(), pki.to_string_lossy().into_owned()];
     for h in hosts {
         args.push("--agent".into());
         args.push(format!("{}={}", h.name, h.ip));
     }
-    cmd::run(step, command(&cfg.ferry_exe, &args), PKI_TIMEOUT).await?;
+    let with_init: Vec<String> = ["pki", "init"].iter().map(|s| s.to_string()).chain(args.iter().cloned()).collect();
+    match cmd::run(step, command(&cfg.ferry_exe, &with_init), PKI_TIMEOUT).await {
+        Ok(_) => {}
+        // Some builds of the CLI spell it `ferry pki --dir ...` without the `init` verb.
+        Err(TestbedError::Command { stderr, .. }) if stderr.contains("unexpected argument 'init'") => {
+            let plain: Vec<String> = std::iter::once("pki".to_string()).chain(args).collect();
+            cmd::run(step, command(&cfg.ferry_exe, &plain), PKI_TIMEOUT).await?;
+        }
+        Err(e) => return Err(e),
+    }
     if !pki_complete(cfg, hosts) {
         return Err(TestbedError::unexpected(
             step,
-            format!("`ferry pki init` succeeded but {} lacks ca.pem, client/ or a host directory", pki.display()),
+            format!("`ferry pki` succeeded but some identity under {} lacks ca.pem, cert.pem or key.pem", pki.display()),
         ));
     }
     Ok(())

@@ -9,7 +9,9 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::config::{TestbedConfig, ALL_HOSTS};
+use crate::config::{TestbedConfig, ALL_HOSTS, CLIENT_NETNS};
+
+const CLIENT_GRACE: Duration = Duration::from_secs(1);
 use crate::error::TestbedError;
 use crate::topology;
 
@@ -139,17 +141,16 @@ pub(crate) fn our_processes(cfg: &TestbedConfig) -> BTreeSet<i32> {
     }
     pids.extend(container_pids(&our_container_ids(cfg)));
     let me = std::process::id() as i32;
-    pids.retain(|p| *p > 1 && *p != me);
+    pids.retain(|p| *p > 1 && *p != me && alive(*p));
     pids
 }
 
-/// SIGKILLs `pids` and waits until none is alive; a polite shutdown would only cost time,
-/// since every daemon here recovers from an unclean stop.
-pub(crate) async fn kill_all(pids: &BTreeSet<i32>, wait: Duration) -> Vec<i32> {
+/// Sends `signal` to `pids` and waits until none is alive or `wait` passes; returns survivors.
+pub(crate) async fn signal_all(pids: &BTreeSet<i32>, signal: Signal, wait: Duration) -> Vec<i32> {
     for &p in pids {
-        match kill(Pid::from_raw(p), Signal::SIGKILL) {
+        match kill(Pid::from_raw(p), signal) {
             Ok(()) | Err(Errno::ESRCH) => {}
-            Err(e) => tracing::warn!(pid = p, error = %e, "kill failed"),
+            Err(e) => tracing::warn!(pid = p, error = %e, ?signal, "kill failed"),
         }
     }
     let deadline = Instant::now() + wait;
@@ -158,7 +159,7 @@ pub(crate) async fn kill_all(pids: &BTreeSet<i32>, wait: Duration) -> Vec<i32> {
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -212,14 +213,21 @@ fn unmount_leftovers(cfg: &TestbedConfig) -> Vec<String> {
 /// Stops everything and removes runtime state; keeps data roots (images survive) and the PKI.
 pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     let mut problems = Vec::new();
-    // Twice: a dying dockerd or shim can still fork a child between the scan and the kill.
+    // Test clients get a moment to write their summaries; they stop within ~20 ms of SIGTERM.
+    let clients: BTreeSet<i32> = netns_pids_sync(CLIENT_NETNS).into_iter().filter(|p| alive(*p)).collect();
+    if !clients.is_empty() {
+        signal_all(&clients, Signal::SIGTERM, CLIENT_GRACE).await;
+    }
+    // Everything else is killed outright: a polite shutdown would only cost time, since every
+    // daemon here recovers from an unclean stop. Twice, because a dying dockerd or shim can
+    // still fork a child between the scan and the kill.
     for _ in 0..2 {
         let pids = our_processes(cfg);
         if pids.is_empty() {
             break;
         }
-        tracing::info!(count = pids.len(), "killing leftover test bed processes");
-        let left = kill_all(&pids, Duration::from_secs(10)).await;
+        tracing::info!(count = pids.len(), ?pids, "killing leftover test bed processes");
+        let left = signal_all(&pids, Signal::SIGKILL, Duration::from_secs(10)).await;
         if !left.is_empty() {
             problems.push(format!("processes still alive after SIGKILL: {left:?}"));
         }

@@ -70,6 +70,12 @@ impl TestbedConfig {
         self.root.join("testbed.json")
     }
 
+    /// Written once the daemons are up and emptied; its absence means an `up` died half-way
+    /// and the next one must start over rather than trust the running daemons.
+    pub(crate) fn ready_marker(&self) -> PathBuf {
+        self.run_dir.join("daemons-ready")
+    }
+
     pub(crate) fn lock_path(&self) -> PathBuf {
         self.root.join(".lock")
     }

@@ -92,7 +92,7 @@ async fn infra_healthy(cfg: &TestbedConfig, info: &TestbedInfo) -> bool {
     let namespaces_ok = topology::all_namespaces()
         .iter()
         .all(|ns| topology::netns_exists(ns) == wanted.contains(ns));
-    if !namespaces_ok || !topology::ctl_link_exists() {
+    if !namespaces_ok || !topology::ctl_link_exists() || !cfg.ready_marker().is_file() {
         return false;
     }
     join_all(info.hosts.iter().map(|h| dockerd::healthy(cfg, h)))
@@ -150,6 +150,8 @@ pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
         topology::create(cfg).await?;
         try_join_all(info.hosts.iter().map(|h| dockerd::start(cfg, h))).await?;
         try_join_all(info.hosts.iter().map(dockerd::reset)).await?;
+        let marker = cfg.ready_marker();
+        fs::write(&marker, b"").map_err(|e| TestbedError::io("mark the daemons ready", &marker, e))?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "daemons started");
     }
 
