@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use crate::cleanup::{alive, pidfile_process};
 use crate::cmd::{self, command};
 use crate::config::{HostInfo, TestbedConfig, NO_AGENTS_ENV};
-use crate::dockerd::{detach, log_tail, open_log};
+use crate::dockerd::{detach, log_tail, open_log, DAEMON_PATH};
 use crate::error::TestbedError;
 
 const PKI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,6 +136,7 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
         .arg(&host.state_dir)
         .env("DOCKER_HOST", &host.docker_host)
         .env("RUST_LOG", "info")
+        .env("PATH", DAEMON_PATH)
         .kill_on_drop(false)
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));

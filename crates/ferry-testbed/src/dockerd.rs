@@ -157,6 +157,10 @@ pub(crate) fn log_tail(path: &Path) -> String {
     }
 }
 
+/// Daemons get a fixed PATH so runc finds criu in /usr/local/sbin whatever environment the
+/// caller (a test harness, say) had.
+pub(crate) const DAEMON_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// New session, so the daemon survives the process that ran `up` and its terminal.
 pub(crate) fn detach(c: &mut tokio::process::Command) {
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -232,7 +236,10 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
     let log2 = log.try_clone().map_err(|e| TestbedError::io(&step, l.dockerd_log(), e))?;
     let script_path = l.launch_script().to_string_lossy().into_owned();
     let mut c = command("ip", &["netns", "exec", &host.netns, "/bin/sh", &script_path]);
-    c.kill_on_drop(false).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+    c.kill_on_drop(false)
+        .env("PATH", DAEMON_PATH)
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
     detach(&mut c);
     let desc = cmd::describe(&c);
     let mut child = c.spawn().map_err(|source| TestbedError::Spawn {

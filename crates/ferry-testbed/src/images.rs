@@ -18,7 +18,7 @@ use crate::error::TestbedError;
 
 pub(crate) const KEY_LABEL: &str = "ferry.testbed.key";
 /// Bump when the image recipe changes so existing images are rebuilt.
-const RECIPE_VERSION: &str = "1";
+const RECIPE_VERSION: &str = "2";
 const BUSYBOX: &str = "/bin/busybox";
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 /// Applets linked in both images so `docker exec` has a shell and the basics.
@@ -118,6 +118,7 @@ fn json_array(v: &[&str]) -> String {
     serde_json::Value::from(v.iter().map(|s| s.to_string()).collect::<Vec<_>>()).to_string()
 }
 
+/// No EXPOSE in either image: on macvlan dockerd logs a warning for every exposed port.
 pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, TestbedError> {
     let busybox = (PathBuf::from(BUSYBOX), BUSYBOX.to_string());
     let base_dirs = vec![("/tmp", 0o1777), ("/root", 0o700), ("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755)];
@@ -135,7 +136,6 @@ pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, Testbed
                 json_array(&["/usr/local/bin/ferry-workload", "serve", "--port", &wl_port])
             ),
             format!("ENV {PATH_ENV}"),
-            format!("EXPOSE {WORKLOAD_PORT}"),
         ],
     );
     let mut redis_dirs = base_dirs;
@@ -154,7 +154,6 @@ pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, Testbed
             ),
             format!("ENV {PATH_ENV}"),
             "WORKDIR /data".to_string(),
-            format!("EXPOSE {REDIS_PORT}"),
         ],
     );
     Ok(vec![workload.await?, redis.await?])
@@ -329,6 +328,14 @@ async fn copy_images(from: &HostInfo, to: &HostInfo, names: &[&str]) -> Result<(
     Ok(())
 }
 
+/// Replaced images would otherwise pile up in the data roots with every rebuilt binary.
+async fn prune_dangling(host: &HostInfo) -> Result<(), TestbedError> {
+    let step = format!("remove replaced images on host {}", host.name);
+    cmd::run(&step, docker_command(&host.docker_host, &["image", "prune", "-f"]), DOCKER_TIMEOUT)
+        .await
+        .map(|_| ())
+}
+
 /// True if every host has every image with the current key and host a's image ID.
 pub(crate) async fn images_ok(hosts: &[HostInfo], specs: &[ImageSpec]) -> bool {
     for spec in specs {
@@ -352,18 +359,23 @@ pub(crate) async fn ensure(hosts: &[HostInfo], specs: &[ImageSpec]) -> Result<()
         return Ok(());
     };
     let mut ids = Vec::new();
+    let mut rebuilt = false;
     for spec in specs {
         let current = inspect(first, spec.name).await?;
         let id = match current {
             Some((id, key)) if key == spec.key => id,
             _ => {
                 import(first, spec).await?;
+                rebuilt = true;
                 inspect(first, spec.name).await?.map(|(id, _)| id).ok_or_else(|| {
                     TestbedError::unexpected(format!("import image {}", spec.name), "image missing right after import")
                 })?
             }
         };
         ids.push((spec.name, id));
+    }
+    if rebuilt {
+        prune_dangling(first).await?;
     }
     try_join_all(others.iter().map(|host| {
         let ids = &ids;
@@ -376,6 +388,7 @@ pub(crate) async fn ensure(hosts: &[HostInfo], specs: &[ImageSpec]) -> Result<()
             }
             if !missing.is_empty() {
                 copy_images(first, host, &missing).await?;
+                prune_dangling(host).await?;
             }
             Ok::<(), TestbedError>(())
         }
