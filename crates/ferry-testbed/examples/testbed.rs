@@ -9,13 +9,22 @@ use ferry_testbed::TestbedConfig;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug");
-    let exe = |var: &str, name: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| target.join(name));
-    let mut cfg = TestbedConfig::new(exe("FERRY_EXE", "ferry"), exe("FERRY_WORKLOAD_EXE", "ferry-workload"));
+    let exe = |var: &str, name: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target.join(name))
+    };
+    let mut cfg = TestbedConfig::new(
+        exe("FERRY_EXE", "ferry"),
+        exe("FERRY_WORKLOAD_EXE", "ferry-workload"),
+    );
     cfg.with_incompatible_host = args.iter().any(|a| a == "--with-c");
     let started = Instant::now();
     match args.first().map(String::as_str) {
@@ -33,8 +42,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ferry_testbed::stop_agent(&cfg, &info, host).await?;
             }
         }
-        Some("info") => println!("{}", serde_json::to_string_pretty(&ferry_testbed::load_info(&cfg).await?)?),
-        _ => return Err("usage: testbed up|down|info|restart-agent H|stop-agent H [--with-c]".into()),
+        Some("info") => println!(
+            "{}",
+            serde_json::to_string_pretty(&ferry_testbed::load_info(&cfg).await?)?
+        ),
+        _ => {
+            return Err(
+                "usage: testbed up|down|info|restart-agent H|stop-agent H [--with-c]".into(),
+            )
+        }
     }
     eprintln!("took {:.2} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -39,7 +39,10 @@ pub(crate) fn pki_complete(cfg: &TestbedConfig, hosts: &[HostInfo]) -> bool {
 
 /// Runs `ferry pki init` unless every identity exists; the command reuses an existing CA and
 /// only adds what is missing (e.g. host c on a later run).
-pub(crate) async fn ensure_pki(cfg: &TestbedConfig, hosts: &[HostInfo]) -> Result<(), TestbedError> {
+pub(crate) async fn ensure_pki(
+    cfg: &TestbedConfig,
+    hosts: &[HostInfo],
+) -> Result<(), TestbedError> {
     if pki_complete(cfg, hosts) {
         return Ok(());
     }
@@ -50,11 +53,17 @@ pub(crate) async fn ensure_pki(cfg: &TestbedConfig, hosts: &[HostInfo]) -> Resul
         args.push("--agent".into());
         args.push(format!("{}={}", h.name, h.ip));
     }
-    let with_init: Vec<String> = ["pki", "init"].iter().map(|s| s.to_string()).chain(args.iter().cloned()).collect();
+    let with_init: Vec<String> = ["pki", "init"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(args.iter().cloned())
+        .collect();
     match cmd::run(step, command(&cfg.ferry_exe, &with_init), PKI_TIMEOUT).await {
         Ok(_) => {}
         // Some builds of the CLI spell it `ferry pki --dir ...` without the `init` verb.
-        Err(TestbedError::Command { stderr, .. }) if stderr.contains("unexpected argument 'init'") => {
+        Err(TestbedError::Command { stderr, .. })
+            if stderr.contains("unexpected argument 'init'") =>
+        {
             let plain: Vec<String> = std::iter::once("pki".to_string()).chain(args).collect();
             cmd::run(step, command(&cfg.ferry_exe, &plain), PKI_TIMEOUT).await?;
         }
@@ -89,7 +98,12 @@ pub(crate) async fn stop(cfg: &TestbedConfig, host: &HostInfo) -> Result<(), Tes
         let p = Pid::from_raw(pid);
         match kill(p, Signal::SIGTERM) {
             Ok(()) | Err(Errno::ESRCH) => {}
-            Err(e) => return Err(TestbedError::unexpected(&step, format!("SIGTERM {pid}: {e}"))),
+            Err(e) => {
+                return Err(TestbedError::unexpected(
+                    &step,
+                    format!("SIGTERM {pid}: {e}"),
+                ))
+            }
         }
         let deadline = Instant::now() + STOP_GRACE;
         while alive(pid) && Instant::now() < deadline {
@@ -103,7 +117,10 @@ pub(crate) async fn stop(cfg: &TestbedConfig, host: &HostInfo) -> Result<(), Tes
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if alive(pid) {
-                return Err(TestbedError::unexpected(&step, format!("agent {pid} survived SIGKILL")));
+                return Err(TestbedError::unexpected(
+                    &step,
+                    format!("agent {pid} survived SIGKILL"),
+                ));
             }
         }
     }
@@ -119,13 +136,17 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
     let step = format!("start the agent on host {}", host.name);
     let l = cfg.layout(&host.name);
     let data_root = host.data_root.to_string_lossy().into_owned();
-    let dockerd = pidfile_process(&l.dockerd_pidfile(), &[&data_root]).ok_or_else(|| TestbedError::Precondition {
-        step: step.clone(),
-        detail: format!("dockerd of host {} is not running", host.name),
+    let dockerd = pidfile_process(&l.dockerd_pidfile(), &[&data_root]).ok_or_else(|| {
+        TestbedError::Precondition {
+            step: step.clone(),
+            detail: format!("dockerd of host {} is not running", host.name),
+        }
     })?;
     fs::create_dir_all(&host.state_dir).map_err(|e| TestbedError::io(&step, &host.state_dir, e))?;
     let log = open_log(&step, &host.agent_log, "ferry agent")?;
-    let log2 = log.try_clone().map_err(|e| TestbedError::io(&step, &host.agent_log, e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| TestbedError::io(&step, &host.agent_log, e))?;
     let target = dockerd.to_string();
     let listen = host.agent_addr.to_string();
     let mut c = command("nsenter", &["--target", &target, "--net", "--mount", "--"]);

@@ -16,7 +16,12 @@ use crate::error::TestbedError;
 use crate::topology;
 
 pub(crate) fn read_pidfile(path: &Path) -> Option<i32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok().filter(|p| *p > 1)
+    fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
 }
 
 /// The process's argv joined by spaces, or None if it is gone.
@@ -35,7 +40,9 @@ pub(crate) fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesised command name, which may itself contain spaces.
-            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -62,7 +69,11 @@ fn netns_pids_sync(ns: &str) -> Vec<i32> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) {
@@ -102,7 +113,11 @@ fn container_pids(ids: &HashSet<String>) -> Vec<i32> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(cg) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
@@ -169,7 +184,10 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -214,7 +232,10 @@ fn unmount_leftovers(cfg: &TestbedConfig) -> Vec<String> {
 pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     let mut problems = Vec::new();
     // Test clients get a moment to write their summaries; they stop within ~20 ms of SIGTERM.
-    let clients: BTreeSet<i32> = netns_pids_sync(CLIENT_NETNS).into_iter().filter(|p| alive(*p)).collect();
+    let clients: BTreeSet<i32> = netns_pids_sync(CLIENT_NETNS)
+        .into_iter()
+        .filter(|p| alive(*p))
+        .collect();
     if !clients.is_empty() {
         signal_all(&clients, Signal::SIGTERM, CLIENT_GRACE).await;
     }
@@ -226,7 +247,11 @@ pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
         if pids.is_empty() {
             break;
         }
-        tracing::info!(count = pids.len(), ?pids, "killing leftover test bed processes");
+        tracing::info!(
+            count = pids.len(),
+            ?pids,
+            "killing leftover test bed processes"
+        );
         let left = signal_all(&pids, Signal::SIGKILL, Duration::from_secs(10)).await;
         if !left.is_empty() {
             problems.push(format!("processes still alive after SIGKILL: {left:?}"));
@@ -255,7 +280,10 @@ pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(TestbedError::unexpected("tear down the test bed", problems.join("; ")))
+        Err(TestbedError::unexpected(
+            "tear down the test bed",
+            problems.join("; "),
+        ))
     }
 }
 
@@ -272,7 +300,13 @@ mod tests {
 32 22 0:7 / /var/lib/ferry-testbed/a\\040b rw - tmpfs t rw
 33 22 0:8 / /run/ferry-testbedX rw - tmpfs t rw
 ";
-        let got = mounts_under(mi, &[Path::new("/run/ferry-testbed"), Path::new("/var/lib/ferry-testbed")]);
+        let got = mounts_under(
+            mi,
+            &[
+                Path::new("/run/ferry-testbed"),
+                Path::new("/var/lib/ferry-testbed"),
+            ],
+        );
         assert_eq!(
             got,
             vec![

@@ -119,7 +119,11 @@ pub(crate) async fn output(
 }
 
 /// Runs and requires success; returns stdout.
-pub(crate) async fn run(step: &str, cmd: Command, timeout: Duration) -> Result<String, TestbedError> {
+pub(crate) async fn run(
+    step: &str,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<String, TestbedError> {
     run_input(step, cmd, None, timeout).await
 }
 
@@ -174,15 +178,33 @@ mod tests {
 
     #[tokio::test]
     async fn run_reports_status_stderr_and_timeout() {
-        let ok = run("t", command("sh", &["-c", "echo hi"]), SHORT).await.unwrap();
+        let ok = run("t", command("sh", &["-c", "echo hi"]), SHORT)
+            .await
+            .unwrap();
         assert_eq!(ok, "hi\n");
-        let e = run("t", command("sh", &["-c", "echo bad >&2; exit 3"]), SHORT).await.unwrap_err();
-        assert!(matches!(&e, TestbedError::Command { status, stderr, .. } if status == "exit status 3" && stderr == "bad"), "{e}");
-        let e = run("t", command("sleep", &["5"]), Duration::from_millis(100)).await.unwrap_err();
+        let e = run("t", command("sh", &["-c", "echo bad >&2; exit 3"]), SHORT)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, TestbedError::Command { status, stderr, .. } if status == "exit status 3" && stderr == "bad"),
+            "{e}"
+        );
+        let e = run("t", command("sleep", &["5"]), Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert!(matches!(e, TestbedError::Timeout { .. }));
-        let e = run("t", command("/nonexistent/x", &[] as &[&str]), SHORT).await.unwrap_err();
+        let e = run("t", command("/nonexistent/x", &[] as &[&str]), SHORT)
+            .await
+            .unwrap_err();
         assert!(matches!(e, TestbedError::Spawn { .. }));
-        let echoed = run_input("t", command("cat", &[] as &[&str]), Some(b"abc".to_vec()), SHORT).await.unwrap();
+        let echoed = run_input(
+            "t",
+            command("cat", &[] as &[&str]),
+            Some(b"abc".to_vec()),
+            SHORT,
+        )
+        .await
+        .unwrap();
         assert_eq!(echoed, "abc");
     }
 }

@@ -13,8 +13,8 @@ use serde_json::json;
 use crate::cleanup::pidfile_process;
 use crate::cmd::{self, command};
 use crate::config::{
-    HostInfo, TestbedConfig, BRIDGE_NETWORK, BRIDGE_SUBNET, MACVLAN_GATEWAY,
-    MACVLAN_IP_RANGE, MACVLAN_NETWORK, MACVLAN_SUBNET,
+    HostInfo, TestbedConfig, BRIDGE_NETWORK, BRIDGE_SUBNET, MACVLAN_GATEWAY, MACVLAN_IP_RANGE,
+    MACVLAN_NETWORK, MACVLAN_SUBNET,
 };
 use crate::error::TestbedError;
 
@@ -33,20 +33,33 @@ pub(crate) fn docker_command(docker_host: &str, args: &[&str]) -> tokio::process
     c
 }
 
-pub(crate) async fn docker_run(step: &str, host: &HostInfo, args: &[&str]) -> Result<String, TestbedError> {
-    cmd::run(step, docker_command(&host.docker_host, args), DOCKER_TIMEOUT).await
+pub(crate) async fn docker_run(
+    step: &str,
+    host: &HostInfo,
+    args: &[&str],
+) -> Result<String, TestbedError> {
+    cmd::run(
+        step,
+        docker_command(&host.docker_host, args),
+        DOCKER_TIMEOUT,
+    )
+    .await
 }
 
 /// Debian installs dockerd in /usr/sbin, other packagings in /usr/bin.
 pub(crate) fn dockerd_binary() -> Result<PathBuf, TestbedError> {
-    ["/usr/sbin/dockerd", "/usr/bin/dockerd", "/usr/local/bin/dockerd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .ok_or_else(|| TestbedError::Precondition {
-            step: "find dockerd".into(),
-            detail: "no dockerd in /usr/sbin, /usr/bin or /usr/local/bin".into(),
-        })
+    [
+        "/usr/sbin/dockerd",
+        "/usr/bin/dockerd",
+        "/usr/local/bin/dockerd",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .ok_or_else(|| TestbedError::Precondition {
+        step: "find dockerd".into(),
+        detail: "no dockerd in /usr/sbin, /usr/bin or /usr/local/bin".into(),
+    })
 }
 
 /// One line of /proc/self/mounts.
@@ -128,7 +141,8 @@ pub(crate) fn runtime_script(ferry_exe: &Path, state_dir: &Path) -> String {
 
 fn write_file(step: &str, path: &Path, text: &str, mode: u32) -> Result<(), TestbedError> {
     fs::write(path, text).map_err(|e| TestbedError::io(step, path, e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| TestbedError::io(step, path, e))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| TestbedError::io(step, path, e))
 }
 
 fn mkdir(step: &str, path: &Path) -> Result<(), TestbedError> {
@@ -146,7 +160,8 @@ pub(crate) fn open_log(step: &str, path: &Path, what: &str) -> Result<fs::File, 
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    writeln!(f, "=== ferry-testbed: starting {what} at unix time {now}").map_err(|e| TestbedError::io(step, path, e))?;
+    writeln!(f, "=== ferry-testbed: starting {what} at unix time {now}")
+        .map_err(|e| TestbedError::io(step, path, e))?;
     Ok(f)
 }
 
@@ -176,24 +191,34 @@ pub(crate) fn detach(c: &mut tokio::process::Command) {
 
 async fn answers(docker_host: &str) -> Result<(), TestbedError> {
     let c = docker_command(docker_host, &["version", "--format", "{{.Server.Version}}"]);
-    cmd::run("probe dockerd", c, PROBE_TIMEOUT).await.map(|_| ())
+    cmd::run("probe dockerd", c, PROBE_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 /// dockerd of this host is running (by its pid file) and answers on its socket.
 pub(crate) async fn healthy(cfg: &TestbedConfig, host: &HostInfo) -> bool {
     let l = cfg.layout(&host.name);
     let data_root = host.data_root.to_string_lossy().into_owned();
-    pidfile_process(&l.dockerd_pidfile(), &[&data_root]).is_some() && answers(&host.docker_host).await.is_ok()
+    pidfile_process(&l.dockerd_pidfile(), &[&data_root]).is_some()
+        && answers(&host.docker_host).await.is_ok()
 }
 
 /// Writes the host's files and starts its dockerd; returns once the socket answers.
 pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, TestbedError> {
     let step = format!("start dockerd on host {}", host.name);
     let l = cfg.layout(&host.name);
-    for d in [&l.dir, &l.run, &host.data_root, &host.exec_root, &host.state_dir] {
+    for d in [
+        &l.dir,
+        &l.run,
+        &host.data_root,
+        &host.exec_root,
+        &host.state_dir,
+    ] {
         mkdir(&step, d)?;
     }
-    let mounts_text = fs::read_to_string("/proc/self/mounts").map_err(|e| TestbedError::io(&step, "/proc/self/mounts", e))?;
+    let mounts_text = fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| TestbedError::io(&step, "/proc/self/mounts", e))?;
     let mounts = cgroup_mounts(&mounts_text);
     if mounts.is_empty() {
         return Err(TestbedError::Precondition {
@@ -202,11 +227,18 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
         });
     }
     let runtime = l.runtime_script();
-    write_file(&step, &runtime, &runtime_script(&cfg.ferry_exe, &host.state_dir), 0o755)?;
-    let dj = serde_json::to_string_pretty(&daemon_json(host, &runtime)).map_err(|e| TestbedError::Json {
-        step: step.clone(),
-        path: l.daemon_json(),
-        source: e,
+    write_file(
+        &step,
+        &runtime,
+        &runtime_script(&cfg.ferry_exe, &host.state_dir),
+        0o755,
+    )?;
+    let dj = serde_json::to_string_pretty(&daemon_json(host, &runtime)).map_err(|e| {
+        TestbedError::Json {
+            step: step.clone(),
+            path: l.daemon_json(),
+            source: e,
+        }
     })?;
     write_file(&step, &l.daemon_json(), &dj, 0o644)?;
     let args: Vec<String> = vec![
@@ -233,9 +265,14 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
     }
 
     let log = open_log(&step, &l.dockerd_log(), "dockerd")?;
-    let log2 = log.try_clone().map_err(|e| TestbedError::io(&step, l.dockerd_log(), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| TestbedError::io(&step, l.dockerd_log(), e))?;
     let script_path = l.launch_script().to_string_lossy().into_owned();
-    let mut c = command("ip", &["netns", "exec", &host.netns, "/bin/sh", &script_path]);
+    let mut c = command(
+        "ip",
+        &["netns", "exec", &host.netns, "/bin/sh", &script_path],
+    );
     c.kill_on_drop(false)
         .env("PATH", DAEMON_PATH)
         .stdout(Stdio::from(log))
@@ -333,7 +370,10 @@ fn network_specs() -> Vec<NetSpec> {
 /// True if both networks exist with exactly the expected parameters.
 pub(crate) async fn networks_ok(host: &HostInfo) -> bool {
     for spec in network_specs() {
-        let c = docker_command(&host.docker_host, &["network", "inspect", "-f", spec.inspect, spec.name]);
+        let c = docker_command(
+            &host.docker_host,
+            &["network", "inspect", "-f", spec.inspect, spec.name],
+        );
         match cmd::run("inspect network", c, PROBE_TIMEOUT).await {
             Ok(out) if out.trim() == spec.expect => {}
             _ => return false,
@@ -346,7 +386,10 @@ pub(crate) async fn networks_ok(host: &HostInfo) -> bool {
 pub(crate) async fn ensure_networks(host: &HostInfo) -> Result<(), TestbedError> {
     for spec in network_specs() {
         let step = format!("create network {} on host {}", spec.name, host.name);
-        let c = docker_command(&host.docker_host, &["network", "inspect", "-f", spec.inspect, spec.name]);
+        let c = docker_command(
+            &host.docker_host,
+            &["network", "inspect", "-f", spec.inspect, spec.name],
+        );
         let out = cmd::output(&step, c, None, DOCKER_TIMEOUT).await?;
         if out.status.success() {
             let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -382,7 +425,12 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let targets: Vec<&str> = m.iter().map(|m| m.target.as_str()).collect();
         assert_eq!(
             targets,
-            ["/sys/fs/cgroup", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"]
+            [
+                "/sys/fs/cgroup",
+                "/sys/fs/cgroup/cpu",
+                "/sys/fs/cgroup/systemd",
+                "/sys/fs/cgroup/unified"
+            ]
         );
         assert_eq!(m[2].options, "rw,relatime,name=systemd");
     }
@@ -397,8 +445,14 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     #[test]
     fn script_mounts_then_execs() {
         let m = cgroup_mounts(HYBRID);
-        let s = launch_script(&m, Path::new("/usr/sbin/dockerd"), &["--data-root".into(), "/x y".into()]);
-        assert!(s.contains("mount -t 'cgroup' -o 'rw,relatime,cpu' 'cgroup' '/sys/fs/cgroup/cpu'\n"));
+        let s = launch_script(
+            &m,
+            Path::new("/usr/sbin/dockerd"),
+            &["--data-root".into(), "/x y".into()],
+        );
+        assert!(
+            s.contains("mount -t 'cgroup' -o 'rw,relatime,cpu' 'cgroup' '/sys/fs/cgroup/cpu'\n")
+        );
         assert!(s.ends_with("exec '/usr/sbin/dockerd' '--data-root' '/x y'\n"));
         assert!(s.find("tmpfs").unwrap() < s.find("unified").unwrap());
     }
@@ -416,7 +470,10 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let ja = daemon_json(&a, Path::new("/var/lib/ferry-testbed/a/ferry-runtime"));
         let jc = daemon_json(&c, Path::new("/var/lib/ferry-testbed/c/ferry-runtime"));
         assert_eq!(ja["experimental"], true);
-        assert_eq!(ja["runtimes"]["ferry"]["path"], "/var/lib/ferry-testbed/a/ferry-runtime");
+        assert_eq!(
+            ja["runtimes"]["ferry"]["path"],
+            "/var/lib/ferry-testbed/a/ferry-runtime"
+        );
         assert_eq!(jc["experimental"], false);
         assert!(jc.get("runtimes").is_none());
         assert_eq!(ja["default-address-pools"][0]["base"], "198.19.0.0/16");
@@ -425,6 +482,9 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     #[test]
     fn runtime_script_passes_arguments_through() {
         let s = runtime_script(Path::new("/usr/bin/ferry"), Path::new("/s"));
-        assert_eq!(s, "#!/bin/sh\nexec '/usr/bin/ferry' runtime --state-dir '/s' -- \"$@\"\n");
+        assert_eq!(
+            s,
+            "#!/bin/sh\nexec '/usr/bin/ferry' runtime --state-dir '/s' -- \"$@\"\n"
+        );
     }
 }

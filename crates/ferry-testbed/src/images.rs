@@ -12,7 +12,9 @@ use std::time::Instant;
 use futures::future::try_join_all;
 
 use crate::cmd::{self, command};
-use crate::config::{HostInfo, TestbedConfig, REDIS_IMAGE, REDIS_PORT, WORKLOAD_IMAGE, WORKLOAD_PORT};
+use crate::config::{
+    HostInfo, TestbedConfig, REDIS_IMAGE, REDIS_PORT, WORKLOAD_IMAGE, WORKLOAD_PORT,
+};
 use crate::dockerd::{docker_command, DOCKER_TIMEOUT};
 use crate::error::TestbedError;
 
@@ -22,7 +24,9 @@ const RECIPE_VERSION: &str = "2";
 const BUSYBOX: &str = "/bin/busybox";
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 /// Applets linked in both images so `docker exec` has a shell and the basics.
-const APPLETS: &[&str] = &["sh", "cat", "ls", "sleep", "echo", "ps", "kill", "grep", "env", "true", "false", "mkdir", "rm"];
+const APPLETS: &[&str] = &[
+    "sh", "cat", "ls", "sleep", "echo", "ps", "kill", "grep", "env", "true", "false", "mkdir", "rm",
+];
 /// Fixed mtime so the same inputs give the same layer.
 const MTIME: u64 = 1_700_000_000;
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -43,7 +47,7 @@ pub(crate) fn parse_ldd(out: &str) -> Vec<String> {
     for line in out.lines() {
         let line = line.trim();
         let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim().split_whitespace().next(),
+            Some((_, rest)) => rest.split_whitespace().next(),
             None => line.split_whitespace().next(),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
@@ -56,12 +60,19 @@ pub(crate) fn parse_ldd(out: &str) -> Vec<String> {
 async fn ldd(exe: &Path) -> Result<Vec<String>, TestbedError> {
     let step = format!("list libraries of {}", exe.display());
     let out = cmd::output(&step, command("ldd", &[exe]), None, cmd::SHORT).await?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if text.contains("not a dynamic executable") || text.contains("statically linked") {
         return Ok(Vec::new());
     }
     if !out.status.success() {
-        return Err(TestbedError::unexpected(step, cmd::tail(text.as_bytes(), 1000)));
+        return Err(TestbedError::unexpected(
+            step,
+            cmd::tail(text.as_bytes(), 1000),
+        ));
     }
     Ok(parse_ldd(&text))
 }
@@ -121,12 +132,21 @@ fn json_array(v: &[&str]) -> String {
 /// No EXPOSE in either image: on macvlan dockerd logs a warning for every exposed port.
 pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, TestbedError> {
     let busybox = (PathBuf::from(BUSYBOX), BUSYBOX.to_string());
-    let base_dirs = vec![("/tmp", 0o1777), ("/root", 0o700), ("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755)];
+    let base_dirs = vec![
+        ("/tmp", 0o1777),
+        ("/root", 0o700),
+        ("/proc", 0o555),
+        ("/sys", 0o555),
+        ("/dev", 0o755),
+    ];
     let wl_port = WORKLOAD_PORT.to_string();
     let workload = spec(
         WORKLOAD_IMAGE,
         vec![
-            (cfg.workload_exe.clone(), "/usr/local/bin/ferry-workload".to_string()),
+            (
+                cfg.workload_exe.clone(),
+                "/usr/local/bin/ferry-workload".to_string(),
+            ),
             busybox.clone(),
         ],
         base_dirs.clone(),
@@ -143,13 +163,24 @@ pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, Testbed
     let redis_port = REDIS_PORT.to_string();
     let redis = spec(
         REDIS_IMAGE,
-        vec![(PathBuf::from(REDIS_SERVER), REDIS_SERVER.to_string()), busybox],
+        vec![
+            (PathBuf::from(REDIS_SERVER), REDIS_SERVER.to_string()),
+            busybox,
+        ],
         redis_dirs,
         vec![
             format!(
                 "CMD {}",
                 json_array(&[
-                    REDIS_SERVER, "--port", &redis_port, "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                    REDIS_SERVER,
+                    "--port",
+                    &redis_port,
+                    "--protected-mode",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
                 ])
             ),
             format!("ENV {PATH_ENV}"),
@@ -236,25 +267,40 @@ fn build_rootfs(spec: &ImageSpec) -> Result<Vec<u8>, TestbedError> {
     b.file("/etc/group", b"root:x:0:\n", 0o644)?;
     for (src, dest) in &spec.files {
         let data = fs::read(src).map_err(|e| b.io(src, e))?;
-        let mode = fs::metadata(src).map_err(|e| b.io(src, e))?.permissions().mode() & 0o7777;
+        let mode = fs::metadata(src)
+            .map_err(|e| b.io(src, e))?
+            .permissions()
+            .mode()
+            & 0o7777;
         b.file(dest, &data, mode)?;
     }
     for applet in APPLETS {
         b.symlink(&format!("/bin/{applet}"), BUSYBOX)?;
     }
-    b.tar.into_inner().map_err(|e| TestbedError::io(&b.step, spec.name, e))
+    b.tar
+        .into_inner()
+        .map_err(|e| TestbedError::io(&b.step, spec.name, e))
 }
 
 /// `(image id, key label)` of `name` on `host`, or None if the image is missing.
 async fn inspect(host: &HostInfo, name: &str) -> Result<Option<(String, String)>, TestbedError> {
     let step = format!("inspect image {name} on host {}", host.name);
     let fmt = format!("{{{{.Id}}}}|{{{{index .Config.Labels \"{KEY_LABEL}\"}}}}");
-    let out = cmd::output(&step, docker_command(&host.docker_host, &["image", "inspect", "-f", &fmt, name]), None, DOCKER_TIMEOUT).await?;
+    let out = cmd::output(
+        &step,
+        docker_command(&host.docker_host, &["image", "inspect", "-f", &fmt, name]),
+        None,
+        DOCKER_TIMEOUT,
+    )
+    .await?;
     if !out.status.success() {
         return Ok(None);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.trim().split_once('|').map(|(id, key)| (id.to_string(), key.to_string())))
+    Ok(text
+        .trim()
+        .split_once('|')
+        .map(|(id, key)| (id.to_string(), key.to_string())))
 }
 
 async fn import(host: &HostInfo, spec: &ImageSpec) -> Result<(), TestbedError> {
@@ -263,7 +309,9 @@ async fn import(host: &HostInfo, spec: &ImageSpec) -> Result<(), TestbedError> {
     let owned = spec.clone();
     let rootfs = tokio::task::spawn_blocking(move || build_rootfs(&owned))
         .await
-        .map_err(|e| TestbedError::unexpected(&step, format!("rootfs builder task failed: {e}")))??;
+        .map_err(|e| {
+            TestbedError::unexpected(&step, format!("rootfs builder task failed: {e}"))
+        })??;
     let label = format!("LABEL {KEY_LABEL}={}", spec.key);
     let mut args: Vec<&str> = vec!["import"];
     for c in spec.changes.iter().chain(std::iter::once(&label)) {
@@ -273,21 +321,32 @@ async fn import(host: &HostInfo, spec: &ImageSpec) -> Result<(), TestbedError> {
     args.push("-");
     args.push(spec.name);
     let bytes = rootfs.len();
-    cmd::run_input(&step, docker_command(&host.docker_host, &args), Some(rootfs), DOCKER_TIMEOUT).await?;
+    cmd::run_input(
+        &step,
+        docker_command(&host.docker_host, &args),
+        Some(rootfs),
+        DOCKER_TIMEOUT,
+    )
+    .await?;
     tracing::info!(image = spec.name, host = %host.name, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "image imported");
     Ok(())
 }
 
 /// `docker save` on `from` piped into `docker load` on `to`.
 async fn copy_images(from: &HostInfo, to: &HostInfo, names: &[&str]) -> Result<(), TestbedError> {
-    let step = format!("copy images {names:?} from host {} to host {}", from.name, to.name);
+    let step = format!(
+        "copy images {names:?} from host {} to host {}",
+        from.name, to.name
+    );
     let started = Instant::now();
     let mut save_args = vec!["save"];
     save_args.extend_from_slice(names);
     let mut save = docker_command(&from.docker_host, &save_args);
     save.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut load = docker_command(&to.docker_host, &["load", "-q"]);
-    load.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    load.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let (save_desc, load_desc) = (cmd::describe(&save), cmd::describe(&load));
     let spawn_err = |cmd: &str, source| TestbedError::Spawn {
         step: step.clone(),
@@ -297,7 +356,10 @@ async fn copy_images(from: &HostInfo, to: &HostInfo, names: &[&str]) -> Result<(
     let mut save = save.spawn().map_err(|e| spawn_err(&save_desc, e))?;
     let mut load = load.spawn().map_err(|e| spawn_err(&load_desc, e))?;
     let (Some(mut src), Some(mut dst)) = (save.stdout.take(), load.stdin.take()) else {
-        return Err(TestbedError::unexpected(&step, "pipes to docker save/load missing"));
+        return Err(TestbedError::unexpected(
+            &step,
+            "pipes to docker save/load missing",
+        ));
     };
     let pipe = async move {
         let n = tokio::io::copy(&mut src, &mut dst).await;
@@ -305,13 +367,14 @@ async fn copy_images(from: &HostInfo, to: &HostInfo, names: &[&str]) -> Result<(
         n
     };
     let work = async { tokio::join!(pipe, save.wait_with_output(), load.wait_with_output()) };
-    let (copied, save_out, load_out) = tokio::time::timeout(DOCKER_TIMEOUT, work)
-        .await
-        .map_err(|_| TestbedError::Timeout {
-            step: step.clone(),
-            cmd: format!("{save_desc} | {load_desc}"),
-            timeout: DOCKER_TIMEOUT,
-        })?;
+    let (copied, save_out, load_out) =
+        tokio::time::timeout(DOCKER_TIMEOUT, work)
+            .await
+            .map_err(|_| TestbedError::Timeout {
+                step: step.clone(),
+                cmd: format!("{save_desc} | {load_desc}"),
+                timeout: DOCKER_TIMEOUT,
+            })?;
     for (desc, out) in [(&save_desc, save_out), (&load_desc, load_out)] {
         let out = out.map_err(|e| spawn_err(desc, e))?;
         if !out.status.success() {
@@ -331,9 +394,13 @@ async fn copy_images(from: &HostInfo, to: &HostInfo, names: &[&str]) -> Result<(
 /// Replaced images would otherwise pile up in the data roots with every rebuilt binary.
 async fn prune_dangling(host: &HostInfo) -> Result<(), TestbedError> {
     let step = format!("remove replaced images on host {}", host.name);
-    cmd::run(&step, docker_command(&host.docker_host, &["image", "prune", "-f"]), DOCKER_TIMEOUT)
-        .await
-        .map(|_| ())
+    cmd::run(
+        &step,
+        docker_command(&host.docker_host, &["image", "prune", "-f"]),
+        DOCKER_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// True if every host has every image with the current key and host a's image ID.
@@ -367,9 +434,15 @@ pub(crate) async fn ensure(hosts: &[HostInfo], specs: &[ImageSpec]) -> Result<()
             _ => {
                 import(first, spec).await?;
                 rebuilt = true;
-                inspect(first, spec.name).await?.map(|(id, _)| id).ok_or_else(|| {
-                    TestbedError::unexpected(format!("import image {}", spec.name), "image missing right after import")
-                })?
+                inspect(first, spec.name)
+                    .await?
+                    .map(|(id, _)| id)
+                    .ok_or_else(|| {
+                        TestbedError::unexpected(
+                            format!("import image {}", spec.name),
+                            "image missing right after import",
+                        )
+                    })?
             }
         };
         ids.push((spec.name, id));
@@ -404,7 +477,13 @@ mod tests {
     #[test]
     fn ldd_output_parsing() {
         let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n\tlibmissing.so => not found\n";
-        assert_eq!(parse_ldd(out), vec!["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"]);
+        assert_eq!(
+            parse_ldd(out),
+            vec![
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
         assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
     }
 
@@ -423,9 +502,18 @@ mod tests {
         for e in ar.entries().unwrap() {
             let e = e.unwrap();
             let h = e.header();
-            names.push((e.path().unwrap().to_string_lossy().into_owned(), h.entry_type(), h.mode().unwrap()));
+            names.push((
+                e.path().unwrap().to_string_lossy().into_owned(),
+                h.entry_type(),
+                h.mode().unwrap(),
+            ));
         }
-        let pos = |n: &str| names.iter().position(|(p, _, _)| p == n).unwrap_or_else(|| panic!("{n} missing: {names:?}"));
+        let pos = |n: &str| {
+            names
+                .iter()
+                .position(|(p, _, _)| p == n)
+                .unwrap_or_else(|| panic!("{n} missing: {names:?}"))
+        };
         assert!(pos("bin/") < pos("bin/busybox"));
         assert!(pos("etc/") < pos("etc/passwd"));
         assert_eq!(names[pos("tmp/")].2, 0o1777);

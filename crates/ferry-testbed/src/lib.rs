@@ -33,9 +33,9 @@ use futures::future::{join_all, try_join_all};
 use nix::fcntl::{Flock, FlockArg};
 
 pub use config::{
-    HostInfo, TestbedConfig, TestbedInfo, AGENT_PORT, BRIDGE_NETNS, BRIDGE_NETWORK, BRIDGE_SUBNET, CLIENT_IP,
-    CLIENT_NETNS, CTL_IFACE, CTL_IP, MACVLAN_GATEWAY, MACVLAN_IP_RANGE, MACVLAN_NETWORK, MACVLAN_SUBNET,
-    NO_AGENTS_ENV, REDIS_IMAGE, REDIS_PORT, WORKLOAD_IMAGE, WORKLOAD_PORT,
+    HostInfo, TestbedConfig, TestbedInfo, AGENT_PORT, BRIDGE_NETNS, BRIDGE_NETWORK, BRIDGE_SUBNET,
+    CLIENT_IP, CLIENT_NETNS, CTL_IFACE, CTL_IP, MACVLAN_GATEWAY, MACVLAN_IP_RANGE, MACVLAN_NETWORK,
+    MACVLAN_SUBNET, NO_AGENTS_ENV, REDIS_IMAGE, REDIS_PORT, WORKLOAD_IMAGE, WORKLOAD_PORT,
 };
 pub use dockerd::DOCKER_CLI;
 pub use error::TestbedError;
@@ -70,10 +70,16 @@ fn preflight(cfg: &TestbedConfig) -> Result<(), TestbedError> {
         return fail("must run as root (namespaces, mounts, dockerd)".into());
     }
     if !cfg.workload_exe.is_file() {
-        return fail(format!("workload binary {} does not exist", cfg.workload_exe.display()));
+        return fail(format!(
+            "workload binary {} does not exist",
+            cfg.workload_exe.display()
+        ));
     }
     if !agent::agents_optional() && !cfg.ferry_exe.is_file() {
-        return fail(format!("ferry binary {} does not exist", cfg.ferry_exe.display()));
+        return fail(format!(
+            "ferry binary {} does not exist",
+            cfg.ferry_exe.display()
+        ));
     }
     if !std::path::Path::new(DOCKER_CLI).is_file() {
         return fail(format!("{DOCKER_CLI} does not exist"));
@@ -151,8 +157,12 @@ pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
         try_join_all(info.hosts.iter().map(|h| dockerd::start(cfg, h))).await?;
         try_join_all(info.hosts.iter().map(dockerd::reset)).await?;
         let marker = cfg.ready_marker();
-        fs::write(&marker, b"").map_err(|e| TestbedError::io("mark the daemons ready", &marker, e))?;
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "daemons started");
+        fs::write(&marker, b"")
+            .map_err(|e| TestbedError::io("mark the daemons ready", &marker, e))?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "daemons started"
+        );
     }
 
     let specs = images::specs(cfg).await?;
@@ -180,7 +190,10 @@ pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
     }
 
     write_info(cfg, &info)?;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "test bed up");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "test bed up"
+    );
     Ok(info)
 }
 
@@ -207,11 +220,16 @@ pub async fn load_info(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError>
 }
 
 fn find_host<'a>(info: &'a TestbedInfo, host: &str) -> Result<&'a HostInfo, TestbedError> {
-    info.host(host).ok_or_else(|| TestbedError::UnknownHost(host.to_string()))
+    info.host(host)
+        .ok_or_else(|| TestbedError::UnknownHost(host.to_string()))
 }
 
 /// Stops the host's agent (if running) and starts a fresh one; returns once it listens.
-pub async fn restart_agent(cfg: &TestbedConfig, info: &TestbedInfo, host: &str) -> Result<(), TestbedError> {
+pub async fn restart_agent(
+    cfg: &TestbedConfig,
+    info: &TestbedInfo,
+    host: &str,
+) -> Result<(), TestbedError> {
     let h = find_host(info, host)?;
     let _lock = lock(cfg).await?;
     agent::stop(cfg, h).await?;
@@ -219,7 +237,11 @@ pub async fn restart_agent(cfg: &TestbedConfig, info: &TestbedInfo, host: &str) 
 }
 
 /// Stops the host's agent, e.g. to test what ferry does when an agent is unreachable.
-pub async fn stop_agent(cfg: &TestbedConfig, info: &TestbedInfo, host: &str) -> Result<(), TestbedError> {
+pub async fn stop_agent(
+    cfg: &TestbedConfig,
+    info: &TestbedInfo,
+    host: &str,
+) -> Result<(), TestbedError> {
     let h = find_host(info, host)?;
     let _lock = lock(cfg).await?;
     agent::stop(cfg, h).await
@@ -227,7 +249,11 @@ pub async fn stop_agent(cfg: &TestbedConfig, info: &TestbedInfo, host: &str) -> 
 
 /// Runs `/usr/bin/docker -H <host's socket> <args>` (5 min timeout); returns stdout.
 pub async fn docker(host: &HostInfo, args: &[&str]) -> Result<String, TestbedError> {
-    let step = format!("docker {} on host {}", args.first().copied().unwrap_or(""), host.name);
+    let step = format!(
+        "docker {} on host {}",
+        args.first().copied().unwrap_or(""),
+        host.name
+    );
     dockerd::docker_run(&step, host, args).await
 }
 
@@ -235,17 +261,25 @@ pub async fn docker(host: &HostInfo, args: &[&str]) -> Result<String, TestbedErr
 /// background processes such as a workload client; set args and stdio, then spawn it.
 pub fn netns_command(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
     let mut c = tokio::process::Command::new("ip");
-    c.args(["netns", "exec", netns]).arg(program).stdin(std::process::Stdio::null());
+    c.args(["netns", "exec", netns])
+        .arg(program)
+        .stdin(std::process::Stdio::null());
     c
 }
 
 /// Runs `args[0] args[1..]` inside `netns` and returns its stdout; fails on a non-zero exit
 /// or when `timeout` passes (the command is then killed).
-pub async fn netns_exec(netns: &str, args: &[&str], timeout: Duration) -> Result<String, TestbedError> {
-    let (program, rest) = args.split_first().ok_or_else(|| TestbedError::Precondition {
-        step: format!("run a command in {netns}"),
-        detail: "empty command".into(),
-    })?;
+pub async fn netns_exec(
+    netns: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<String, TestbedError> {
+    let (program, rest) = args
+        .split_first()
+        .ok_or_else(|| TestbedError::Precondition {
+            step: format!("run a command in {netns}"),
+            detail: "empty command".into(),
+        })?;
     let mut c = netns_command(netns, program);
     c.args(rest).kill_on_drop(true);
     cmd::run(&format!("run {program} in {netns}"), c, timeout).await

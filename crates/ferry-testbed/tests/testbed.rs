@@ -16,7 +16,11 @@ fn config() -> TestbedConfig {
 }
 
 fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
-    let start = json.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("{key} missing in {json}")) + key.len() + 3;
+    let start = json
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("{key} missing in {json}"))
+        + key.len()
+        + 3;
     let rest = &json[start..];
     let end = rest.find([',', '}']).unwrap();
     rest[..end].trim_matches('"')
@@ -25,7 +29,10 @@ fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and docker.io; starts the shared test bed"]
 async fn up_reach_recover() {
-    let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
     let cfg = config();
     let t = Instant::now();
     let info = ferry_testbed::up(&cfg).await.expect("up");
@@ -35,18 +42,44 @@ async fn up_reach_recover() {
     let wl = cfg.workload_exe.to_string_lossy().into_owned();
 
     for image in [&info.workload_image, &info.redis_image] {
-        let ida = docker(&a, &["image", "inspect", "-f", "{{.Id}}", image]).await.unwrap();
-        let idb = docker(&b, &["image", "inspect", "-f", "{{.Id}}", image]).await.unwrap();
+        let ida = docker(&a, &["image", "inspect", "-f", "{{.Id}}", image])
+            .await
+            .unwrap();
+        let idb = docker(&b, &["image", "inspect", "-f", "{{.Id}}", image])
+            .await
+            .unwrap();
         assert_eq!(ida, idb, "{image} differs between hosts");
     }
 
     let name = format!("it-wl-{}", std::process::id());
-    docker(&a, &["run", "-d", "--name", &name, "--network", &info.macvlan_network, "--ip", "198.18.0.130", &info.workload_image])
-        .await
-        .unwrap();
+    docker(
+        &a,
+        &[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &info.macvlan_network,
+            "--ip",
+            "198.18.0.130",
+            &info.workload_image,
+        ],
+    )
+    .await
+    .unwrap();
     let summary = netns_exec(
         &info.client_netns,
-        &[&wl, "client", "--addr", "198.18.0.130:7000", "--interval-ms", "5", "--duration-s", "1"],
+        &[
+            &wl,
+            "client",
+            "--addr",
+            "198.18.0.130:7000",
+            "--interval-ms",
+            "5",
+            "--duration-s",
+            "1",
+        ],
         Duration::from_secs(20),
     )
     .await
@@ -55,13 +88,41 @@ async fn up_reach_recover() {
     assert_eq!(json_field(&summary, "first"), "1", "{summary}");
 
     let redis = format!("it-redis-{}", std::process::id());
-    docker(&b, &["run", "-d", "--name", &redis, "--network", &info.macvlan_network, "--ip", "198.18.0.131", &info.redis_image])
-        .await
-        .unwrap();
+    docker(
+        &b,
+        &[
+            "run",
+            "-d",
+            "--name",
+            &redis,
+            "--network",
+            &info.macvlan_network,
+            "--ip",
+            "198.18.0.131",
+            &info.redis_image,
+        ],
+    )
+    .await
+    .unwrap();
     let addr = "198.18.0.131:6379";
     let mut loaded = None;
     for _ in 0..50 {
-        match netns_exec(&info.client_netns, &[&wl, "redis-load", "--addr", addr, "--keys", "20000", "--value-size", "100"], Duration::from_secs(60)).await {
+        match netns_exec(
+            &info.client_netns,
+            &[
+                &wl,
+                "redis-load",
+                "--addr",
+                addr,
+                "--keys",
+                "20000",
+                "--value-size",
+                "100",
+            ],
+            Duration::from_secs(60),
+        )
+        .await
+        {
             Ok(out) => {
                 loaded = Some(out);
                 break;
@@ -70,9 +131,31 @@ async fn up_reach_recover() {
         }
     }
     assert!(loaded.is_some(), "redis never accepted the load");
-    let digest = netns_exec(&info.client_netns, &[&wl, "redis-digest", "--addr", addr, "--match", "key:*"], Duration::from_secs(60)).await.unwrap();
-    let expected = netns_exec(&info.client_netns, &[&wl, "expected-digest", "--keys", "20000", "--value-size", "100"], Duration::from_secs(60)).await.unwrap();
-    assert_eq!(json_field(&digest, "digest"), json_field(&expected, "digest"));
+    let digest = netns_exec(
+        &info.client_netns,
+        &[&wl, "redis-digest", "--addr", addr, "--match", "key:*"],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let expected = netns_exec(
+        &info.client_netns,
+        &[
+            &wl,
+            "expected-digest",
+            "--keys",
+            "20000",
+            "--value-size",
+            "100",
+        ],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        json_field(&digest, "digest"),
+        json_field(&expected, "digest")
+    );
     assert_eq!(json_field(&digest, "keys"), "20000");
 
     let t = Instant::now();
@@ -80,11 +163,22 @@ async fn up_reach_recover() {
     eprintln!("warm up: {:?}", t.elapsed());
     assert_eq!(again.hosts, info.hosts);
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(ferry_testbed::load_info(&cfg).await.unwrap().hosts, info.hosts);
+    assert_eq!(
+        ferry_testbed::load_info(&cfg).await.unwrap().hosts,
+        info.hosts
+    );
 
     // A crashed daemon makes the next `up` start over from a clean slate.
-    let pid: i32 = std::fs::read_to_string(cfg.run_dir.join("a/dockerd.pid")).unwrap().trim().parse().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let pid: i32 = std::fs::read_to_string(cfg.run_dir.join("a/dockerd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let t = Instant::now();
     ferry_testbed::up(&cfg).await.expect("up after kill");
     eprintln!("up after kill -9 dockerd: {:?}", t.elapsed());

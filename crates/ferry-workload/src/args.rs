@@ -47,7 +47,8 @@ impl Flags {
     }
 
     pub fn req_num<T: std::str::FromStr>(&self, name: &str) -> Result<T, String> {
-        self.num(name)?.ok_or_else(|| format!("--{name} is required"))
+        self.num(name)?
+            .ok_or_else(|| format!("--{name} is required"))
     }
 }
 

@@ -55,11 +55,17 @@ fn run(args: &[String]) -> Result<i32, String> {
         }
         "client" => {
             stop::install_term_flag();
-            Ok(client::run(client_opts(&Flags::parse(rest, CLIENT_FLAGS)?)?))
+            Ok(client::run(client_opts(&Flags::parse(
+                rest,
+                CLIENT_FLAGS,
+            )?)?))
         }
         "redis-client" => {
             stop::install_term_flag();
-            Ok(redis::client(client_opts(&Flags::parse(rest, CLIENT_FLAGS)?)?))
+            Ok(redis::client(client_opts(&Flags::parse(
+                rest,
+                CLIENT_FLAGS,
+            )?)?))
         }
         "redis-load" => {
             let f = Flags::parse(rest, &["addr", "keys", "value-size", "seed"])?;

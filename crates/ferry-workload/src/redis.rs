@@ -101,7 +101,9 @@ pub fn key_for(i: u64) -> String {
 fn expect_ok(v: Value, what: &str) -> io::Result<()> {
     match v {
         Value::Simple(s) if s == "OK" => Ok(()),
-        other => Err(io::Error::other(format!("{what}: unexpected reply {other:?}"))),
+        other => Err(io::Error::other(format!(
+            "{what}: unexpected reply {other:?}"
+        ))),
     }
 }
 
@@ -120,7 +122,14 @@ pub fn load(addr: SocketAddr, keys: u64, value_size: usize, seed: u64) -> io::Re
         let end = (start + BATCH).min(keys);
         buf.clear();
         for i in start..end {
-            encode(&mut buf, &[b"SET", key_for(i).as_bytes(), &value_for(seed, i, value_size)]);
+            encode(
+                &mut buf,
+                &[
+                    b"SET",
+                    key_for(i).as_bytes(),
+                    &value_for(seed, i, value_size),
+                ],
+            );
         }
         w.write_all(&buf)?;
         w.flush()?;
@@ -188,7 +197,9 @@ pub fn digest(addr: SocketAddr, pattern: Option<&str>) -> io::Result<String> {
         w.flush()?;
         let reply = read_value(&mut r)?;
         let Value::Array(Some(mut parts)) = reply else {
-            return Err(io::Error::other(format!("SCAN: unexpected reply {reply:?}")));
+            return Err(io::Error::other(format!(
+                "SCAN: unexpected reply {reply:?}"
+            )));
         };
         if parts.len() != 2 {
             return Err(io::Error::other("SCAN: reply is not [cursor, keys]"));
@@ -204,7 +215,11 @@ pub fn digest(addr: SocketAddr, pattern: Option<&str>) -> io::Result<String> {
                 }
                 cursor = c;
             }
-            other => return Err(io::Error::other(format!("SCAN: unexpected parts {other:?}"))),
+            other => {
+                return Err(io::Error::other(format!(
+                    "SCAN: unexpected parts {other:?}"
+                )))
+            }
         }
         if cursor == b"0" {
             break;

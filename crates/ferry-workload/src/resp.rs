@@ -33,7 +33,10 @@ fn read_line<R: BufRead>(r: &mut R) -> io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let n = r.read_until(b'\n', &mut line)?;
     if n == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     if !line.ends_with(b"\r\n") {
         return Err(bad("reply line not terminated by CRLF"));
@@ -110,7 +113,10 @@ mod tests {
         assert_eq!(read_value(&mut r).unwrap(), Value::Simple("OK".into()));
         assert_eq!(read_value(&mut r).unwrap(), Value::Error("ERR x y".into()));
         assert_eq!(read_value(&mut r).unwrap(), Value::Int(-42));
-        assert_eq!(read_value(&mut r).unwrap(), Value::Bulk(Some(b"a\r\n".to_vec())));
+        assert_eq!(
+            read_value(&mut r).unwrap(),
+            Value::Bulk(Some(b"a\r\n".to_vec()))
+        );
         assert_eq!(read_value(&mut r).unwrap(), Value::Bulk(None));
         assert_eq!(
             read_value(&mut r).unwrap(),
@@ -120,7 +126,10 @@ mod tests {
             ]))
         );
         assert_eq!(read_value(&mut r).unwrap(), Value::Array(None));
-        assert_eq!(read_value(&mut r).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_value(&mut r).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[test]
@@ -140,7 +149,13 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [&b"?x\r\n"[..], b":abc\r\n", b"+OK\n", b"$5\r\nab\r\n", b"$3\r\nabcde"] {
+        for bad in [
+            &b"?x\r\n"[..],
+            b":abc\r\n",
+            b"+OK\n",
+            b"$5\r\nab\r\n",
+            b"$3\r\nabcde",
+        ] {
             assert!(read_value(&mut Cursor::new(bad)).is_err(), "{bad:?}");
         }
     }

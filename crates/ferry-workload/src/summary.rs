@@ -94,7 +94,10 @@ impl Summary {
         let opt = |v: Option<i64>| v.map_or("null".to_string(), |v| v.to_string());
         let mut errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
         if self.dropped_errors > 0 {
-            errors.push(json_str(&format!("... {} more errors", self.dropped_errors)));
+            errors.push(json_str(&format!(
+                "... {} more errors",
+                self.dropped_errors
+            )));
         }
         let gaps: Vec<String> = self
             .gaps
@@ -153,9 +156,9 @@ pub fn json_str(s: &str) -> String {
 /// Writes `text` to `path` via a temporary file and rename, so a test polling for the file
 /// never reads half a summary.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name")
+    })?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
