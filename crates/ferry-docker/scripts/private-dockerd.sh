@@ -7,7 +7,8 @@
 # We re-mount exactly the hierarchies the root namespace has (v1 controllers, hybrid or pure v2), so
 # dockerd sees the same cgroup layout as a dockerd started on the host would.
 #
-#   private-dockerd.sh start   -> prints the DOCKER_HOST to use
+#   private-dockerd.sh start   -> prints the DOCKER_HOST to use (FERRYTEST_EXPERIMENTAL=1 adds
+#                                 --experimental, for the live test's checkpoint part)
 #   private-dockerd.sh stop    -> kills that dockerd (by its pid file), removes its dirs and the namespace
 set -eu
 NS=${FERRYTEST_NS:-ferrytest-docker}
@@ -35,8 +36,10 @@ start)
     ip netns exec "$NS" sysctl -qw net.ipv4.ip_forward=1
     mkdir -p "$DATA" "$EXEC"
     MOUNTS=$(remount_cgroups)
+    EXTRA=""
+    [ "${FERRYTEST_EXPERIMENTAL:-}" = 1 ] && EXTRA="--experimental"
     # shellcheck disable=SC2016
-    ip netns exec "$NS" env MOUNTS="$MOUNTS" DATA="$DATA" EXEC="$EXEC" SOCK="$SOCK" PIDFILE="$PIDFILE" sh -c '
+    ip netns exec "$NS" env MOUNTS="$MOUNTS" DATA="$DATA" EXEC="$EXEC" SOCK="$SOCK" PIDFILE="$PIDFILE" EXTRA="$EXTRA" sh -c '
         set -e
         echo "$MOUNTS" | while read -r fstype dir opts; do
             [ -n "$fstype" ] || continue
@@ -48,7 +51,7 @@ start)
             esac
         done
         exec dockerd --data-root "$DATA" --exec-root "$EXEC" -H "unix://$SOCK" --pidfile "$PIDFILE" \
-            --bridge=none --iptables=false
+            --bridge=none --iptables=false $EXTRA
     ' >"$LOG" 2>&1 &
     i=0
     until "$DOCKER" -H "unix://$SOCK" version >/dev/null 2>&1; do

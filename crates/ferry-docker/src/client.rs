@@ -362,7 +362,9 @@ impl Docker {
 
     /// `POST /containers/create?name=...`; returns the new container's Id.
     ///
-    /// Below API 1.44 the daemon refuses a create naming several networks, so the body is sent
+    /// Below API 1.44 the daemon reads a MAC only from the top-level `MacAddress`, so the
+    /// primary endpoint's `MacAddress` is copied there when the body has none. It also refuses
+    /// a create naming several networks, so the body is sent
     /// with only the primary one (the one `HostConfig.NetworkMode` names) and the others are
     /// attached with `POST /networks/{net}/connect` before returning; if one of those fails the
     /// half-made container is removed, so callers see create as all-or-nothing on every version.
@@ -374,12 +376,23 @@ impl Docker {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        if self.api_ge("1.44") || endpoints.len() <= 1 {
+        if self.api_ge("1.44") {
             return self.create_one(name, body).await;
         }
         let mode = body.pointer("/HostConfig/NetworkMode").and_then(Value::as_str).unwrap_or("");
         let primary = primary_network(mode, endpoints.keys().map(String::as_str)).unwrap_or_default();
         let mut first = body.clone();
+        // Below 1.44 the daemon reads only the container-wide MAC; fill it from the primary
+        // endpoint so a body written for 1.44 keeps its MAC on an old daemon too.
+        let primary_mac = endpoints.get(&primary).and_then(|e| e.get("MacAddress")).and_then(Value::as_str).filter(|m| !m.is_empty());
+        if let (Some(mac), Some(obj)) = (primary_mac, first.as_object_mut()) {
+            if obj.get("MacAddress").and_then(Value::as_str).is_none_or(str::is_empty) {
+                obj.insert("MacAddress".into(), Value::String(mac.to_string()));
+            }
+        }
+        if endpoints.len() <= 1 {
+            return self.create_one(name, &first).await;
+        }
         let mut rest = Vec::new();
         if let Some(eps) = first.pointer_mut("/NetworkingConfig/EndpointsConfig").and_then(Value::as_object_mut) {
             let keys: Vec<String> = eps.keys().cloned().collect();
@@ -548,6 +561,16 @@ impl Docker {
         }
     }
 
+    /// `GET /containers/{id}/logs?stdout&stderr[&tail=N]`: the container's output as text,
+    /// stdout and stderr interleaved. For diagnostics (why did a restored container die?)
+    /// and tests; not a streaming follower.
+    pub async fn logs(&self, id: &str, tail: Option<u32>) -> Result<String, DockerError> {
+        let tail = tail.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
+        let path = with_query(&format!("/containers/{}/logs", seg(id)), &[("stdout", "true"), ("stderr", "true"), ("tail", &tail)]);
+        let (_, body, _) = self.call(Method::GET, &path, None, self.timeout, &[]).await?;
+        Ok(String::from_utf8_lossy(&demux_logs(&body)).into_owned())
+    }
+
     /// `POST /images/create?fromSrc=-`: imports a root file system tar as an image (`docker
     /// import`), with Dockerfile-style `changes` such as `CMD ["/bin/sh"]`. The daemon answers
     /// 200 with a progress stream even when the import fails, so the stream is scanned for
@@ -602,11 +625,17 @@ impl Docker {
             .collect())
     }
 
-    /// `DELETE /containers/{id}/checkpoints/{name}` (experimental daemons only); 404 is success.
+    /// `DELETE /containers/{id}/checkpoints/{name}` (experimental daemons only). Idempotent:
+    /// a missing container (404) or checkpoint is success. Docker 20.10 to 28 answer a missing
+    /// checkpoint with *500* "checkpoint X does not exist for container Y", so that answer is
+    /// recognised by its text.
     pub async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<(), DockerError> {
         let path = format!("/containers/{}/checkpoints/{}", seg(id), seg(name));
-        self.call(Method::DELETE, &path, None, self.timeout, &[404]).await?;
-        Ok(())
+        match self.call(Method::DELETE, &path, None, self.timeout, &[404]).await {
+            Err(DockerError::Daemon { status: 500, message, .. }) if message.contains("does not exist for container") => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Ok(()),
+        }
     }
 
     /// Polls inspect until `State.Running` (a paused container counts as running), and returns
@@ -667,4 +696,50 @@ pub(crate) fn primary_network<'a>(network_mode: &str, names: impl Iterator<Item 
     let mut sorted = names;
     sorted.sort_unstable();
     sorted.first().map(|s| s.to_string())
+}
+
+/// Strips Docker's log multiplexing (8-byte frame headers: stream, 0, 0, 0, u32 BE length) from a
+/// non-TTY container's logs; TTY logs (no headers) are returned as they are.
+pub(crate) fn demux_logs(body: &[u8]) -> Vec<u8> {
+    let framed = |b: &[u8]| b.len() >= 8 && b[0] <= 2 && b[1..4] == [0, 0, 0];
+    if !framed(body) {
+        return body.to_vec();
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while framed(rest) {
+        let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+        let end = (8 + len).min(rest.len());
+        out.extend_from_slice(&rest[8..end]);
+        rest = &rest[end..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demux() {
+        let mut b = vec![1, 0, 0, 0, 0, 0, 0, 6];
+        b.extend_from_slice(b"tick 1");
+        b.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 4]);
+        b.extend_from_slice(b"err\n");
+        assert_eq!(demux_logs(&b), b"tick 1err\n");
+        assert_eq!(demux_logs(b"plain tty output"), b"plain tty output");
+        // truncated frame: keep what is there
+        assert_eq!(demux_logs(&[1, 0, 0, 0, 0, 0, 0, 9, b'a']), b"a");
+        assert_eq!(demux_logs(&[]), b"");
+    }
+
+    #[test]
+    fn primary_network_choice() {
+        let nets = ["zeta", "alpha", "bridge"];
+        assert_eq!(primary_network("zeta", nets.iter().copied()).as_deref(), Some("zeta"));
+        assert_eq!(primary_network("default", nets.iter().copied()).as_deref(), Some("bridge"));
+        assert_eq!(primary_network("gone", nets.iter().copied()).as_deref(), Some("alpha"));
+        assert_eq!(primary_network("x", std::iter::empty()), None);
+    }
 }

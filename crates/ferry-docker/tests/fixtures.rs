@@ -74,6 +74,11 @@ fn view_20_10_macvlan_running() {
     assert_eq!(v.mounts[1].source, "/tmp");
 }
 
+/// network, ipv4, mac, aliases, ipam_ipv4, ipv6
+type NetRow = (&'static str, Option<&'static str>, Option<&'static str>, Vec<&'static str>, Option<&'static str>, Option<&'static str>);
+/// A change to a fixture.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn view_table() {
     struct Case {
@@ -85,8 +90,7 @@ fn view_table() {
         restart: Value,
         runtime: &'static str,
         user: &'static str,
-        // network, ipv4, mac, aliases, ipam_ipv4, ipv6
-        nets: Vec<(&'static str, Option<&'static str>, Option<&'static str>, Vec<&'static str>, Option<&'static str>, Option<&'static str>)>,
+        nets: Vec<NetRow>,
         mounts: Vec<(&'static str, &'static str)>,
     }
     let cases = vec![
@@ -177,7 +181,7 @@ fn view_paused_and_errors() {
     let v = ContainerView::from_inspect(&f).unwrap();
     assert!(v.running && v.paused);
 
-    let bad: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let bad: Vec<(&str, Mutation)> = vec![
         ("/Id", Box::new(|v: &mut Value| { v.as_object_mut().unwrap().remove("Id"); })),
         ("/Image", Box::new(|v: &mut Value| v["Image"] = json!(5))),
         ("/State/Running", Box::new(|v: &mut Value| { v["State"].as_object_mut().unwrap().remove("Running"); })),
@@ -388,7 +392,7 @@ fn create_body_generic_drops_follow_the_table() {
 
 #[test]
 fn create_body_errors() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         ("no image", Box::new(|v: &mut Value| { v.as_object_mut().unwrap().remove("Image"); }), "Image"),
         ("empty image", Box::new(|v: &mut Value| v["Image"] = json!("")), "Image"),
         ("config not object", Box::new(|v: &mut Value| v["Config"] = json!("x")), "Config"),
