@@ -90,6 +90,22 @@ fn agent_pid(cfg: &TestbedConfig, host: &HostInfo) -> Option<i32> {
     pidfile_process(&cfg.layout(&host.name).agent_pidfile(), &[&state])
 }
 
+/// The agent runs the current `ferry_exe`: same file (device and inode) as its executable, so
+/// a rebuilt or differently configured binary gets a fresh agent on the next `up`.
+pub(crate) fn runs_current_binary(cfg: &TestbedConfig, host: &HostInfo) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(pid) = agent_pid(cfg, host) else {
+        return false;
+    };
+    match (
+        fs::metadata(format!("/proc/{pid}/exe")),
+        fs::metadata(&cfg.ferry_exe),
+    ) {
+        (Ok(running), Ok(wanted)) => running.dev() == wanted.dev() && running.ino() == wanted.ino(),
+        _ => false,
+    }
+}
+
 /// SIGTERM, then SIGKILL after a grace period; a missing agent is not an error.
 pub(crate) async fn stop(cfg: &TestbedConfig, host: &HostInfo) -> Result<(), TestbedError> {
     let step = format!("stop the agent on host {}", host.name);

@@ -145,6 +145,26 @@ fn write_file(step: &str, path: &Path, text: &str, mode: u32) -> Result<(), Test
         .map_err(|e| TestbedError::io(step, path, e))
 }
 
+/// (Re)writes the host's runtime wrapper if it does not already point at `cfg.ferry_exe`;
+/// dockerd reads the script on every container start, so this takes effect without a restart.
+pub(crate) fn write_runtime_script(
+    cfg: &TestbedConfig,
+    host: &HostInfo,
+) -> Result<(), TestbedError> {
+    let step = format!("write the ferry runtime wrapper of host {}", host.name);
+    let l = cfg.layout(&host.name);
+    mkdir(&step, &l.dir)?;
+    let path = l.runtime_script();
+    let text = runtime_script(&cfg.ferry_exe, &host.state_dir);
+    if fs::read_to_string(&path).is_ok_and(|cur| cur == text) {
+        return Ok(());
+    }
+    // Written beside and renamed, so a container starting right now never runs half a script.
+    let tmp = path.with_extension("tmp");
+    write_file(&step, &tmp, &text, 0o755)?;
+    fs::rename(&tmp, &path).map_err(|e| TestbedError::io(&step, &path, e))
+}
+
 fn mkdir(step: &str, path: &Path) -> Result<(), TestbedError> {
     fs::create_dir_all(path).map_err(|e| TestbedError::io(step, path, e))
 }

@@ -87,6 +87,18 @@ fn preflight(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     Ok(())
 }
 
+/// Absolute, symlink-free binary paths: they are baked into the runtime scripts and agent
+/// command lines, and compared with running agents' executables.
+fn canonical(cfg: &TestbedConfig) -> TestbedConfig {
+    let mut c = cfg.clone();
+    for p in [&mut c.ferry_exe, &mut c.workload_exe] {
+        if let Ok(abs) = fs::canonicalize(&*p) {
+            *p = abs;
+        }
+    }
+    c
+}
+
 /// Namespaces, segment and every dockerd are up; only then can the rest be checked in place.
 async fn infra_healthy(cfg: &TestbedConfig, info: &TestbedInfo) -> bool {
     let wanted: Vec<String> = info
@@ -118,7 +130,7 @@ fn agent_failure(e: TestbedError) -> Result<(), TestbedError> {
 }
 
 async fn ensure_agent(cfg: &TestbedConfig, host: &HostInfo) -> Result<(), TestbedError> {
-    if agent::listening(host.agent_addr).await {
+    if agent::runs_current_binary(cfg, host) && agent::listening(host.agent_addr).await {
         return Ok(());
     }
     agent::stop(cfg, host).await?;
@@ -145,6 +157,7 @@ fn write_info(cfg: &TestbedConfig, info: &TestbedInfo) -> Result<(), TestbedErro
 /// containers or volumes. Images, networks, PKI and agents are then checked and repaired
 /// individually, so a dead agent alone costs only its restart.
 pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
+    let cfg = &canonical(cfg);
     preflight(cfg)?;
     let _lock = lock(cfg).await?;
     let started = Instant::now();
@@ -165,6 +178,9 @@ pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
         );
     }
 
+    for h in info.hosts.iter().filter(|h| h.compatible) {
+        dockerd::write_runtime_script(cfg, h)?;
+    }
     let specs = images::specs(cfg).await?;
     if !images::images_ok(&info.hosts, &specs).await {
         images::ensure(&info.hosts, &specs).await?;
