@@ -365,3 +365,22 @@ async fn import_reports_stream_errors() {
     assert_eq!(r.target, "/v1.41/images/create?fromSrc=-&repo=good&tag=latest&changes=CMD%20%5B%22%2Fbin%2Fbusybox%22%2C%22sleep%22%2C%221000%22%5D");
     assert_eq!(r.body, b"tar");
 }
+
+#[tokio::test]
+async fn create_below_1_44_moves_the_primary_mac_to_the_top_level() {
+    let f = fake(|r, _| match r.target.as_str() {
+        "/version" => version_reply("1.41", "1.12"),
+        _ => Reply::Json(201, json!({"Id": "newid"})),
+    })
+    .await;
+    let d = Docker::connect(&f.host).await.unwrap();
+    let body = json!({"Image": "sha256:1", "HostConfig": {"NetworkMode": "br"},
+        "NetworkingConfig": {"EndpointsConfig": {"br": {"MacAddress": "02:fe:00:00:00:01"}}}});
+    d.create_container("one", &body).await.unwrap();
+    assert_eq!(f.requests()[1].json()["MacAddress"], "02:fe:00:00:00:01");
+    // An explicit top-level MAC wins.
+    let mut body2 = body.clone();
+    body2["MacAddress"] = json!("02:fe:00:00:00:09");
+    d.create_container("two", &body2).await.unwrap();
+    assert_eq!(f.requests()[2].json()["MacAddress"], "02:fe:00:00:00:09");
+}

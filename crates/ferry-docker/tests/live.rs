@@ -131,6 +131,21 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Records a created container and its volumes (the image's anonymous one included) for cleanup.
+async fn track(d: &Docker, made: &mut Made, id: &str) -> TestResult {
+    made.containers.push(id.to_string());
+    if let Some(v) = d.inspect_container(id).await? {
+        for m in ContainerView::from_inspect(&v)?.mounts {
+            if let (true, Some(n)) = (m.kind == "volume", m.name) {
+                if !made.volumes.contains(&n) {
+                    made.volumes.push(n);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
     // --- negotiate, version, info
     let d = Docker::connect(&s.host).await.map_err(|e| format!("FERRY_DOCKER_TEST_HOST={} is set but: {e}", s.host))?;
@@ -207,15 +222,10 @@ async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
     });
     d.remove_container(&src_name, true).await?;
     let src_id = d.create_container(&src_name, &body).await?;
-    made.containers.push(src_id.clone());
+    track(&d, made, &src_id).await?;
     d.start_container(&src_id, None).await?;
     let src_inspect = d.wait_running(&src_id, Duration::from_secs(30)).await?;
     let src = ContainerView::from_inspect(&src_inspect)?;
-    for m in src.mounts.iter().filter(|m| m.kind == "volume") {
-        if let Some(n) = &m.name {
-            made.volumes.push(n.clone());
-        }
-    }
     ensure!(src.name == src_name && src.running && src.pid > 0, "source view: {src:?}");
     ensure!(src.image_id == image_id && src.image_ref == IMAGE, "image: {} / {}", src.image_id, src.image_ref);
     ensure!(src.restart_policy["Name"] == "unless-stopped", "restart policy {}", src.restart_policy);
@@ -245,7 +255,7 @@ async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
     d.remove_container(&copy_name, true).await?;
     let create_body = create_body_from_inspect(&src_inspect, None, &api)?;
     let copy_id = d.create_container(&copy_name, &create_body).await?;
-    made.containers.push(copy_id.clone());
+    track(&d, made, &copy_id).await?;
     let copy_inspect = d.inspect_container(&copy_id).await?.ok_or("copy vanished")?;
     for ptr in [
         "/Image", "/Config/Cmd", "/Config/Env", "/Config/Labels", "/Config/Hostname", "/Config/WorkingDir", "/Config/User",
@@ -335,9 +345,6 @@ async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
         if m.kind == "bind" || m.name.as_deref() == Some(vol.as_str()) {
             ensure!(c.source == m.source && c.name == m.name, "mount {} source differs: {c:?} vs {m:?}", m.destination);
         }
-        if let Some(n) = &c.name {
-            made.volumes.push(n.clone());
-        }
     }
 
     // --- pause / unpause
@@ -373,7 +380,7 @@ async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
     let quick_id = d
         .create_container(&quick, &json!({"Image": image_id, "Cmd": ["/bin/busybox", "sh", "-c", "exit 3"], "HostConfig": {"NetworkMode": "none"}}))
         .await?;
-    made.containers.push(quick_id.clone());
+    track(&d, made, &quick_id).await?;
     d.start_container(&quick_id, None).await?;
     wait_status(&d, &quick_id, "exited", Duration::from_secs(10)).await?;
     match d.wait_running(&quick_id, Duration::from_secs(5)).await {
@@ -403,7 +410,7 @@ async fn scenario(s: &Settings, made: &mut Made) -> TestResult {
     let probe_id = d
         .create_container(&probe, &json!({"Image": image_id, "HostConfig": {"NetworkMode": "none", "Mounts": [{"Type": "volume", "Source": vol, "Target": "/v", "VolumeOptions": {"NoCopy": true}}]}}))
         .await?;
-    made.containers.push(probe_id.clone());
+    track(&d, made, &probe_id).await?;
     let pv = ContainerView::from_inspect(&d.inspect_container(&probe_id).await?.ok_or("probe vanished")?)?;
     ensure!(pv.mounts.iter().any(|m| m.name.as_deref() == Some(vol.as_str())), "probe mounts {:?}", pv.mounts);
     d.remove_container(&probe_id, true).await?;
