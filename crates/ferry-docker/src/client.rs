@@ -59,18 +59,30 @@ enum ExchangeError {
     Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
-async fn exchange<S>(io: S, req: Request<Full<Bytes>>) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ExchangeError>
+async fn exchange<S>(
+    io: S,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ExchangeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(ExchangeError::Http)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(ExchangeError::Http)?;
     let _driver = AbortOnDrop(tokio::spawn(async move {
         // Errors surface through send_request/body reads; nothing to add here.
         let _ = conn.await;
     }));
-    let resp = sender.send_request(req).await.map_err(ExchangeError::Http)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(ExchangeError::Http)?;
     let (parts, body) = resp.into_parts();
-    let bytes = Limited::new(body, MAX_BODY).collect().await.map_err(ExchangeError::Body)?.to_bytes();
+    let bytes = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(ExchangeError::Body)?
+        .to_bytes();
     Ok((parts.status, parts.headers, bytes))
 }
 
@@ -84,7 +96,11 @@ fn daemon_message(status: u16, body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     if text.is_empty() {
-        return StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("no message").to_string();
+        return StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("no message")
+            .to_string();
     }
     let mut t: String = text.chars().take(2000).collect();
     if t.len() < text.len() {
@@ -99,7 +115,10 @@ impl Docker {
     pub fn from_env() -> Result<Docker, DockerError> {
         let host = std::env::var("DOCKER_HOST").ok();
         let tls = std::env::var("DOCKER_TLS_VERIFY").ok();
-        Ok(Docker::with_endpoint(host_from_env_values(host.as_deref(), tls.as_deref())?))
+        Ok(Docker::with_endpoint(host_from_env_values(
+            host.as_deref(),
+            tls.as_deref(),
+        )?))
     }
 
     /// A client for `host` (`unix:///path` or `tcp://host:port`), not yet negotiated: it speaks
@@ -139,17 +158,27 @@ impl Docker {
     /// version in the path (MAC placement, multi-network create, Aliases contents).
     pub async fn negotiate(&mut self) -> Result<(), DockerError> {
         let path = "/version";
-        let ans = self.raw(Method::GET, path, None, None, self.timeout).await?;
+        let ans = self
+            .raw(Method::GET, path, None, None, self.timeout)
+            .await?;
         let (daemon_api, daemon_min, daemon_version) = if (200..300).contains(&ans.status) {
-            let v: Value = serde_json::from_slice(&ans.body)
-                .map_err(|source| DockerError::Decode { method: "GET".into(), path: path.into(), source })?;
+            let v: Value =
+                serde_json::from_slice(&ans.body).map_err(|source| DockerError::Decode {
+                    method: "GET".into(),
+                    path: path.into(),
+                    source,
+                })?;
             let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
             let api = s("ApiVersion").ok_or_else(|| DockerError::Unexpected {
                 method: "GET".into(),
                 path: path.into(),
                 detail: "no ApiVersion in the answer".into(),
             })?;
-            (api, s("MinAPIVersion"), s("Version").unwrap_or_else(|| "(unknown version)".into()))
+            (
+                api,
+                s("MinAPIVersion"),
+                s("Version").unwrap_or_else(|| "(unknown version)".into()),
+            )
         } else if let Some(api) = ans.api_version_header.clone() {
             // A daemon that refuses unversioned calls still names its version in a header.
             (api, None, "(unknown version)".into())
@@ -246,53 +275,84 @@ impl Docker {
             .method(method)
             .uri(target)
             .header(header::HOST, host_header)
-            .header(header::USER_AGENT, concat!("ferry-docker/", env!("CARGO_PKG_VERSION")));
+            .header(
+                header::USER_AGENT,
+                concat!("ferry-docker/", env!("CARGO_PKG_VERSION")),
+            );
         if has_body {
-            builder = builder.header(header::CONTENT_TYPE, content_type.unwrap_or("application/json"));
+            builder = builder.header(
+                header::CONTENT_TYPE,
+                content_type.unwrap_or("application/json"),
+            );
         }
         let req = builder
             .body(Full::new(body.unwrap_or_default()))
-            .map_err(|source| DockerError::Request { method: m.clone(), path: target.into(), source })?;
+            .map_err(|source| DockerError::Request {
+                method: m.clone(),
+                path: target.into(),
+                source,
+            })?;
 
         let endpoint = self.endpoint.clone();
         let work = async {
             let res = match &endpoint {
                 Endpoint::Unix(p) => {
-                    let s = tokio::net::UnixStream::connect(p).await.map_err(|source| DockerError::Connect {
-                        method: m.clone(),
-                        path: target.into(),
-                        endpoint: endpoint.to_string(),
-                        source,
+                    let s = tokio::net::UnixStream::connect(p).await.map_err(|source| {
+                        DockerError::Connect {
+                            method: m.clone(),
+                            path: target.into(),
+                            endpoint: endpoint.to_string(),
+                            source,
+                        }
                     })?;
                     exchange(s, req).await
                 }
                 Endpoint::Tcp(a) => {
-                    let s = tokio::net::TcpStream::connect(a.as_str()).await.map_err(|source| DockerError::Connect {
-                        method: m.clone(),
-                        path: target.into(),
-                        endpoint: endpoint.to_string(),
-                        source,
-                    })?;
+                    let s = tokio::net::TcpStream::connect(a.as_str())
+                        .await
+                        .map_err(|source| DockerError::Connect {
+                            method: m.clone(),
+                            path: target.into(),
+                            endpoint: endpoint.to_string(),
+                            source,
+                        })?;
                     // Small requests, latency matters (migration downtime): no Nagle.
                     let _ = s.set_nodelay(true);
                     exchange(s, req).await
                 }
             };
             res.map_err(|e| match e {
-                ExchangeError::Http(source) => {
-                    DockerError::Http { method: m.clone(), path: target.into(), endpoint: endpoint.to_string(), source }
-                }
-                ExchangeError::Body(source) => DockerError::Body { method: m.clone(), path: target.into(), source },
+                ExchangeError::Http(source) => DockerError::Http {
+                    method: m.clone(),
+                    path: target.into(),
+                    endpoint: endpoint.to_string(),
+                    source,
+                },
+                ExchangeError::Body(source) => DockerError::Body {
+                    method: m.clone(),
+                    path: target.into(),
+                    source,
+                },
             })
         };
-        let (status, headers, body) = tokio::time::timeout(timeout, work).await.map_err(|_| DockerError::Timeout {
-            method: m.clone(),
-            path: target.into(),
-            endpoint: self.endpoint.to_string(),
-            after: timeout,
-        })??;
-        let api_version_header = headers.get("api-version").and_then(|v| v.to_str().ok()).map(str::to_string);
-        Ok(Answer { status: status.as_u16(), body, api_version_header })
+        let (status, headers, body) =
+            tokio::time::timeout(timeout, work)
+                .await
+                .map_err(|_| DockerError::Timeout {
+                    method: m.clone(),
+                    path: target.into(),
+                    endpoint: self.endpoint.to_string(),
+                    after: timeout,
+                })??;
+        let api_version_header = headers
+            .get("api-version")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok(Answer {
+            status: status.as_u16(),
+            body,
+            api_version_header,
+        })
     }
 
     /// A versioned call: `/v{api}{path}`. Statuses in `also_ok` are returned rather than turned
@@ -308,10 +368,12 @@ impl Docker {
         let target = format!("/v{}{}", self.api_version, path);
         let m = method.to_string();
         let bytes = match body {
-            Some(v) => Some(Bytes::from(serde_json::to_vec(v).map_err(|source| DockerError::Decode {
-                method: m.clone(),
-                path: target.clone(),
-                source,
+            Some(v) => Some(Bytes::from(serde_json::to_vec(v).map_err(|source| {
+                DockerError::Decode {
+                    method: m.clone(),
+                    path: target.clone(),
+                    source,
+                }
             })?)),
             None => None,
         };
@@ -319,20 +381,33 @@ impl Docker {
         if (200..300).contains(&ans.status) || also_ok.contains(&ans.status) {
             return Ok((ans.status, ans.body, target));
         }
-        Err(DockerError::Daemon { method: m, path: target, status: ans.status, message: daemon_message(ans.status, &ans.body) })
+        Err(DockerError::Daemon {
+            method: m,
+            path: target,
+            status: ans.status,
+            message: daemon_message(ans.status, &ans.body),
+        })
     }
 
     fn decode(method: &str, target: &str, body: &[u8]) -> Result<Value, DockerError> {
-        serde_json::from_slice(body).map_err(|source| DockerError::Decode { method: method.into(), path: target.into(), source })
+        serde_json::from_slice(body).map_err(|source| DockerError::Decode {
+            method: method.into(),
+            path: target.into(),
+            source,
+        })
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, DockerError> {
-        let (_, body, target) = self.call(Method::GET, path, None, self.timeout, &[]).await?;
+        let (_, body, target) = self
+            .call(Method::GET, path, None, self.timeout, &[])
+            .await?;
         Self::decode("GET", &target, &body)
     }
 
     async fn get_json_opt(&self, path: &str) -> Result<Option<Value>, DockerError> {
-        let (status, body, target) = self.call(Method::GET, path, None, self.timeout, &[404]).await?;
+        let (status, body, target) = self
+            .call(Method::GET, path, None, self.timeout, &[404])
+            .await?;
         if status == 404 {
             return Ok(None);
         }
@@ -341,7 +416,9 @@ impl Docker {
 
     /// `GET /_ping`: "OK" when the daemon is up. Cheap liveness probe.
     pub async fn ping(&self) -> Result<String, DockerError> {
-        let (_, body, _) = self.call(Method::GET, "/_ping", None, self.timeout, &[]).await?;
+        let (_, body, _) = self
+            .call(Method::GET, "/_ping", None, self.timeout, &[])
+            .await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -357,7 +434,8 @@ impl Docker {
 
     /// `GET /containers/{id}/json`; `None` if there is no such container.
     pub async fn inspect_container(&self, name_or_id: &str) -> Result<Option<Value>, DockerError> {
-        self.get_json_opt(&format!("/containers/{}/json", seg(name_or_id))).await
+        self.get_json_opt(&format!("/containers/{}/json", seg(name_or_id)))
+            .await
     }
 
     /// `POST /containers/create?name=...`; returns the new container's Id.
@@ -379,14 +457,26 @@ impl Docker {
         if self.api_ge("1.44") {
             return self.create_one(name, body).await;
         }
-        let mode = body.pointer("/HostConfig/NetworkMode").and_then(Value::as_str).unwrap_or("");
-        let primary = primary_network(mode, endpoints.keys().map(String::as_str)).unwrap_or_default();
+        let mode = body
+            .pointer("/HostConfig/NetworkMode")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let primary =
+            primary_network(mode, endpoints.keys().map(String::as_str)).unwrap_or_default();
         let mut first = body.clone();
         // Below 1.44 the daemon reads only the container-wide MAC; fill it from the primary
         // endpoint so a body written for 1.44 keeps its MAC on an old daemon too.
-        let primary_mac = endpoints.get(&primary).and_then(|e| e.get("MacAddress")).and_then(Value::as_str).filter(|m| !m.is_empty());
+        let primary_mac = endpoints
+            .get(&primary)
+            .and_then(|e| e.get("MacAddress"))
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty());
         if let (Some(mac), Some(obj)) = (primary_mac, first.as_object_mut()) {
-            if obj.get("MacAddress").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if obj
+                .get("MacAddress")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
                 obj.insert("MacAddress".into(), Value::String(mac.to_string()));
             }
         }
@@ -394,7 +484,10 @@ impl Docker {
             return self.create_one(name, &first).await;
         }
         let mut rest = Vec::new();
-        if let Some(eps) = first.pointer_mut("/NetworkingConfig/EndpointsConfig").and_then(Value::as_object_mut) {
+        if let Some(eps) = first
+            .pointer_mut("/NetworkingConfig/EndpointsConfig")
+            .and_then(Value::as_object_mut)
+        {
             let keys: Vec<String> = eps.keys().cloned().collect();
             for k in keys {
                 if k != primary {
@@ -406,7 +499,11 @@ impl Docker {
         }
         let id = self.create_one(name, &first).await?;
         for (net, ep) in rest {
-            if ep.get("MacAddress").and_then(Value::as_str).is_some_and(|m| !m.is_empty()) {
+            if ep
+                .get("MacAddress")
+                .and_then(Value::as_str)
+                .is_some_and(|m| !m.is_empty())
+            {
                 tracing::warn!(container = %name, network = %net, api = %self.api_version,
                     "Docker API below 1.44 cannot set a MAC address on a secondary network; the daemon will pick one");
             }
@@ -422,24 +519,41 @@ impl Docker {
 
     async fn create_one(&self, name: &str, body: &Value) -> Result<String, DockerError> {
         let path = with_query("/containers/create", &[("name", name)]);
-        let (_, bytes, target) = self.call(Method::POST, &path, Some(body), self.timeout, &[]).await?;
+        let (_, bytes, target) = self
+            .call(Method::POST, &path, Some(body), self.timeout, &[])
+            .await?;
         let v = Self::decode("POST", &target, &bytes)?;
         if let Some(w) = v.get("Warnings").and_then(Value::as_array) {
             for w in w.iter().filter_map(Value::as_str) {
                 tracing::warn!(container = %name, warning = %w, "Docker warned on create");
             }
         }
-        v.get("Id").and_then(Value::as_str).map(str::to_string).ok_or_else(|| DockerError::Unexpected {
-            method: "POST".into(),
-            path: target,
-            detail: "no Id in the answer".into(),
-        })
+        v.get("Id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| DockerError::Unexpected {
+                method: "POST".into(),
+                path: target,
+                detail: "no Id in the answer".into(),
+            })
     }
 
     /// `POST /networks/{net}/connect` with an endpoint config (IPAMConfig, Aliases, ...).
-    pub async fn connect_network(&self, network: &str, container: &str, endpoint_config: &Value) -> Result<(), DockerError> {
+    pub async fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        endpoint_config: &Value,
+    ) -> Result<(), DockerError> {
         let body = json!({ "Container": container, "EndpointConfig": endpoint_config });
-        self.call(Method::POST, &format!("/networks/{}/connect", seg(network)), Some(&body), self.timeout, &[]).await?;
+        self.call(
+            Method::POST,
+            &format!("/networks/{}/connect", seg(network)),
+            Some(&body),
+            self.timeout,
+            &[],
+        )
+        .await?;
         Ok(())
     }
 
@@ -447,46 +561,79 @@ impl Docker {
     /// `<container dir>/checkpoints/NAME`. 304 (already running) is success: a retried start
     /// after a timeout must not fail a migration that in fact went through. Uses the long
     /// deadline because a restore copies the whole image set through containerd.
-    pub async fn start_container(&self, id: &str, checkpoint: Option<&str>) -> Result<(), DockerError> {
-        self.start_container_with_timeout(id, checkpoint, self.long_timeout).await
+    pub async fn start_container(
+        &self,
+        id: &str,
+        checkpoint: Option<&str>,
+    ) -> Result<(), DockerError> {
+        self.start_container_with_timeout(id, checkpoint, self.long_timeout)
+            .await
     }
 
     /// [`Docker::start_container`] with an explicit deadline.
-    pub async fn start_container_with_timeout(&self, id: &str, checkpoint: Option<&str>, timeout: Duration) -> Result<(), DockerError> {
+    pub async fn start_container_with_timeout(
+        &self,
+        id: &str,
+        checkpoint: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), DockerError> {
         let base = format!("/containers/{}/start", seg(id));
         let path = match checkpoint {
             Some(c) => with_query(&base, &[("checkpoint", c)]),
             None => base,
         };
-        self.call(Method::POST, &path, None, timeout, &[304]).await?;
+        self.call(Method::POST, &path, None, timeout, &[304])
+            .await?;
         Ok(())
     }
 
     /// `POST /containers/{id}/pause` (cgroup freezer).
     pub async fn pause(&self, id: &str) -> Result<(), DockerError> {
-        self.call(Method::POST, &format!("/containers/{}/pause", seg(id)), None, self.timeout, &[]).await?;
+        self.call(
+            Method::POST,
+            &format!("/containers/{}/pause", seg(id)),
+            None,
+            self.timeout,
+            &[],
+        )
+        .await?;
         Ok(())
     }
 
     /// `POST /containers/{id}/unpause`.
     pub async fn unpause(&self, id: &str) -> Result<(), DockerError> {
-        self.call(Method::POST, &format!("/containers/{}/unpause", seg(id)), None, self.timeout, &[]).await?;
+        self.call(
+            Method::POST,
+            &format!("/containers/{}/unpause", seg(id)),
+            None,
+            self.timeout,
+            &[],
+        )
+        .await?;
         Ok(())
     }
 
     /// `POST /containers/{id}/kill?signal=SIG` ("SIGKILL", "TERM", "9" all work).
     pub async fn kill(&self, id: &str, signal: &str) -> Result<(), DockerError> {
-        let path = with_query(&format!("/containers/{}/kill", seg(id)), &[("signal", signal)]);
-        self.call(Method::POST, &path, None, self.timeout, &[]).await?;
+        let path = with_query(
+            &format!("/containers/{}/kill", seg(id)),
+            &[("signal", signal)],
+        );
+        self.call(Method::POST, &path, None, self.timeout, &[])
+            .await?;
         Ok(())
     }
 
     /// `POST /containers/{id}/stop?t=N`; 304 (already stopped) is success. The deadline is
     /// the grace period plus the ordinary timeout, since the daemon answers only after the kill.
     pub async fn stop(&self, id: &str, timeout_s: u32) -> Result<(), DockerError> {
-        let path = with_query(&format!("/containers/{}/stop", seg(id)), &[("t", &timeout_s.to_string())]);
+        let path = with_query(
+            &format!("/containers/{}/stop", seg(id)),
+            &[("t", &timeout_s.to_string())],
+        );
         let deadline = self.timeout + Duration::from_secs(u64::from(timeout_s));
-        self.call(Method::POST, &path, None, deadline, &[304]).await?;
+        self.call(Method::POST, &path, None, deadline, &[304])
+            .await?;
         Ok(())
     }
 
@@ -494,8 +641,15 @@ impl Docker {
     /// failed migration). Volumes are never removed: `v=false` is sent explicitly because a
     /// migrated container's volumes may be the only copy of its data.
     pub async fn remove_container(&self, id: &str, force: bool) -> Result<(), DockerError> {
-        let path = with_query(&format!("/containers/{}", seg(id)), &[("force", if force { "true" } else { "false" }), ("v", "false")]);
-        self.call(Method::DELETE, &path, None, self.long_timeout, &[404]).await?;
+        let path = with_query(
+            &format!("/containers/{}", seg(id)),
+            &[
+                ("force", if force { "true" } else { "false" }),
+                ("v", "false"),
+            ],
+        );
+        self.call(Method::DELETE, &path, None, self.long_timeout, &[404])
+            .await?;
         Ok(())
     }
 
@@ -503,9 +657,23 @@ impl Docker {
     /// to "no" before checkpointing, or Docker restarts it empty the moment CRIU kills it.
     pub async fn update_restart_policy(&self, id: &str, policy: &Value) -> Result<(), DockerError> {
         let body = json!({ "RestartPolicy": policy });
-        let (_, bytes, _) = self.call(Method::POST, &format!("/containers/{}/update", seg(id)), Some(&body), self.timeout, &[]).await?;
+        let (_, bytes, _) = self
+            .call(
+                Method::POST,
+                &format!("/containers/{}/update", seg(id)),
+                Some(&body),
+                self.timeout,
+                &[],
+            )
+            .await?;
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            for w in v.get("Warnings").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+            for w in v
+                .get("Warnings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 tracing::warn!(container = %id, warning = %w, "Docker warned on update");
             }
         }
@@ -514,42 +682,72 @@ impl Docker {
 
     /// `GET /images/{name}/json`; `None` if absent. `name` may be an ID, `repo:tag` or digest.
     pub async fn inspect_image(&self, id: &str) -> Result<Option<Value>, DockerError> {
-        self.get_json_opt(&format!("/images/{}/json", percent_encode(id, b":@/"))).await
+        self.get_json_opt(&format!("/images/{}/json", percent_encode(id, b":@/")))
+            .await
     }
 
     /// `GET /networks/{id}`; `None` if absent.
     pub async fn inspect_network(&self, name_or_id: &str) -> Result<Option<Value>, DockerError> {
-        self.get_json_opt(&format!("/networks/{}", seg(name_or_id))).await
+        self.get_json_opt(&format!("/networks/{}", seg(name_or_id)))
+            .await
     }
 
     /// `POST /networks/create` with a full body (`{"Name":..,"Driver":..,"IPAM":..,"Options":..}`);
     /// returns the network's Id.
     pub async fn create_network(&self, body: &Value) -> Result<String, DockerError> {
-        let (_, bytes, target) = self.call(Method::POST, "/networks/create", Some(body), self.timeout, &[]).await?;
+        let (_, bytes, target) = self
+            .call(
+                Method::POST,
+                "/networks/create",
+                Some(body),
+                self.timeout,
+                &[],
+            )
+            .await?;
         let v = Self::decode("POST", &target, &bytes)?;
-        v.get("Id").and_then(Value::as_str).map(str::to_string).ok_or_else(|| DockerError::Unexpected {
-            method: "POST".into(),
-            path: target,
-            detail: "no Id in the answer".into(),
-        })
+        v.get("Id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| DockerError::Unexpected {
+                method: "POST".into(),
+                path: target,
+                detail: "no Id in the answer".into(),
+            })
     }
 
     /// `DELETE /networks/{id}`; 404 is success.
     pub async fn remove_network(&self, name_or_id: &str) -> Result<(), DockerError> {
-        self.call(Method::DELETE, &format!("/networks/{}", seg(name_or_id)), None, self.timeout, &[404]).await?;
+        self.call(
+            Method::DELETE,
+            &format!("/networks/{}", seg(name_or_id)),
+            None,
+            self.timeout,
+            &[404],
+        )
+        .await?;
         Ok(())
     }
 
     /// `DELETE /volumes/{name}`; 404 is success. Only ever called explicitly (tests, cleanup of
     /// a volume ferry itself created), never as a side effect of removing a container.
     pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
-        self.call(Method::DELETE, &format!("/volumes/{}", seg(name)), None, self.timeout, &[404]).await?;
+        self.call(
+            Method::DELETE,
+            &format!("/volumes/{}", seg(name)),
+            None,
+            self.timeout,
+            &[404],
+        )
+        .await?;
         Ok(())
     }
 
     /// `GET /containers/json?all=..`.
     pub async fn list_containers(&self, all: bool) -> Result<Vec<Value>, DockerError> {
-        let path = with_query("/containers/json", &[("all", if all { "true" } else { "false" })]);
+        let path = with_query(
+            "/containers/json",
+            &[("all", if all { "true" } else { "false" })],
+        );
         let v = self.get_json(&path).await?;
         match v {
             Value::Array(a) => Ok(a),
@@ -566,8 +764,13 @@ impl Docker {
     /// and tests; not a streaming follower.
     pub async fn logs(&self, id: &str, tail: Option<u32>) -> Result<String, DockerError> {
         let tail = tail.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
-        let path = with_query(&format!("/containers/{}/logs", seg(id)), &[("stdout", "true"), ("stderr", "true"), ("tail", &tail)]);
-        let (_, body, _) = self.call(Method::GET, &path, None, self.timeout, &[]).await?;
+        let path = with_query(
+            &format!("/containers/{}/logs", seg(id)),
+            &[("stdout", "true"), ("stderr", "true"), ("tail", &tail)],
+        );
+        let (_, body, _) = self
+            .call(Method::GET, &path, None, self.timeout, &[])
+            .await?;
         Ok(String::from_utf8_lossy(&demux_logs(&body)).into_owned())
     }
 
@@ -576,13 +779,27 @@ impl Docker {
     /// 200 with a progress stream even when the import fails, so the stream is scanned for
     /// `"error"` and that is returned as a daemon error. Returns the image ID when the daemon
     /// reports it.
-    pub async fn import_image(&self, tar: Bytes, repo: &str, tag: &str, changes: &[&str]) -> Result<Option<String>, DockerError> {
+    pub async fn import_image(
+        &self,
+        tar: Bytes,
+        repo: &str,
+        tag: &str,
+        changes: &[&str],
+    ) -> Result<Option<String>, DockerError> {
         let mut q: Vec<(&str, &str)> = vec![("fromSrc", "-"), ("repo", repo), ("tag", tag)];
         for c in changes {
             q.push(("changes", c));
         }
         let target = format!("/v{}{}", self.api_version, with_query("/images/create", &q));
-        let ans = self.raw(Method::POST, &target, Some(tar), Some("application/x-tar"), self.long_timeout).await?;
+        let ans = self
+            .raw(
+                Method::POST,
+                &target,
+                Some(tar),
+                Some("application/x-tar"),
+                self.long_timeout,
+            )
+            .await?;
         if !(200..300).contains(&ans.status) {
             return Err(DockerError::Daemon {
                 method: "POST".into(),
@@ -593,9 +810,18 @@ impl Docker {
         }
         let mut id = None;
         for v in serde_json::Deserializer::from_slice(&ans.body).into_iter::<Value>() {
-            let v = v.map_err(|source| DockerError::Decode { method: "POST".into(), path: target.clone(), source })?;
+            let v = v.map_err(|source| DockerError::Decode {
+                method: "POST".into(),
+                path: target.clone(),
+                source,
+            })?;
             if let Some(e) = v.get("error").and_then(Value::as_str) {
-                return Err(DockerError::Daemon { method: "POST".into(), path: target, status: ans.status, message: e.to_string() });
+                return Err(DockerError::Daemon {
+                    method: "POST".into(),
+                    path: target,
+                    status: ans.status,
+                    message: e.to_string(),
+                });
             }
             if let Some(s) = v.get("status").and_then(Value::as_str) {
                 if s.starts_with("sha256:") {
@@ -608,16 +834,30 @@ impl Docker {
 
     /// `POST /containers/{id}/checkpoints` (experimental daemons only): Docker's own
     /// checkpoint, the slow baseline path. `exit` stops the container after dumping.
-    pub async fn create_checkpoint(&self, id: &str, name: &str, exit: bool) -> Result<(), DockerError> {
+    pub async fn create_checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        exit: bool,
+    ) -> Result<(), DockerError> {
         let body = json!({ "CheckpointID": name, "Exit": exit });
-        self.call(Method::POST, &format!("/containers/{}/checkpoints", seg(id)), Some(&body), self.long_timeout, &[]).await?;
+        self.call(
+            Method::POST,
+            &format!("/containers/{}/checkpoints", seg(id)),
+            Some(&body),
+            self.long_timeout,
+            &[],
+        )
+        .await?;
         Ok(())
     }
 
     /// `GET /containers/{id}/checkpoints` (experimental daemons only): names under the
     /// container's checkpoints/ dir.
     pub async fn list_checkpoints(&self, id: &str) -> Result<Vec<String>, DockerError> {
-        let v = self.get_json(&format!("/containers/{}/checkpoints", seg(id))).await?;
+        let v = self
+            .get_json(&format!("/containers/{}/checkpoints", seg(id)))
+            .await?;
         Ok(v.as_array()
             .into_iter()
             .flatten()
@@ -631,8 +871,15 @@ impl Docker {
     /// recognised by its text.
     pub async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<(), DockerError> {
         let path = format!("/containers/{}/checkpoints/{}", seg(id), seg(name));
-        match self.call(Method::DELETE, &path, None, self.timeout, &[404]).await {
-            Err(DockerError::Daemon { status: 500, message, .. }) if message.contains("does not exist for container") => Ok(()),
+        match self
+            .call(Method::DELETE, &path, None, self.timeout, &[404])
+            .await
+        {
+            Err(DockerError::Daemon {
+                status: 500,
+                message,
+                ..
+            }) if message.contains("does not exist for container") => Ok(()),
             Err(e) => Err(e),
             Ok(_) => Ok(()),
         }
@@ -651,7 +898,8 @@ impl Docker {
         let mut interval = Duration::from_millis(20);
         let mut last_status = String::from("unknown");
         loop {
-            let inspect = match tokio::time::timeout_at(deadline, self.inspect_container(id)).await {
+            let inspect = match tokio::time::timeout_at(deadline, self.inspect_container(id)).await
+            {
                 Ok(r) => r?,
                 Err(_) => break,
             };
@@ -660,12 +908,22 @@ impl Docker {
             };
             let state = v.get("State").cloned().unwrap_or(Value::Null);
             let b = |k: &str| state.get(k).and_then(Value::as_bool).unwrap_or(false);
-            let status = state.get("Status").and_then(Value::as_str).unwrap_or("").to_string();
-            let error = state.get("Error").and_then(Value::as_str).unwrap_or("").to_string();
+            let status = state
+                .get("Status")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let error = state
+                .get("Error")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             if b("Running") {
                 return Ok(v);
             }
-            let gone = matches!(status.as_str(), "exited" | "dead" | "removing") || b("Dead") || (status == "created" && !error.is_empty());
+            let gone = matches!(status.as_str(), "exited" | "dead" | "removing")
+                || b("Dead")
+                || (status == "created" && !error.is_empty());
             if gone && !b("Restarting") {
                 return Err(DockerError::NotRunning {
                     id: id.to_string(),
@@ -681,15 +939,26 @@ impl Docker {
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(Duration::from_millis(250));
         }
-        Err(DockerError::WaitTimeout { id: id.to_string(), after: timeout, status: last_status })
+        Err(DockerError::WaitTimeout {
+            id: id.to_string(),
+            after: timeout,
+            status: last_status,
+        })
     }
 }
 
 /// The network a pre-1.44 create should carry: the one `NetworkMode` names ("default" means
 /// the default bridge), else the first by name so the choice is stable.
-pub(crate) fn primary_network<'a>(network_mode: &str, names: impl Iterator<Item = &'a str>) -> Option<String> {
+pub(crate) fn primary_network<'a>(
+    network_mode: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> Option<String> {
     let names: Vec<&str> = names.collect();
-    let wanted = if network_mode.is_empty() || network_mode == "default" { "bridge" } else { network_mode };
+    let wanted = if network_mode.is_empty() || network_mode == "default" {
+        "bridge"
+    } else {
+        network_mode
+    };
     if let Some(n) = names.iter().find(|n| **n == wanted) {
         return Some(n.to_string());
     }
@@ -737,9 +1006,18 @@ mod tests {
     #[test]
     fn primary_network_choice() {
         let nets = ["zeta", "alpha", "bridge"];
-        assert_eq!(primary_network("zeta", nets.iter().copied()).as_deref(), Some("zeta"));
-        assert_eq!(primary_network("default", nets.iter().copied()).as_deref(), Some("bridge"));
-        assert_eq!(primary_network("gone", nets.iter().copied()).as_deref(), Some("alpha"));
+        assert_eq!(
+            primary_network("zeta", nets.iter().copied()).as_deref(),
+            Some("zeta")
+        );
+        assert_eq!(
+            primary_network("default", nets.iter().copied()).as_deref(),
+            Some("bridge")
+        );
+        assert_eq!(
+            primary_network("gone", nets.iter().copied()).as_deref(),
+            Some("alpha")
+        );
         assert_eq!(primary_network("x", std::iter::empty()), None);
     }
 }

@@ -19,36 +19,77 @@ pub enum DockerError {
 
     /// The socket could not be opened (daemon down, wrong path, permissions).
     #[error("{method} {path}: cannot connect to the Docker daemon at {endpoint}: {source}")]
-    Connect { method: String, path: String, endpoint: String, #[source] source: std::io::Error },
+    Connect {
+        method: String,
+        path: String,
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// The HTTP exchange broke after the socket was open.
     #[error("{method} {path}: HTTP exchange with {endpoint} failed: {source}")]
-    Http { method: String, path: String, endpoint: String, #[source] source: hyper::Error },
+    Http {
+        method: String,
+        path: String,
+        endpoint: String,
+        #[source]
+        source: hyper::Error,
+    },
 
     /// The response body could not be read whole (connection dropped, or larger than we accept).
     #[error("{method} {path}: reading the daemon's answer failed: {source}")]
-    Body { method: String, path: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Body {
+        method: String,
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// No complete answer in time. Docker calls hang rather than fail when the daemon is wedged
     /// (e.g. containerd stuck on a checkpoint), so every call has a deadline.
     #[error("{method} {path}: no complete answer from {endpoint} within {after:?}")]
-    Timeout { method: String, path: String, endpoint: String, after: Duration },
+    Timeout {
+        method: String,
+        path: String,
+        endpoint: String,
+        after: Duration,
+    },
 
     /// The daemon answered with an error status; `message` is its `{"message": ...}` (or raw body).
     #[error("{method} {path}: Docker daemon answered {status}: {message}")]
-    Daemon { method: String, path: String, status: u16, message: String },
+    Daemon {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
 
     /// The daemon's answer was not the JSON we expected.
     #[error("{method} {path}: cannot decode the daemon's answer: {source}")]
-    Decode { method: String, path: String, #[source] source: serde_json::Error },
+    Decode {
+        method: String,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
 
     /// The daemon's answer was JSON but lacked something we need.
     #[error("{method} {path}: unexpected answer: {detail}")]
-    Unexpected { method: String, path: String, detail: String },
+    Unexpected {
+        method: String,
+        path: String,
+        detail: String,
+    },
 
     /// The request could not even be built (bad characters in a header or URI).
     #[error("{method} {path}: cannot build the request: {source}")]
-    Request { method: String, path: String, #[source] source: hyper::http::Error },
+    Request {
+        method: String,
+        path: String,
+        #[source]
+        source: hyper::http::Error,
+    },
 
     /// The daemon's API range and ours do not overlap.
     #[error("Docker {daemon_version} offers API {daemon_api} (minimum {daemon_min}); ferry needs API {needed_min} or newer and speaks at most {ferry_max}")]
@@ -70,11 +111,20 @@ pub enum DockerError {
 
     /// `wait_running`: the container stopped (or never started) instead of running.
     #[error("container {id} is not running: status {status}, exit code {exit_code}{}", if error.is_empty() { String::new() } else { format!(", error: {error}") })]
-    NotRunning { id: String, status: String, exit_code: i64, error: String },
+    NotRunning {
+        id: String,
+        status: String,
+        exit_code: i64,
+        error: String,
+    },
 
     /// `wait_running`: the container was still not running at the deadline.
     #[error("container {id} was not running within {after:?} (last status {status})")]
-    WaitTimeout { id: String, after: Duration, status: String },
+    WaitTimeout {
+        id: String,
+        after: Duration,
+        status: String,
+    },
 
     /// The container went away while we waited for it.
     #[error("container {id} disappeared while waiting for it to run")]
@@ -96,6 +146,9 @@ impl DockerError {
     }
 
     pub(crate) fn bad_inspect(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        DockerError::BadInspect { field: field.into(), problem: problem.into() }
+        DockerError::BadInspect {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }

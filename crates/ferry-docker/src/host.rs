@@ -35,7 +35,10 @@ impl Endpoint {
     /// ssh://, npipe:// and fd:// are refused by name rather than misread, so an operator with a
     /// CLI context pointing elsewhere learns why ferry cannot follow it.
     pub fn parse(host: &str) -> Result<Endpoint, DockerError> {
-        let invalid = |reason: &str| DockerError::InvalidHost { host: host.to_string(), reason: reason.to_string() };
+        let invalid = |reason: &str| DockerError::InvalidHost {
+            host: host.to_string(),
+            reason: reason.to_string(),
+        };
         let host_trim = host.trim();
         let Some((scheme, rest)) = host_trim.split_once("://") else {
             return Err(invalid("expected unix:///path or tcp://host:port"));
@@ -47,7 +50,9 @@ impl Endpoint {
                     return Ok(Endpoint::Unix(PathBuf::from("/var/run/docker.sock")));
                 }
                 if !rest.starts_with('/') {
-                    return Err(invalid("a unix socket path must be absolute (unix:///path)"));
+                    return Err(invalid(
+                        "a unix socket path must be absolute (unix:///path)",
+                    ));
                 }
                 Ok(Endpoint::Unix(PathBuf::from(rest)))
             }
@@ -62,10 +67,17 @@ impl Endpoint {
                 if authority.contains('@') {
                     return Err(invalid("user info in tcp:// is not supported"));
                 }
-                Ok(Endpoint::Tcp(with_default_port(authority).map_err(|r| invalid(&r))?))
+                Ok(Endpoint::Tcp(
+                    with_default_port(authority).map_err(|r| invalid(&r))?,
+                ))
             }
-            "http" => Err(invalid("use tcp://host:port (as for the docker CLI) instead of http://")),
-            other => Err(DockerError::UnsupportedScheme { host: host.to_string(), scheme: other.to_string() }),
+            "http" => Err(invalid(
+                "use tcp://host:port (as for the docker CLI) instead of http://",
+            )),
+            other => Err(DockerError::UnsupportedScheme {
+                host: host.to_string(),
+                scheme: other.to_string(),
+            }),
         }
     }
 }
@@ -88,7 +100,9 @@ fn with_default_port(authority: &str) -> Result<String, String> {
     }
     match authority.rsplit_once(':') {
         None => Ok(format!("{authority}:{DEFAULT_TCP_PORT}")),
-        Some((h, _)) if h.contains(':') => Err("IPv6 addresses must be in brackets: tcp://[::1]:2375".into()),
+        Some((h, _)) if h.contains(':') => {
+            Err("IPv6 addresses must be in brackets: tcp://[::1]:2375".into())
+        }
         Some((h, p)) if !h.is_empty() => check_port(p).map(|port| format!("{h}:{port}")),
         Some(_) => Err("missing host before the port".into()),
     }
@@ -105,7 +119,10 @@ fn check_port(p: &str) -> Result<u16, String> {
 ///
 /// Docker contexts (`docker context use`) are not read: ferry runs as a daemon-side agent where
 /// `DOCKER_HOST` or the default socket is the norm, and a context could name TLS or ssh anyway.
-pub(crate) fn host_from_env_values(docker_host: Option<&str>, tls_verify: Option<&str>) -> Result<Endpoint, DockerError> {
+pub(crate) fn host_from_env_values(
+    docker_host: Option<&str>,
+    tls_verify: Option<&str>,
+) -> Result<Endpoint, DockerError> {
     let host = match docker_host {
         Some(h) if !h.trim().is_empty() => h.trim(),
         _ => DEFAULT_HOST,
@@ -113,7 +130,10 @@ pub(crate) fn host_from_env_values(docker_host: Option<&str>, tls_verify: Option
     let endpoint = Endpoint::parse(host)?;
     if matches!(endpoint, Endpoint::Tcp(_)) && tls_verify.is_some_and(|v| !v.is_empty()) {
         // The CLI would speak TLS here; talking plain HTTP to a TLS port would fail obscurely.
-        return Err(DockerError::UnsupportedScheme { host: host.to_string(), scheme: "tcp+tls (DOCKER_TLS_VERIFY is set)".into() });
+        return Err(DockerError::UnsupportedScheme {
+            host: host.to_string(),
+            scheme: "tcp+tls (DOCKER_TLS_VERIFY is set)".into(),
+        });
     }
     Ok(endpoint)
 }
@@ -125,11 +145,23 @@ mod tests {
     #[test]
     fn parse_table() {
         let ok: &[(&str, Endpoint)] = &[
-            ("unix:///var/run/docker.sock", Endpoint::Unix("/var/run/docker.sock".into())),
-            ("unix:///run/x/docker.sock", Endpoint::Unix("/run/x/docker.sock".into())),
+            (
+                "unix:///var/run/docker.sock",
+                Endpoint::Unix("/var/run/docker.sock".into()),
+            ),
+            (
+                "unix:///run/x/docker.sock",
+                Endpoint::Unix("/run/x/docker.sock".into()),
+            ),
             ("unix://", Endpoint::Unix("/var/run/docker.sock".into())),
-            ("tcp://127.0.0.1:2375", Endpoint::Tcp("127.0.0.1:2375".into())),
-            ("tcp://127.0.0.1:2375/", Endpoint::Tcp("127.0.0.1:2375".into())),
+            (
+                "tcp://127.0.0.1:2375",
+                Endpoint::Tcp("127.0.0.1:2375".into()),
+            ),
+            (
+                "tcp://127.0.0.1:2375/",
+                Endpoint::Tcp("127.0.0.1:2375".into()),
+            ),
             ("tcp://dockerhost", Endpoint::Tcp("dockerhost:2375".into())),
             ("TCP://h:1", Endpoint::Tcp("h:1".into())),
             ("tcp://[::1]:2376", Endpoint::Tcp("[::1]:2376".into())),
@@ -145,8 +177,19 @@ mod tests {
                 other => panic!("{input}: {other:?}"),
             }
         }
-        let invalid = ["", "/var/run/docker.sock", "unix://relative.sock", "tcp://", "tcp://h:0", "tcp://h:x",
-                       "tcp://h:1/api", "tcp://::1:2375", "http://h:2375", "tcp://[::1", "tcp://:2375"];
+        let invalid = [
+            "",
+            "/var/run/docker.sock",
+            "unix://relative.sock",
+            "tcp://",
+            "tcp://h:0",
+            "tcp://h:x",
+            "tcp://h:1/api",
+            "tcp://::1:2375",
+            "http://h:2375",
+            "tcp://[::1",
+            "tcp://:2375",
+        ];
         for input in invalid {
             match Endpoint::parse(input) {
                 Err(DockerError::InvalidHost { .. }) => {}
@@ -157,13 +200,27 @@ mod tests {
 
     #[test]
     fn env_resolution() {
-        assert_eq!(host_from_env_values(None, None).unwrap(), Endpoint::Unix("/var/run/docker.sock".into()));
-        assert_eq!(host_from_env_values(Some(""), None).unwrap(), Endpoint::Unix("/var/run/docker.sock".into()));
-        assert_eq!(host_from_env_values(Some("tcp://h:1"), Some("")).unwrap(), Endpoint::Tcp("h:1".into()));
-        assert!(matches!(host_from_env_values(Some("tcp://h:1"), Some("1")), Err(DockerError::UnsupportedScheme { .. })));
+        assert_eq!(
+            host_from_env_values(None, None).unwrap(),
+            Endpoint::Unix("/var/run/docker.sock".into())
+        );
+        assert_eq!(
+            host_from_env_values(Some(""), None).unwrap(),
+            Endpoint::Unix("/var/run/docker.sock".into())
+        );
+        assert_eq!(
+            host_from_env_values(Some("tcp://h:1"), Some("")).unwrap(),
+            Endpoint::Tcp("h:1".into())
+        );
+        assert!(matches!(
+            host_from_env_values(Some("tcp://h:1"), Some("1")),
+            Err(DockerError::UnsupportedScheme { .. })
+        ));
         // TLS settings do not matter for a unix socket (the CLI ignores them there too).
         assert!(host_from_env_values(Some("unix:///s"), Some("1")).is_ok());
-        let e = host_from_env_values(Some("ssh://root@box"), None).unwrap_err().to_string();
+        let e = host_from_env_values(Some("ssh://root@box"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ssh") && e.contains("not supported"), "{e}");
     }
 }

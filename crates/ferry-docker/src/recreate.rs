@@ -97,13 +97,18 @@ pub const FIELD_RULES: &[FieldRule] = &[
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, DockerError> {
     match v.get(field) {
         Some(Value::Object(m)) => Ok(m),
-        Some(other) => Err(DockerError::bad_inspect(field, format!("expected an object, found {other}"))),
+        Some(other) => Err(DockerError::bad_inspect(
+            field,
+            format!("expected an object, found {other}"),
+        )),
         None => Err(DockerError::bad_inspect(field, "missing")),
     }
 }
 
 fn non_empty_str<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a str> {
-    v.and_then(|v| v.get(key)).and_then(Value::as_str).filter(|s| !s.is_empty())
+    v.and_then(|v| v.get(key))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn is_zero(v: &Value) -> bool {
@@ -113,7 +118,13 @@ fn is_zero(v: &Value) -> bool {
 /// Applies the table's generic drops to one section ("Config" or "HostConfig").
 fn apply_drops(section: &str, obj: &mut Map<String, Value>) {
     for rule in FIELD_RULES {
-        let Some(key) = rule.field.strip_prefix(section).and_then(|r| r.strip_prefix('.')) else { continue };
+        let Some(key) = rule
+            .field
+            .strip_prefix(section)
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
         match rule.treatment {
             Treatment::Dropped => {
                 obj.remove(key);
@@ -130,7 +141,11 @@ fn apply_drops(section: &str, obj: &mut Map<String, Value>) {
 fn rewrite_link(link: &str) -> String {
     match link.split_once(':') {
         Some((target, alias)) if target.starts_with('/') => {
-            format!("{}:{}", target.trim_start_matches('/'), alias.rsplit('/').next().unwrap_or(alias))
+            format!(
+                "{}:{}",
+                target.trim_start_matches('/'),
+                alias.rsplit('/').next().unwrap_or(alias)
+            )
         }
         _ => link.to_string(),
     }
@@ -145,19 +160,32 @@ fn is_special_mode(mode: &str) -> bool {
 /// another host with the same image, configuration, addresses and MACs. `runtime` replaces
 /// `HostConfig.Runtime`; `api_version` is the version spoken to the *target* daemon (it decides
 /// where the MAC goes). See [`FIELD_RULES`] for everything not copied verbatim.
-pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_version: &str) -> Result<Value, DockerError> {
+pub fn create_body_from_inspect(
+    inspect: &Value,
+    runtime: Option<&str>,
+    api_version: &str,
+) -> Result<Value, DockerError> {
     let api = ApiVersion::parse(api_version)?;
     let per_endpoint_mac = api >= ApiVersion(1, 44);
 
-    let id = inspect.get("Id").and_then(Value::as_str).ok_or_else(|| DockerError::bad_inspect("Id", "missing"))?;
-    let image_id = non_empty_str(Some(inspect), "Image").ok_or_else(|| DockerError::bad_inspect("Image", "missing or empty"))?;
+    let id = inspect
+        .get("Id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DockerError::bad_inspect("Id", "missing"))?;
+    let image_id = non_empty_str(Some(inspect), "Image")
+        .ok_or_else(|| DockerError::bad_inspect("Image", "missing or empty"))?;
     let mut config = object(inspect, "Config")?.clone();
     let mut host = object(inspect, "HostConfig")?.clone();
     let empty = Map::new();
     let networks = match inspect.pointer("/NetworkSettings/Networks") {
         None | Some(Value::Null) => &empty,
         Some(Value::Object(m)) => m,
-        Some(other) => return Err(DockerError::bad_inspect("NetworkSettings.Networks", format!("expected an object, found {other}"))),
+        Some(other) => {
+            return Err(DockerError::bad_inspect(
+                "NetworkSettings.Networks",
+                format!("expected an object, found {other}"),
+            ))
+        }
     };
 
     apply_drops("Config", &mut config);
@@ -169,10 +197,22 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
     config.remove("MacAddress");
 
     // HostConfig.NetworkMode: ID → name
-    let mut mode = host.get("NetworkMode").and_then(Value::as_str).unwrap_or("").to_string();
-    if !mode.is_empty() && !is_special_mode(&mode) && !matches!(mode.as_str(), "default" | "bridge") && !networks.contains_key(&mode) {
+    let mut mode = host
+        .get("NetworkMode")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if !mode.is_empty()
+        && !is_special_mode(&mode)
+        && !matches!(mode.as_str(), "default" | "bridge")
+        && !networks.contains_key(&mode)
+    {
         let by_id = networks.iter().find(|(_, ep)| {
-            ep.get("NetworkID").and_then(Value::as_str).is_some_and(|nid| nid == mode || (mode.len() >= 12 && nid.starts_with(mode.as_str())))
+            ep.get("NetworkID")
+                .and_then(Value::as_str)
+                .is_some_and(|nid| {
+                    nid == mode || (mode.len() >= 12 && nid.starts_with(mode.as_str()))
+                })
         });
         if let Some((name, _)) = by_id {
             mode = name.clone();
@@ -186,7 +226,10 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
         config.insert("Hostname".into(), Value::String(String::new()));
         config.insert("Domainname".into(), Value::String(String::new()));
     }
-    let hostname = inspect.pointer("/Config/Hostname").and_then(Value::as_str).unwrap_or("");
+    let hostname = inspect
+        .pointer("/Config/Hostname")
+        .and_then(Value::as_str)
+        .unwrap_or("");
 
     // HostConfig.Links
     if let Some(Value::Array(links)) = host.get_mut("Links") {
@@ -214,15 +257,20 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
             let mut out = Map::new();
             if user_defined {
                 let mut ipam = Map::new();
-                let v4 = non_empty_str(Some(ep), "IPAddress").or_else(|| non_empty_str(ipam_in, "IPv4Address"));
+                let v4 = non_empty_str(Some(ep), "IPAddress")
+                    .or_else(|| non_empty_str(ipam_in, "IPv4Address"));
                 if let Some(v4) = v4 {
                     ipam.insert("IPv4Address".into(), json!(v4));
                 }
-                let v6 = non_empty_str(Some(ep), "GlobalIPv6Address").or_else(|| non_empty_str(ipam_in, "IPv6Address"));
+                let v6 = non_empty_str(Some(ep), "GlobalIPv6Address")
+                    .or_else(|| non_empty_str(ipam_in, "IPv6Address"));
                 if let Some(v6) = v6 {
                     ipam.insert("IPv6Address".into(), json!(v6));
                 }
-                if let Some(ll) = ipam_in.and_then(|i| i.get("LinkLocalIPs")).filter(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
+                if let Some(ll) = ipam_in
+                    .and_then(|i| i.get("LinkLocalIPs"))
+                    .filter(|l| l.as_array().is_some_and(|a| !a.is_empty()))
+                {
                     ipam.insert("LinkLocalIPs".into(), ll.clone());
                 }
                 if !ipam.is_empty() {
@@ -236,10 +284,16 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
             if let Some(mac) = non_empty_str(Some(ep), "MacAddress") {
                 out.insert("MacAddress".into(), json!(mac));
             }
-            if let Some(links) = ep.get("Links").filter(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
+            if let Some(links) = ep
+                .get("Links")
+                .filter(|l| l.as_array().is_some_and(|a| !a.is_empty()))
+            {
                 out.insert("Links".into(), links.clone());
             }
-            if let Some(opts) = ep.get("DriverOpts").filter(|o| o.as_object().is_some_and(|m| !m.is_empty())) {
+            if let Some(opts) = ep
+                .get("DriverOpts")
+                .filter(|o| o.as_object().is_some_and(|m| !m.is_empty()))
+            {
                 out.insert("DriverOpts".into(), opts.clone());
             }
             endpoints.insert(net.clone(), Value::Object(out));
@@ -250,7 +304,9 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
     // A container that is not running has no current MAC; a MAC the operator fixed with
     // --mac-address is then only in Config.MacAddress (always so on 20.10) and belongs to the
     // primary network.
-    if let (Some(primary), Some(configured)) = (&primary, non_empty_str(inspect.get("Config"), "MacAddress")) {
+    if let (Some(primary), Some(configured)) =
+        (&primary, non_empty_str(inspect.get("Config"), "MacAddress"))
+    {
         if let Some(Value::Object(ep)) = endpoints.get_mut(primary) {
             ep.entry("MacAddress").or_insert_with(|| json!(configured));
         }
@@ -258,7 +314,11 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
     // Config.MacAddress below API 1.44: the primary network's MAC.
     if !per_endpoint_mac {
         if let Some(primary) = &primary {
-            if let Some(mac) = endpoints.get(primary).and_then(|e| e.get("MacAddress")).and_then(Value::as_str) {
+            if let Some(mac) = endpoints
+                .get(primary)
+                .and_then(|e| e.get("MacAddress"))
+                .and_then(Value::as_str)
+            {
                 config.insert("MacAddress".into(), json!(mac));
             }
         }
@@ -266,7 +326,10 @@ pub fn create_body_from_inspect(inspect: &Value, runtime: Option<&str>, api_vers
 
     let mut body = config;
     body.insert("HostConfig".into(), Value::Object(host));
-    body.insert("NetworkingConfig".into(), json!({ "EndpointsConfig": endpoints }));
+    body.insert(
+        "NetworkingConfig".into(),
+        json!({ "EndpointsConfig": endpoints }),
+    );
     Ok(Value::Object(body))
 }
 

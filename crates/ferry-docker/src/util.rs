@@ -20,7 +20,10 @@ impl ApiVersion {
     pub fn parse(s: &str) -> Result<ApiVersion, DockerError> {
         let bad = || DockerError::BadApiVersion(s.to_string());
         let (maj, min) = s.trim().split_once('.').ok_or_else(bad)?;
-        Ok(ApiVersion(maj.parse().map_err(|_| bad())?, min.parse().map_err(|_| bad())?))
+        Ok(ApiVersion(
+            maj.parse().map_err(|_| bad())?,
+            min.parse().map_err(|_| bad())?,
+        ))
     }
 }
 
@@ -38,7 +41,8 @@ impl std::fmt::Display for ApiVersion {
 pub fn percent_encode(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b) {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -62,7 +66,10 @@ pub fn with_query(path: &str, query: &[(&str, &str)]) -> String {
     if query.is_empty() {
         return path.to_string();
     }
-    let parts: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", q(k), q(v))).collect();
+    let parts: Vec<String> = query
+        .iter()
+        .map(|(k, v)| format!("{}={}", q(k), q(v)))
+        .collect();
     format!("{path}?{}", parts.join("&"))
 }
 
@@ -87,8 +94,14 @@ mod tests {
         assert_eq!(q("é"), "%C3%A9");
         assert_eq!(seg("sha256:abc"), "sha256:abc");
         assert_eq!(seg("a/b"), "a%2Fb");
-        assert_eq!(percent_encode("reg:5000/lib/redis:7", b":@/"), "reg:5000/lib/redis:7");
-        assert_eq!(with_query("/x", &[("signal", "SIGKILL"), ("t", "5")]), "/x?signal=SIGKILL&t=5");
+        assert_eq!(
+            percent_encode("reg:5000/lib/redis:7", b":@/"),
+            "reg:5000/lib/redis:7"
+        );
+        assert_eq!(
+            with_query("/x", &[("signal", "SIGKILL"), ("t", "5")]),
+            "/x?signal=SIGKILL&t=5"
+        );
         assert_eq!(with_query("/x", &[]), "/x");
     }
 }

@@ -89,13 +89,19 @@ pub struct MountView {
 }
 
 fn opt_str(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string)
+    v.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 fn req_str(v: &Value, ptr: &str) -> Result<String, DockerError> {
     match v.pointer(ptr) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(DockerError::bad_inspect(ptr, format!("expected a string, found {other}"))),
+        Some(other) => Err(DockerError::bad_inspect(
+            ptr,
+            format!("expected a string, found {other}"),
+        )),
         None => Err(DockerError::bad_inspect(ptr, "missing")),
     }
 }
@@ -103,7 +109,10 @@ fn req_str(v: &Value, ptr: &str) -> Result<String, DockerError> {
 fn req_bool(v: &Value, ptr: &str) -> Result<bool, DockerError> {
     match v.pointer(ptr) {
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(DockerError::bad_inspect(ptr, format!("expected a boolean, found {other}"))),
+        Some(other) => Err(DockerError::bad_inspect(
+            ptr,
+            format!("expected a boolean, found {other}"),
+        )),
         None => Err(DockerError::bad_inspect(ptr, "missing")),
     }
 }
@@ -116,7 +125,13 @@ pub(crate) fn short_id(id: &str) -> &str {
 /// Aliases minus the ones the daemon adds by itself (short ID, hostname; see [`NetworkEndpoint::aliases`]).
 pub(crate) fn user_aliases(ep: &Value, id: &str, hostname: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for a in ep.get("Aliases").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+    for a in ep
+        .get("Aliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
         if a.is_empty() || a == short_id(id) || a == id || (!hostname.is_empty() && a == hostname) {
             continue;
         }
@@ -137,24 +152,46 @@ impl ContainerView {
         let running = req_bool(v, "/State/Running")?;
         let paused = req_bool(v, "/State/Paused")?;
         let restarting = req_bool(v, "/State/Restarting")?;
-        let status = v.pointer("/State/Status").and_then(Value::as_str).unwrap_or("").to_string();
+        let status = v
+            .pointer("/State/Status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let pid = match v.pointer("/State/Pid") {
             None | Some(Value::Null) => 0,
             Some(p) => p
                 .as_u64()
                 .and_then(|p| u32::try_from(p).ok())
-                .ok_or_else(|| DockerError::bad_inspect("/State/Pid", format!("not a valid pid: {p}")))?,
+                .ok_or_else(|| {
+                    DockerError::bad_inspect("/State/Pid", format!("not a valid pid: {p}"))
+                })?,
         };
-        let host_config = v.get("HostConfig").ok_or_else(|| DockerError::bad_inspect("/HostConfig", "missing"))?;
+        let host_config = v
+            .get("HostConfig")
+            .ok_or_else(|| DockerError::bad_inspect("/HostConfig", "missing"))?;
         let restart_policy = match host_config.get("RestartPolicy") {
             Some(p) if p.is_object() => p.clone(),
             _ => serde_json::json!({ "Name": "no", "MaximumRetryCount": 0 }),
         };
         let runtime = opt_str(host_config, "Runtime").unwrap_or_else(|| "runc".to_string());
-        let network_mode = host_config.get("NetworkMode").and_then(Value::as_str).unwrap_or("").to_string();
-        let config = v.get("Config").ok_or_else(|| DockerError::bad_inspect("/Config", "missing"))?;
-        let hostname = config.get("Hostname").and_then(Value::as_str).unwrap_or("").to_string();
-        let user = config.get("User").and_then(Value::as_str).unwrap_or("").to_string();
+        let network_mode = host_config
+            .get("NetworkMode")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let config = v
+            .get("Config")
+            .ok_or_else(|| DockerError::bad_inspect("/Config", "missing"))?;
+        let hostname = config
+            .get("Hostname")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let user = config
+            .get("User")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let mut labels = BTreeMap::new();
         if let Some(l) = config.get("Labels").and_then(Value::as_object) {
             for (k, val) in l {
@@ -170,9 +207,17 @@ impl ContainerView {
                     let ipam = ep.get("IPAMConfig").cloned().unwrap_or(Value::Null);
                     networks.push(NetworkEndpoint {
                         network: net.clone(),
-                        network_id: ep.get("NetworkID").and_then(Value::as_str).unwrap_or("").to_string(),
+                        network_id: ep
+                            .get("NetworkID")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
                         ipv4: opt_str(ep, "IPAddress"),
-                        ipv4_prefix_len: ep.get("IPPrefixLen").and_then(Value::as_u64).filter(|p| *p > 0 && *p <= 32).map(|p| p as u8),
+                        ipv4_prefix_len: ep
+                            .get("IPPrefixLen")
+                            .and_then(Value::as_u64)
+                            .filter(|p| *p > 0 && *p <= 32)
+                            .map(|p| p as u8),
                         gateway: opt_str(ep, "Gateway"),
                         ipv6: opt_str(ep, "GlobalIPv6Address"),
                         mac: opt_str(ep, "MacAddress"),
@@ -182,21 +227,39 @@ impl ContainerView {
                     });
                 }
             }
-            Some(other) => return Err(DockerError::bad_inspect("/NetworkSettings/Networks", format!("expected an object, found {other}"))),
+            Some(other) => {
+                return Err(DockerError::bad_inspect(
+                    "/NetworkSettings/Networks",
+                    format!("expected an object, found {other}"),
+                ))
+            }
         }
         networks.sort_by(|a, b| a.network.cmp(&b.network));
 
         let mut mounts = Vec::new();
-        for (i, m) in v.get("Mounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        for (i, m) in v
+            .get("Mounts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             let field = |k: &str| format!("/Mounts/{i}/{k}");
-            let kind = m.get("Type").and_then(Value::as_str).ok_or_else(|| DockerError::bad_inspect(field("Type"), "missing"))?;
+            let kind = m
+                .get("Type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| DockerError::bad_inspect(field("Type"), "missing"))?;
             let destination = m
                 .get("Destination")
                 .and_then(Value::as_str)
                 .ok_or_else(|| DockerError::bad_inspect(field("Destination"), "missing"))?;
             mounts.push(MountView {
                 kind: kind.to_string(),
-                source: m.get("Source").and_then(Value::as_str).unwrap_or("").to_string(),
+                source: m
+                    .get("Source")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 destination: destination.to_string(),
                 name: opt_str(m, "Name"),
                 driver: opt_str(m, "Driver"),
@@ -210,8 +273,19 @@ impl ContainerView {
                 if mounts.iter().any(|m| &m.destination == dest) {
                     continue;
                 }
-                let ro = opts.as_str().unwrap_or("").split(',').any(|o| o.trim() == "ro");
-                mounts.push(MountView { kind: "tmpfs".into(), source: String::new(), destination: dest.clone(), name: None, driver: None, rw: !ro });
+                let ro = opts
+                    .as_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|o| o.trim() == "ro");
+                mounts.push(MountView {
+                    kind: "tmpfs".into(),
+                    source: String::new(),
+                    destination: dest.clone(),
+                    name: None,
+                    driver: None,
+                    rw: !ro,
+                });
             }
         }
 

@@ -75,7 +75,11 @@ async fn read_request(s: &mut tokio::net::UnixStream) -> Option<Req> {
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some(Req { method, target, body })
+    Some(Req {
+        method,
+        target,
+        body,
+    })
 }
 
 async fn fake(handler: impl Fn(&Req, usize) -> Reply + Send + Sync + 'static) -> Fake {
@@ -87,11 +91,15 @@ async fn fake(handler: impl Fn(&Req, usize) -> Reply + Send + Sync + 'static) ->
     let log2 = log.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             let log = log2.clone();
             tokio::spawn(async move {
-                let Some(req) = read_request(&mut s).await else { return };
+                let Some(req) = read_request(&mut s).await else {
+                    return;
+                };
                 let n = {
                     let mut l = log.lock().unwrap();
                     l.push(req.clone());
@@ -114,17 +122,30 @@ async fn fake(handler: impl Fn(&Req, usize) -> Reply + Send + Sync + 'static) ->
             });
         }
     });
-    Fake { host: format!("unix://{}", path.display()), _dir: dir, log }
+    Fake {
+        host: format!("unix://{}", path.display()),
+        _dir: dir,
+        log,
+    }
 }
 
 fn version_reply(api: &str, min: &str) -> Reply {
-    Reply::Json(200, json!({"Version": "fake", "ApiVersion": api, "MinAPIVersion": min}))
+    Reply::Json(
+        200,
+        json!({"Version": "fake", "ApiVersion": api, "MinAPIVersion": min}),
+    )
 }
 
 #[tokio::test]
 async fn negotiation_table() {
-    let cases = [("1.47", "1.12", Ok("1.44")), ("1.44", "1.24", Ok("1.44")), ("1.43", "1.12", Ok("1.43")), ("1.41", "1.12", Ok("1.41")),
-                 ("1.40", "1.12", Err(())), ("1.52", "1.45", Err(()))];
+    let cases = [
+        ("1.47", "1.12", Ok("1.44")),
+        ("1.44", "1.24", Ok("1.44")),
+        ("1.43", "1.12", Ok("1.43")),
+        ("1.41", "1.12", Ok("1.41")),
+        ("1.40", "1.12", Err(())),
+        ("1.52", "1.45", Err(())),
+    ];
     for (api, min, want) in cases {
         let f = fake(move |_, _| version_reply(api, min)).await;
         let got = Docker::connect(&f.host).await;
@@ -132,7 +153,10 @@ async fn negotiation_table() {
             (Ok(d), Ok(v)) => assert_eq!(d.api_version(), v, "daemon {api}"),
             (Err(e @ DockerError::UnsupportedApiVersion { .. }), Err(())) => {
                 let msg = e.to_string();
-                assert!(msg.contains(api) && msg.contains("1.41") && msg.contains("1.44"), "{msg}");
+                assert!(
+                    msg.contains(api) && msg.contains("1.41") && msg.contains("1.44"),
+                    "{msg}"
+                );
             }
             (got, want) => panic!("daemon {api}: got {got:?}, want {want:?}"),
         }
@@ -142,7 +166,13 @@ async fn negotiation_table() {
 
 #[tokio::test]
 async fn negotiation_falls_back_to_header_when_unversioned_calls_are_refused() {
-    let f = fake(|_, _| Reply::Json(400, json!({"message": "unversioned API calls are not supported"}))).await;
+    let f = fake(|_, _| {
+        Reply::Json(
+            400,
+            json!({"message": "unversioned API calls are not supported"}),
+        )
+    })
+    .await;
     let d = Docker::connect(&f.host).await.unwrap();
     // the fake sends Api-Version: 1.47
     assert_eq!(d.api_version(), "1.44");
@@ -154,14 +184,24 @@ async fn request_lines_and_statuses() {
         (_, "/version") => version_reply("1.44", "1.24"),
         ("POST", t) if t.contains("/start") => Reply::Text(304, ""),
         ("POST", t) if t.contains("/stop") => Reply::Text(304, ""),
-        ("POST", t) if t.contains("/kill") => Reply::Json(409, json!({"message": "Container abc is not running"})),
-        ("GET", "/v1.44/containers/gone/json") => Reply::Json(404, json!({"message": "No such container: gone"})),
-        ("GET", "/v1.44/images/reg:5000/lib/redis:7/json") => Reply::Json(200, json!({"Id": "sha256:1"})),
-        ("GET", "/v1.44/networks/nope") => Reply::Json(404, json!({"message": "network nope not found"})),
+        ("POST", t) if t.contains("/kill") => {
+            Reply::Json(409, json!({"message": "Container abc is not running"}))
+        }
+        ("GET", "/v1.44/containers/gone/json") => {
+            Reply::Json(404, json!({"message": "No such container: gone"}))
+        }
+        ("GET", "/v1.44/images/reg:5000/lib/redis:7/json") => {
+            Reply::Json(200, json!({"Id": "sha256:1"}))
+        }
+        ("GET", "/v1.44/networks/nope") => {
+            Reply::Json(404, json!({"message": "network nope not found"}))
+        }
         ("DELETE", _) => Reply::Json(404, json!({"message": "No such container"})),
         ("POST", t) if t.contains("/update") => Reply::Json(200, json!({"Warnings": []})),
         ("POST", t) if t.contains("/pause") => Reply::Text(500, "cgroup freezer exploded\n"),
-        ("GET", t) if t.starts_with("/v1.44/containers/json") => Reply::Json(200, json!([{"Id": "a"}, {"Id": "b"}])),
+        ("GET", t) if t.starts_with("/v1.44/containers/json") => {
+            Reply::Json(200, json!([{"Id": "a"}, {"Id": "b"}]))
+        }
         _ => Reply::Json(418, json!({"message": "unexpected"})),
     })
     .await;
@@ -172,20 +212,40 @@ async fn request_lines_and_statuses() {
     d.stop("abc", 7).await.unwrap();
     assert!(d.inspect_container("gone").await.unwrap().is_none());
     assert!(d.inspect_network("nope").await.unwrap().is_none());
-    assert_eq!(d.inspect_image("reg:5000/lib/redis:7").await.unwrap().unwrap()["Id"], "sha256:1");
+    assert_eq!(
+        d.inspect_image("reg:5000/lib/redis:7")
+            .await
+            .unwrap()
+            .unwrap()["Id"],
+        "sha256:1"
+    );
     d.remove_container("gone", true).await.unwrap();
-    d.update_restart_policy("abc", &json!({"Name": "no"})).await.unwrap();
+    d.update_restart_policy("abc", &json!({"Name": "no"}))
+        .await
+        .unwrap();
     assert_eq!(d.list_containers(true).await.unwrap().len(), 2);
 
     let e = d.kill("abc", "SIGKILL").await.unwrap_err();
     assert_eq!(e.status(), Some(409));
     let msg = e.to_string();
-    assert!(msg.contains("POST /v1.44/containers/abc/kill?signal=SIGKILL") && msg.contains("409") && msg.contains("is not running"), "{msg}");
+    assert!(
+        msg.contains("POST /v1.44/containers/abc/kill?signal=SIGKILL")
+            && msg.contains("409")
+            && msg.contains("is not running"),
+        "{msg}"
+    );
 
     let e = d.pause("abc").await.unwrap_err();
-    assert_eq!(e.to_string(), "POST /v1.44/containers/abc/pause: Docker daemon answered 500: cgroup freezer exploded");
+    assert_eq!(
+        e.to_string(),
+        "POST /v1.44/containers/abc/pause: Docker daemon answered 500: cgroup freezer exploded"
+    );
 
-    let targets: Vec<String> = f.requests().iter().map(|r| format!("{} {}", r.method, r.target)).collect();
+    let targets: Vec<String> = f
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.target))
+        .collect();
     let want = [
         "GET /version",
         "POST /v1.44/containers/abc/start?checkpoint=pre%20copy%261",
@@ -201,13 +261,18 @@ async fn request_lines_and_statuses() {
         "POST /v1.44/containers/abc/pause",
     ];
     assert_eq!(targets, want);
-    assert_eq!(f.requests()[8].json(), json!({"RestartPolicy": {"Name": "no"}}));
+    assert_eq!(
+        f.requests()[8].json(),
+        json!({"RestartPolicy": {"Name": "no"}})
+    );
 }
 
 #[tokio::test]
 async fn timeouts_and_connection_errors() {
     let f = fake(|_, _| Reply::Hang).await;
-    let d = Docker::new(&f.host).unwrap().with_timeout(Duration::from_millis(200));
+    let d = Docker::new(&f.host)
+        .unwrap()
+        .with_timeout(Duration::from_millis(200));
     let t0 = std::time::Instant::now();
     let e = d.info().await.unwrap_err();
     assert!(matches!(e, DockerError::Timeout { .. }), "{e:?}");
@@ -218,13 +283,18 @@ async fn timeouts_and_connection_errors() {
     let e = d.version().await.unwrap_err();
     assert!(matches!(e, DockerError::Connect { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains("GET /v1.41/version") && msg.contains("/nonexistent/ferry/docker.sock"), "{msg}");
+    assert!(
+        msg.contains("GET /v1.41/version") && msg.contains("/nonexistent/ferry/docker.sock"),
+        "{msg}"
+    );
 
     // A port nobody listens on (loopback only).
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);
-    let e = Docker::connect(&format!("tcp://127.0.0.1:{port}")).await.unwrap_err();
+    let e = Docker::connect(&format!("tcp://127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, DockerError::Connect { .. }), "{e:?}");
 }
 
@@ -244,17 +314,31 @@ fn two_network_body() -> Value {
 async fn create_splits_networks_below_1_44() {
     let f = fake(|r, _| match (r.method.as_str(), r.target.as_str()) {
         (_, "/version") => version_reply("1.41", "1.12"),
-        ("POST", t) if t.starts_with("/v1.41/containers/create") => Reply::Json(201, json!({"Id": "newid", "Warnings": ["w1"]})),
+        ("POST", t) if t.starts_with("/v1.41/containers/create") => {
+            Reply::Json(201, json!({"Id": "newid", "Warnings": ["w1"]}))
+        }
         ("POST", "/v1.41/networks/appnet/connect") => Reply::Json(200, json!(null)),
         _ => Reply::Json(418, json!({"message": "unexpected"})),
     })
     .await;
     let d = Docker::connect(&f.host).await.unwrap();
-    assert_eq!(d.create_container("copy", &two_network_body()).await.unwrap(), "newid");
+    assert_eq!(
+        d.create_container("copy", &two_network_body())
+            .await
+            .unwrap(),
+        "newid"
+    );
     let reqs = f.requests();
     assert_eq!(reqs[1].target, "/v1.41/containers/create?name=copy");
     let create = reqs[1].json();
-    assert_eq!(create["NetworkingConfig"]["EndpointsConfig"].as_object().unwrap().keys().collect::<Vec<_>>(), ["macnet"]);
+    assert_eq!(
+        create["NetworkingConfig"]["EndpointsConfig"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["macnet"]
+    );
     assert_eq!(create["MacAddress"], "02:00:00:00:00:01");
     assert_eq!(reqs[2].target, "/v1.41/networks/appnet/connect");
     assert_eq!(
@@ -268,17 +352,32 @@ async fn create_splits_networks_below_1_44() {
 async fn create_below_1_44_is_all_or_nothing() {
     let f = fake(|r, _| match (r.method.as_str(), r.target.as_str()) {
         (_, "/version") => version_reply("1.41", "1.12"),
-        ("POST", t) if t.starts_with("/v1.41/containers/create") => Reply::Json(201, json!({"Id": "newid"})),
-        ("POST", "/v1.41/networks/appnet/connect") => Reply::Json(403, json!({"message": "Address already in use"})),
+        ("POST", t) if t.starts_with("/v1.41/containers/create") => {
+            Reply::Json(201, json!({"Id": "newid"}))
+        }
+        ("POST", "/v1.41/networks/appnet/connect") => {
+            Reply::Json(403, json!({"message": "Address already in use"}))
+        }
         ("DELETE", _) => Reply::Text(204, ""),
         _ => Reply::Json(418, json!({"message": "unexpected"})),
     })
     .await;
     let d = Docker::connect(&f.host).await.unwrap();
-    let e = d.create_container("copy", &two_network_body()).await.unwrap_err();
-    assert!(e.to_string().contains("POST /v1.41/networks/appnet/connect") && e.to_string().contains("Address already in use"), "{e}");
+    let e = d
+        .create_container("copy", &two_network_body())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("POST /v1.41/networks/appnet/connect")
+            && e.to_string().contains("Address already in use"),
+        "{e}"
+    );
     let last = f.requests().last().cloned().unwrap();
-    assert_eq!(format!("{} {}", last.method, last.target), "DELETE /v1.41/containers/newid?force=true&v=false");
+    assert_eq!(
+        format!("{} {}", last.method, last.target),
+        "DELETE /v1.41/containers/newid?force=true&v=false"
+    );
 }
 
 #[tokio::test]
@@ -289,15 +388,26 @@ async fn create_sends_all_networks_at_1_44() {
     })
     .await;
     let d = Docker::connect(&f.host).await.unwrap();
-    d.create_container("copy", &two_network_body()).await.unwrap();
+    d.create_container("copy", &two_network_body())
+        .await
+        .unwrap();
     let reqs = f.requests();
     assert_eq!(reqs.len(), 2);
-    assert_eq!(reqs[1].json()["NetworkingConfig"]["EndpointsConfig"].as_object().unwrap().len(), 2);
+    assert_eq!(
+        reqs[1].json()["NetworkingConfig"]["EndpointsConfig"]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 fn state(status: &str, running: bool, exit: i64, error: &str) -> Reply {
-    Reply::Json(200, json!({"Id": "abc", "State": {"Status": status, "Running": running, "Paused": false, "Restarting": status == "restarting",
-        "Dead": false, "Pid": if running { 42 } else { 0 }, "ExitCode": exit, "Error": error}}))
+    Reply::Json(
+        200,
+        json!({"Id": "abc", "State": {"Status": status, "Running": running, "Paused": false, "Restarting": status == "restarting",
+        "Dead": false, "Pid": if running { 42 } else { 0 }, "ExitCode": exit, "Error": error}}),
+    )
 }
 
 #[tokio::test]
@@ -318,31 +428,59 @@ async fn wait_running_state_machine() {
 
     let cases: Vec<(Reply, &str)> = vec![
         (state("exited", false, 3, ""), "exit code 3"),
-        (state("created", false, 128, "criu failed: type NOTIFY errno 0"), "criu failed"),
+        (
+            state("created", false, 128, "criu failed: type NOTIFY errno 0"),
+            "criu failed",
+        ),
         (state("dead", false, 137, ""), "status dead"),
     ];
     for (reply, needle) in cases {
         let reply = Arc::new(Mutex::new(Some(reply)));
-        let f = fake(move |_, _| reply.lock().unwrap().take().unwrap_or(Reply::Text(500, "again?"))).await;
+        let f = fake(move |_, _| {
+            reply
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or(Reply::Text(500, "again?"))
+        })
+        .await;
         let d = Docker::new(&f.host).unwrap();
-        let e = d.wait_running("abc", Duration::from_secs(5)).await.unwrap_err();
+        let e = d
+            .wait_running("abc", Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, DockerError::NotRunning { .. }), "{e:?}");
         assert!(e.to_string().contains(needle), "{e}");
     }
 
     let f = fake(|_, _| Reply::Json(404, json!({"message": "No such container"}))).await;
-    let e = Docker::new(&f.host).unwrap().wait_running("abc", Duration::from_secs(5)).await.unwrap_err();
+    let e = Docker::new(&f.host)
+        .unwrap()
+        .wait_running("abc", Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert!(matches!(e, DockerError::Vanished { .. }), "{e:?}");
 
     let f = fake(|_, _| state("created", false, 0, "")).await;
     let t0 = std::time::Instant::now();
-    let e = Docker::new(&f.host).unwrap().wait_running("abc", Duration::from_millis(400)).await.unwrap_err();
-    assert!(matches!(e, DockerError::WaitTimeout { ref status, .. } if status == "created"), "{e:?}");
+    let e = Docker::new(&f.host)
+        .unwrap()
+        .wait_running("abc", Duration::from_millis(400))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, DockerError::WaitTimeout { ref status, .. } if status == "created"),
+        "{e:?}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(2));
 
     // A daemon that hangs mid-wait still ends at the deadline.
     let f = fake(|_, _| Reply::Hang).await;
-    let e = Docker::new(&f.host).unwrap().wait_running("abc", Duration::from_millis(300)).await.unwrap_err();
+    let e = Docker::new(&f.host)
+        .unwrap()
+        .wait_running("abc", Duration::from_millis(300))
+        .await
+        .unwrap_err();
     assert!(matches!(e, DockerError::WaitTimeout { .. }), "{e:?}");
 }
 
@@ -357,9 +495,20 @@ async fn import_reports_stream_errors() {
     })
     .await;
     let d = Docker::new(&f.host).unwrap();
-    let id = d.import_image(bytes::Bytes::from_static(b"tar"), "good", "latest", &["CMD [\"/bin/busybox\",\"sleep\",\"1000\"]"]).await.unwrap();
+    let id = d
+        .import_image(
+            bytes::Bytes::from_static(b"tar"),
+            "good",
+            "latest",
+            &["CMD [\"/bin/busybox\",\"sleep\",\"1000\"]"],
+        )
+        .await
+        .unwrap();
     assert_eq!(id.as_deref(), Some("sha256:feed"));
-    let e = d.import_image(bytes::Bytes::from_static(b"tar"), "bad", "latest", &[]).await.unwrap_err();
+    let e = d
+        .import_image(bytes::Bytes::from_static(b"tar"), "bad", "latest", &[])
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("invalid tar header"), "{e}");
     let r = &f.requests()[0];
     assert_eq!(r.target, "/v1.41/images/create?fromSrc=-&repo=good&tag=latest&changes=CMD%20%5B%22%2Fbin%2Fbusybox%22%2C%22sleep%22%2C%221000%22%5D");
