@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::config::{TestbedConfig, ALL_HOSTS, CLIENT_NETNS};
+use crate::config::{TestbedConfig, ALL_HOSTS, BRIDGE_NETNS, CLIENT_NETNS};
 
 const CLIENT_GRACE: Duration = Duration::from_secs(1);
 use crate::error::TestbedError;
@@ -87,9 +87,9 @@ fn netns_pids_sync(ns: &str) -> Vec<i32> {
 
 /// Container ids that exist in our data roots: their processes live in their own network
 /// namespaces and survive the death of their shim, so they are found through their cgroups.
-fn our_container_ids(cfg: &TestbedConfig) -> HashSet<String> {
+fn our_container_ids(cfg: &TestbedConfig, hosts: &[&str]) -> HashSet<String> {
     let mut ids = HashSet::new();
-    for (h, _) in ALL_HOSTS {
+    for h in hosts {
         let dir = cfg.layout(h).data_root().join("containers");
         if let Ok(rd) = fs::read_dir(dir) {
             for e in rd.flatten() {
@@ -138,11 +138,12 @@ fn container_pids(ids: &HashSet<String>) -> Vec<i32> {
     out
 }
 
-/// Everything that belongs to the test bed: daemons and agents by pid file, anything inside
-/// our namespaces, and container processes by cgroup.
-pub(crate) fn our_processes(cfg: &TestbedConfig) -> BTreeSet<i32> {
+/// Everything that belongs to `hosts` (and, with `shared`, to the bridge and client
+/// namespaces): daemons and agents by pid file, anything inside their namespaces, and
+/// container processes by cgroup.
+pub(crate) fn our_processes(cfg: &TestbedConfig, hosts: &[&str], shared: bool) -> BTreeSet<i32> {
     let mut pids = BTreeSet::new();
-    for (h, _) in ALL_HOSTS {
+    for h in hosts {
         let l = cfg.layout(h);
         let data_root = l.data_root().to_string_lossy().into_owned();
         let exec_root = l.exec_root().to_string_lossy().into_owned();
@@ -150,14 +151,79 @@ pub(crate) fn our_processes(cfg: &TestbedConfig) -> BTreeSet<i32> {
         pids.extend(pidfile_process(&l.dockerd_pidfile(), &[&data_root]));
         pids.extend(pidfile_process(&l.containerd_pidfile(), &[&exec_root]));
         pids.extend(pidfile_process(&l.agent_pidfile(), &[&state_dir]));
+        pids.extend(netns_pids_sync(&format!("ferry-{h}")));
     }
-    for ns in topology::all_namespaces() {
-        pids.extend(netns_pids_sync(&ns));
+    if shared {
+        pids.extend(netns_pids_sync(CLIENT_NETNS));
+        pids.extend(netns_pids_sync(BRIDGE_NETNS));
     }
-    pids.extend(container_pids(&our_container_ids(cfg)));
+    pids.extend(container_pids(&our_container_ids(cfg, hosts)));
     let me = std::process::id() as i32;
     pids.retain(|p| *p > 1 && *p != me && alive(*p));
     pids
+}
+
+/// Kills everything `our_processes` finds. Twice, because a dying dockerd or shim can still
+/// fork a child between the scan and the kill. A polite shutdown would only cost time: every
+/// daemon here recovers from an unclean stop.
+async fn kill_processes(
+    cfg: &TestbedConfig,
+    hosts: &[&str],
+    shared: bool,
+    problems: &mut Vec<String>,
+) {
+    for _ in 0..2 {
+        let pids = our_processes(cfg, hosts, shared);
+        if pids.is_empty() {
+            break;
+        }
+        tracing::info!(
+            count = pids.len(),
+            ?pids,
+            ?hosts,
+            "killing leftover test bed processes"
+        );
+        let left = signal_all(&pids, Signal::SIGKILL, Duration::from_secs(10)).await;
+        if !left.is_empty() {
+            problems.push(format!("processes still alive after SIGKILL: {left:?}"));
+        }
+    }
+}
+
+fn remove_path(path: &Path, problems: &mut Vec<String>) {
+    let r = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    if let Err(e) = r {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            problems.push(format!("remove {}: {e}", path.display()));
+        }
+    }
+}
+
+fn result(step: &str, problems: Vec<String>) -> Result<(), TestbedError> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TestbedError::unexpected(step, problems.join("; ")))
+    }
+}
+
+/// Removes one host (processes, namespace, runtime dir) and leaves the rest running, so a
+/// crashed host is rebuilt without disturbing the others.
+pub(crate) async fn teardown_host(cfg: &TestbedConfig, host: &str) -> Result<(), TestbedError> {
+    let mut problems = Vec::new();
+    kill_processes(cfg, &[host], false, &mut problems).await;
+    let l = cfg.layout(host);
+    problems.extend(unmount_leftovers(&[&l.run, &l.dir]));
+    topology::destroy_host(host).await;
+    if topology::netns_exists(&format!("ferry-{host}")) {
+        problems.push(format!("network namespace ferry-{host} still exists"));
+    }
+    remove_path(&l.run, &mut problems);
+    result(&format!("tear down host {host}"), problems)
 }
 
 /// Sends `signal` to `pids` and waits until none is alive or `wait` passes; returns survivors.
@@ -213,13 +279,13 @@ pub(crate) fn mounts_under(mountinfo: &str, bases: &[&Path]) -> Vec<PathBuf> {
     v
 }
 
-fn unmount_leftovers(cfg: &TestbedConfig) -> Vec<String> {
+fn unmount_leftovers(bases: &[&Path]) -> Vec<String> {
     let mut problems = Vec::new();
     let info = match fs::read_to_string("/proc/self/mountinfo") {
         Ok(s) => s,
         Err(e) => return vec![format!("read /proc/self/mountinfo: {e}")],
     };
-    for m in mounts_under(&info, &[&cfg.root, &cfg.run_dir]) {
+    for m in mounts_under(&info, bases) {
         match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
             Err(e) => problems.push(format!("umount {}: {e}", m.display())),
@@ -239,25 +305,9 @@ pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     if !clients.is_empty() {
         signal_all(&clients, Signal::SIGTERM, CLIENT_GRACE).await;
     }
-    // Everything else is killed outright: a polite shutdown would only cost time, since every
-    // daemon here recovers from an unclean stop. Twice, because a dying dockerd or shim can
-    // still fork a child between the scan and the kill.
-    for _ in 0..2 {
-        let pids = our_processes(cfg);
-        if pids.is_empty() {
-            break;
-        }
-        tracing::info!(
-            count = pids.len(),
-            ?pids,
-            "killing leftover test bed processes"
-        );
-        let left = signal_all(&pids, Signal::SIGKILL, Duration::from_secs(10)).await;
-        if !left.is_empty() {
-            problems.push(format!("processes still alive after SIGKILL: {left:?}"));
-        }
-    }
-    problems.extend(unmount_leftovers(cfg));
+    let all: Vec<&str> = ALL_HOSTS.iter().map(|(h, _)| *h).collect();
+    kill_processes(cfg, &all, true, &mut problems).await;
+    problems.extend(unmount_leftovers(&[&cfg.root, &cfg.run_dir]));
     topology::destroy().await;
     for ns in topology::all_namespaces() {
         if topology::netns_exists(&ns) {
@@ -267,24 +317,9 @@ pub(crate) async fn teardown(cfg: &TestbedConfig) -> Result<(), TestbedError> {
     if topology::ctl_link_exists() {
         problems.push("link ferry-ctl still exists".to_string());
     }
-    if let Err(e) = fs::remove_dir_all(&cfg.run_dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            problems.push(format!("remove {}: {e}", cfg.run_dir.display()));
-        }
-    }
-    if let Err(e) = fs::remove_file(cfg.info_path()) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            problems.push(format!("remove {}: {e}", cfg.info_path().display()));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(TestbedError::unexpected(
-            "tear down the test bed",
-            problems.join("; "),
-        ))
-    }
+    remove_path(&cfg.run_dir, &mut problems);
+    remove_path(&cfg.info_path(), &mut problems);
+    result("tear down the test bed", problems)
 }
 
 #[cfg(test)]

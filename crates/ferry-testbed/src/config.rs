@@ -70,10 +70,10 @@ impl TestbedConfig {
         self.root.join("testbed.json")
     }
 
-    /// Written once the daemons are up and emptied; its absence means an `up` died half-way
-    /// and the next one must start over rather than trust the running daemons.
-    pub(crate) fn ready_marker(&self) -> PathBuf {
-        self.run_dir.join("daemons-ready")
+    /// Written once bridge, client namespace and root link exist; its absence means an `up`
+    /// died half-way and the next one must start over rather than trust what it finds.
+    pub(crate) fn shared_marker(&self) -> PathBuf {
+        self.run_dir.join("segment-ready")
     }
 
     pub(crate) fn lock_path(&self) -> PathBuf {
@@ -167,6 +167,10 @@ impl HostLayout {
     }
     pub fn dockerd_pidfile(&self) -> PathBuf {
         self.run.join("dockerd.pid")
+    }
+    /// Written once this host's dockerd is up and emptied of leftovers.
+    pub fn ready_marker(&self) -> PathBuf {
+        self.run.join("ready")
     }
     pub fn agent_pidfile(&self) -> PathBuf {
         self.run.join("agent.pid")

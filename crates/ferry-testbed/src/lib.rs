@@ -99,24 +99,27 @@ fn canonical(cfg: &TestbedConfig) -> TestbedConfig {
     c
 }
 
-/// Namespaces, segment and every dockerd are up; only then can the rest be checked in place.
-async fn infra_healthy(cfg: &TestbedConfig, info: &TestbedInfo) -> bool {
-    let wanted: Vec<String> = info
-        .hosts
-        .iter()
-        .map(|h| h.netns.clone())
-        .chain([CLIENT_NETNS.to_string(), BRIDGE_NETNS.to_string()])
-        .collect();
-    let namespaces_ok = topology::all_namespaces()
-        .iter()
-        .all(|ns| topology::netns_exists(ns) == wanted.contains(ns));
-    if !namespaces_ok || !topology::ctl_link_exists() || !cfg.ready_marker().is_file() {
-        return false;
+fn mark(path: &std::path::Path) -> Result<(), TestbedError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| TestbedError::io("write a ready marker", dir, e))?;
     }
-    join_all(info.hosts.iter().map(|h| dockerd::healthy(cfg, h)))
-        .await
-        .into_iter()
-        .all(|ok| ok)
+    fs::write(path, b"").map_err(|e| TestbedError::io("write a ready marker", path, e))
+}
+
+/// Keeps a healthy host as it is; rebuilds an unhealthy one (namespace, dockerd, no
+/// containers) without touching the other hosts.
+async fn ensure_host(cfg: &TestbedConfig, host: &HostInfo) -> Result<(), TestbedError> {
+    let marker = cfg.layout(&host.name).ready_marker();
+    if topology::netns_exists(&host.netns) && marker.is_file() && dockerd::healthy(cfg, host).await
+    {
+        return Ok(());
+    }
+    tracing::info!(host = %host.name, "host not running: rebuilding it");
+    cleanup::teardown_host(cfg, &host.name).await?;
+    topology::create_host(&host.name, host.ip).await?;
+    dockerd::start(cfg, host).await?;
+    dockerd::reset(host).await?;
+    mark(&marker)
 }
 
 /// Failures tolerated only under `FERRY_TESTBED_NO_AGENTS=1`.
@@ -152,10 +155,12 @@ fn write_info(cfg: &TestbedConfig, info: &TestbedInfo) -> Result<(), TestbedErro
 
 /// Brings the test bed up, or checks that it is and returns quickly.
 ///
-/// Whatever is unhealthy is rebuilt: if any namespace or dockerd is missing, everything left
-/// by an earlier run is killed and removed first, and the fresh daemons start without
-/// containers or volumes. Images, networks, PKI and agents are then checked and repaired
-/// individually, so a dead agent alone costs only its restart.
+/// Whatever is unhealthy is rebuilt, and only that: a missing bridge, client namespace or
+/// root link means everything left by an earlier run is killed and removed first; a host
+/// whose namespace or dockerd is gone is torn down and rebuilt alone, its fresh dockerd
+/// starting without containers or volumes; images, networks, PKI and agents are checked and
+/// repaired individually (an agent also when it runs an older build of `ferry_exe`).
+/// A running host `c` is left alone when `with_incompatible_host` is false.
 pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
     let cfg = &canonical(cfg);
     preflight(cfg)?;
@@ -163,20 +168,13 @@ pub async fn up(cfg: &TestbedConfig) -> Result<TestbedInfo, TestbedError> {
     let started = Instant::now();
     let info = cfg.expected_info();
 
-    if !infra_healthy(cfg, &info).await {
-        tracing::info!("test bed not running: tearing down leftovers and starting it");
+    if !(topology::shared_exists() && cfg.shared_marker().is_file()) {
+        tracing::info!("segment not running: tearing down leftovers and starting over");
         cleanup::teardown(cfg).await?;
-        topology::create(cfg).await?;
-        try_join_all(info.hosts.iter().map(|h| dockerd::start(cfg, h))).await?;
-        try_join_all(info.hosts.iter().map(dockerd::reset)).await?;
-        let marker = cfg.ready_marker();
-        fs::write(&marker, b"")
-            .map_err(|e| TestbedError::io("mark the daemons ready", &marker, e))?;
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "daemons started"
-        );
+        topology::create_shared().await?;
+        mark(&cfg.shared_marker())?;
     }
+    try_join_all(info.hosts.iter().map(|h| ensure_host(cfg, h))).await?;
 
     for h in info.hosts.iter().filter(|h| h.compatible) {
         dockerd::write_runtime_script(cfg, h)?;
