@@ -168,7 +168,7 @@ async fn up_reach_recover() {
         info.hosts
     );
 
-    // A crashed daemon makes the next `up` start over from a clean slate.
+    // A crashed daemon makes the next `up` rebuild that host from a clean slate, and only it.
     let pid: i32 = std::fs::read_to_string(cfg.run_dir.join("a/dockerd.pid"))
         .unwrap()
         .trim()
@@ -183,5 +183,16 @@ async fn up_reach_recover() {
     ferry_testbed::up(&cfg).await.expect("up after kill");
     eprintln!("up after kill -9 dockerd: {:?}", t.elapsed());
     assert_eq!(docker(&a, &["ps", "-aq"]).await.unwrap().trim(), "");
-    assert_eq!(docker(&b, &["ps", "-aq"]).await.unwrap().trim(), "");
+    let still = netns_exec(
+        &info.client_netns,
+        &[&wl, "redis-digest", "--addr", addr, "--match", "key:*"],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        json_field(&still, "digest"),
+        json_field(&expected, "digest")
+    );
+    docker(&b, &["rm", "-f", &redis]).await.unwrap();
 }
