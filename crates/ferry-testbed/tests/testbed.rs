@@ -26,6 +26,33 @@ fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
     rest[..end].trim_matches('"')
 }
 
+/// Containers of earlier (possibly failed) runs of this test hold the fixed addresses.
+async fn remove_test_containers(host: &ferry_testbed::HostInfo) {
+    let ids = docker(host, &["ps", "-aq", "--filter", "name=^it-"])
+        .await
+        .unwrap();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids);
+        docker(host, &args).await.unwrap();
+    }
+}
+
+async fn wait_for_log(host: &ferry_testbed::HostInfo, name: &str, needle: &str) {
+    for _ in 0..100 {
+        if docker(host, &["logs", name])
+            .await
+            .unwrap()
+            .contains(needle)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} never logged {needle:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and docker.io; starts the shared test bed"]
 async fn up_reach_recover() {
@@ -40,6 +67,8 @@ async fn up_reach_recover() {
     let a = info.host("a").unwrap().clone();
     let b = info.host("b").unwrap().clone();
     let wl = cfg.workload_exe.to_string_lossy().into_owned();
+    remove_test_containers(&a).await;
+    remove_test_containers(&b).await;
 
     for image in [&info.workload_image, &info.redis_image] {
         let ida = docker(&a, &["image", "inspect", "-f", "{{.Id}}", image])
@@ -68,6 +97,7 @@ async fn up_reach_recover() {
     )
     .await
     .unwrap();
+    wait_for_log(&a, &name, "listening").await;
     let summary = netns_exec(
         &info.client_netns,
         &[
