@@ -27,7 +27,11 @@ const USAGE: &str = "usage:
   ferry-workload redis-digest --addr IP:PORT [--match PATTERN]
   ferry-workload expected-digest --keys N --value-size B [--seed S]
 
-client/redis-client exit 0 if the run was ok, 1 if not, 2 if the summary could not be written.
+client/redis-client use one connection for the whole run and write a JSON summary (atomically,
+also on failure): replies, first, last, continuous (each value = previous + 1), max_gap_ms,
+gaps_over_100ms as [ms since start when the gap began, gap ms], errors, ok, elapsed_ms,
+stopped_by (duration|stop-file|signal|error), and for redis-client sets.
+They exit 0 if the run was ok, 1 if not, 2 if the summary could not be written.
 expected-digest prints what `redis-digest --match 'key:*'` reports right after redis-load.";
 
 const CLIENT_FLAGS: &[&str] = &["addr", "interval-ms", "duration-s", "stop-file", "out"];
