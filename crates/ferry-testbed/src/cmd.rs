@@ -36,9 +36,29 @@ pub(crate) fn describe(cmd: &Command) -> String {
     s
 }
 
+/// Removes terminal colour sequences (`ESC [ ... letter`): tools and daemon logs add them even
+/// when not writing to a terminal, and they make error text unreadable and unmatchable.
+pub(crate) fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Keeps error messages readable when a tool dumps pages of output.
 pub(crate) fn tail(bytes: &[u8], max: usize) -> String {
-    let s = String::from_utf8_lossy(bytes);
+    let s = strip_ansi(&String::from_utf8_lossy(bytes));
     let s = s.trim();
     if s.len() <= max {
         return s.to_string();
@@ -168,6 +188,18 @@ mod tests {
     fn describe_quotes_awkward_args() {
         let c = command("docker", &["import", "-c", "CMD [\"a\"]", ""]);
         assert_eq!(describe(&c), "docker import -c \"CMD [\\\"a\\\"]\" \"\"");
+    }
+
+    #[test]
+    fn ansi_colours_are_removed() {
+        assert_eq!(
+            strip_ansi("error: unexpected argument '\u{1b}[33minit\u{1b}[0m' found"),
+            "error: unexpected argument 'init' found"
+        );
+        assert_eq!(
+            tail(b"\x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m x", 100),
+            "2026  INFO x"
+        );
     }
 
     #[test]
