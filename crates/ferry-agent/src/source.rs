@@ -188,7 +188,7 @@ impl SourceSide for LocalSource {
             .update_restart_policy(&view.id, &serde_json::json!({"Name": "no"}))
             .await
             .map_err(|e| side_err(step, format!("setting restart policy to no: {e}")))?;
-        ferry_net::lock(view.pid).await.map_err(|e| side_err(step, format!("locking the network: {e}")))?;
+        ferry_net::lock(view.pid).await.map_err(|e| side_err(step, e))?;
         self.locked = true;
         let ifaces = ferry_net::interfaces(view.pid).await.map_err(|e| side_err(step, e))?;
         for i in ifaces.iter().filter(|i| !i.ipv4.is_empty()) {

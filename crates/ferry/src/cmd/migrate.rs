@@ -1,0 +1,172 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use ferry_agent::client::AgentClient;
+use ferry_proto::{Event, Fault, MigrateRequest, Outcome, Phase, Report, Strategy};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StrategyArg {
+    Auto,
+    StopAndCopy,
+    PreCopy,
+    PostCopy,
+    Hybrid,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Strategy {
+        match s {
+            StrategyArg::Auto => Strategy::Auto,
+            StrategyArg::StopAndCopy => Strategy::StopAndCopy,
+            StrategyArg::PreCopy => Strategy::PreCopy,
+            StrategyArg::PostCopy => Strategy::PostCopy,
+            StrategyArg::Hybrid => Strategy::Hybrid,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum FaultArg {
+    TargetRestore,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Name or ID of the running container on the source host.
+    container: String,
+    /// Source agent, IP:PORT.
+    #[arg(long)]
+    from: SocketAddr,
+    /// Target agent, IP:PORT (as the source agent reaches it).
+    #[arg(long)]
+    to: SocketAddr,
+    /// The CLI's TLS directory (`DIR/client` from `ferry pki init`).
+    #[arg(long)]
+    tls_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    strategy: StrategyArg,
+    /// Print one JSON report object instead of human output.
+    #[arg(long)]
+    json: bool,
+    /// Upper bound for each remote step, in seconds.
+    #[arg(long, default_value_t = 120)]
+    step_timeout: u64,
+    /// Test hook: make the target fail in the named step, to exercise rollback.
+    #[arg(long, value_enum, hide = true)]
+    inject_fault: Option<FaultArg>,
+}
+
+impl Args {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.container.trim().is_empty() {
+            bail!("container name is empty");
+        }
+        if self.from == self.to {
+            bail!("--from and --to are the same agent ({})", self.from);
+        }
+        if self.step_timeout == 0 {
+            bail!("--step-timeout must be at least 1 second");
+        }
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            if !self.tls_dir.join(f).is_file() {
+                bail!("--tls-dir {}: {f} is missing", self.tls_dir.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
+    a.validate()?;
+    let client = AgentClient::new(&a.tls_dir, Duration::from_secs(10))?;
+    let req = MigrateRequest {
+        container: a.container.clone(),
+        target: a.to.to_string(),
+        strategy: a.strategy.into(),
+        step_timeout_s: a.step_timeout,
+        fault: a.inject_fault.map(|FaultArg::TargetRestore| Fault::TargetRestore),
+    };
+    let report = drive(&client, a.from, req, a.json).await?;
+    let json = a.json;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.outcome == Outcome::Migrated { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+
+/// Runs a migration through the source agent with live phase output (unless `json`), and
+/// turns Ctrl-C into a cancellation the agent rolls back.
+pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, json: bool) -> anyhow::Result<Report> {
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("ferry: interrupted: rolling back");
+            c2.cancel();
+        }
+    });
+    let mut bar: Option<ProgressBar> = None;
+    let report = client
+        .migrate(from, req, cancel, |ev| {
+            if json {
+                return;
+            }
+            match ev {
+                Event::PhaseStarted { phase } if *phase != Phase::Transfer => eprintln!("  {phase:<10} …"),
+                Event::PhaseFinished { phase, ms } => {
+                    if let Some(b) = bar.take() {
+                        b.finish_and_clear();
+                    }
+                    eprintln!("  {phase:<10} done in {ms} ms");
+                }
+                Event::Progress { total, done, .. } => {
+                    let b = bar.get_or_insert_with(|| {
+                        let b = ProgressBar::new(*total);
+                        if let Ok(style) = ProgressStyle::with_template("  transfer   [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+                            b.set_style(style.progress_chars("=> "));
+                        }
+                        b
+                    });
+                    b.set_length(*total);
+                    b.set_position(*done);
+                }
+                Event::Note { message } => eprintln!("  {message}"),
+                _ => {}
+            }
+        })
+        .await?;
+    Ok(report)
+}
+
+pub fn print_human(r: &Report) {
+    let outcome = match r.outcome {
+        Outcome::Migrated => "migrated",
+        Outcome::RolledBack => "rolled back",
+        Outcome::InDoubt => "IN DOUBT (source kept frozen; check the target)",
+    };
+    println!("{} {} → {}: {outcome}", r.container, r.source, r.target);
+    println!("  strategy {} ({})", r.strategy, r.strategy_reason);
+    println!("  downtime {} ms, total {} ms, {} bytes sent", r.downtime_ms, r.total_ms, r.bytes_sent);
+    let phases: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+    println!("  phases: {}", phases.join(", "));
+    for n in &r.networks {
+        println!("  network: {}", n.note);
+    }
+    if let Some(e) = &r.error {
+        println!("  error: {e}");
+    }
+    for e in &r.rollback_errors {
+        println!("  rollback problem: {e}");
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}

@@ -1,0 +1,394 @@
+//! End-to-end tests: real dockerds, real CRIU, on the local test bed (`ferry testbed up`).
+//!
+//! They drive the `ferry` binary exactly as an operator would and check the outcome from the
+//! outside: the client's own view of its connection, `docker` on both hosts, and the
+//! container's network namespace. They need root; with FERRY_E2E unset they are skipped
+//! locally and fail in CI (CI=true), so they can never be silently skipped there.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static BED: OnceLock<Value> = OnceLock::new();
+
+fn enabled() -> bool {
+    if std::env::var("FERRY_E2E").as_deref() == Ok("1") {
+        return true;
+    }
+    if std::env::var("CI").is_ok() {
+        panic!("end-to-end tests must run in CI: set FERRY_E2E=1 (scripts/test.sh does)");
+    }
+    eprintln!("skipping: FERRY_E2E=1 not set");
+    false
+}
+
+fn ferry() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn workload() -> PathBuf {
+    ferry().with_file_name("ferry-workload")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn bed() -> &'static Value {
+    BED.get_or_init(|| {
+        let out = run(Command::new(ferry()).args(["testbed", "up", "--with-incompatible-host", "--json"]));
+        assert!(out.status.success(), "testbed up failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("testbed up --json prints its description")
+    })
+}
+
+fn host(name: &str) -> &'static Value {
+    bed()["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name).unwrap_or_else(|| panic!("no host {name}"))
+}
+
+fn addr(h: &str) -> String {
+    host(h)["agent_addr"].as_str().unwrap().to_string()
+}
+
+fn client_tls() -> String {
+    bed()["client_tls_dir"].as_str().unwrap().to_string()
+}
+
+fn docker(h: &str, args: &[&str]) -> Output {
+    run(Command::new("/usr/bin/docker").arg("-H").arg(host(h)["docker_host"].as_str().unwrap()).args(args))
+}
+
+fn docker_ok(h: &str, args: &[&str]) -> String {
+    let out = docker(h, args);
+    assert!(out.status.success(), "docker {args:?} on {h} failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn inspect(h: &str, name: &str) -> Option<Value> {
+    let out = docker(h, &["inspect", name]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.as_array()?.first().cloned()
+}
+
+fn remove_everywhere(name: &str) {
+    for h in ["a", "b", "c"] {
+        let _ = docker(h, &["rm", "-f", name]);
+    }
+}
+
+/// `ferry migrate ... --json`: exit status, the report (if one was printed) and stderr.
+fn migrate(name: &str, from: &str, to: &str, extra: &[&str]) -> (bool, Option<Value>, String) {
+    let tls = client_tls();
+    let mut args = vec!["migrate", name, "--from", from, "--to", to, "--tls-dir", &tls, "--json"];
+    args.extend_from_slice(extra);
+    let out = run(Command::new(ferry()).args(&args));
+    let report = serde_json::from_slice(&out.stdout).ok();
+    (out.status.success(), report, text(&out.stderr))
+}
+
+struct Client {
+    child: Child,
+    stop: PathBuf,
+    out: PathBuf,
+}
+
+impl Client {
+    fn start(kind: &str, target: &str) -> Client {
+        let dir = std::env::temp_dir().join(format!("ferry-e2e-{}-{}", kind, std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (stop, out) = (dir.join("stop"), dir.join("summary.json"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
+            .arg(workload())
+            .args([kind, "--addr", target, "--interval-ms", "5", "--duration-s", "600"])
+            .arg("--stop-file")
+            .arg(&stop)
+            .arg("--out")
+            .arg(&out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("client starts");
+        Client { child, stop, out }
+    }
+
+    fn finish(mut self) -> Value {
+        std::fs::write(&self.stop, b"stop").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let v: Value = serde_json::from_slice(&std::fs::read(&self.out).expect("client wrote a summary")).expect("summary is JSON");
+        let _ = std::fs::remove_dir_all(self.out.parent().unwrap());
+        v
+    }
+}
+
+fn in_client_ns(args: &[&str]) -> String {
+    let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(args));
+    assert!(out.status.success(), "ferry-workload {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+fn record_metrics(name: &str, v: Value) {
+    let path = ferry().with_file_name("e2e-metrics.json");
+    let mut all: Value = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_else(|| serde_json::json!({}));
+    all[name] = v;
+    let _ = std::fs::write(&path, serde_json::to_vec_pretty(&all).unwrap());
+}
+
+fn lock_rules(pid: u64) -> String {
+    let out = run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables-save"]));
+    text(&out.stdout).lines().filter(|l| l.contains("FERRY") || l.contains("CRIU")).collect::<Vec<_>>().join("\n")
+}
+
+fn assert_running_untouched(h: &str, name: &str, restart: &str) -> Value {
+    let c = inspect(h, name).unwrap_or_else(|| panic!("{name} is gone from {h}"));
+    assert_eq!(c["State"]["Running"], true, "{name} on {h} is not running: {}", c["State"]);
+    assert_eq!(c["State"]["Paused"], false, "{name} on {h} was left paused");
+    assert_eq!(c["HostConfig"]["RestartPolicy"]["Name"], restart, "restart policy on {h} was not restored");
+    let pid = c["State"]["Pid"].as_u64().unwrap();
+    assert_eq!(lock_rules(pid), "", "network-lock rules left in {name}'s namespace");
+    c
+}
+
+#[test]
+fn a_counter_server_migrates_with_its_client_connection_and_state() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-counter", "198.18.0.131");
+    remove_everywhere(name);
+    let image = bed()["workload_image"].as_str().unwrap();
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "unless-stopped", "-l", "app=counter", "-e", "MODE=demo", image]);
+    let before = inspect("a", name).unwrap();
+    let client = Client::start("client", &format!("{ip}:7000"));
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert_eq!(report["outcome"], "migrated");
+    assert_eq!(report["strategy"], "stop-and-copy");
+    for p in ["preflight", "prepare", "freeze", "dump", "transfer", "restore", "commit"] {
+        assert!(report["phases_ms"][p].is_u64(), "phase {p} missing: {report}");
+    }
+    assert!(report["bytes_sent"].as_u64().unwrap() > 0);
+    settle();
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "client: {summary}");
+    assert_eq!(summary["continuous"], true, "counter state lost: {summary}");
+    assert!(summary["replies"].as_u64().unwrap() > 100, "{summary}");
+    record_metrics("counter", serde_json::json!({"report": report, "client": summary}));
+
+    assert!(inspect("a", name).is_none(), "the source container is still on host a");
+    let after = inspect("b", name).expect("container exists on host b");
+    assert_eq!(after["State"]["Running"], true);
+    let net = |v: &Value, k: &str| v["NetworkSettings"]["Networks"]["ferrynet"][k].clone();
+    assert_eq!(net(&after, "IPAddress"), ip);
+    assert_eq!(net(&after, "MacAddress"), net(&before, "MacAddress"));
+    for k in ["Image", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User"] {
+        assert_eq!(after["Config"][k], before["Config"][k], "Config.{k} differs");
+    }
+    assert!(after["Config"]["Env"].as_array().unwrap().contains(&Value::from("MODE=demo")));
+    assert_eq!(after["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped");
+    // The plain docker CLI owns the container on the target.
+    assert_eq!(docker_ok("b", &["exec", name, "/bin/busybox", "echo", "inside"]).trim(), "inside");
+    assert!(docker_ok("b", &["ps", "--format", "{{.Names}}"]).lines().any(|l| l == name));
+    assert!(docker("b", &["logs", name]).status.success());
+    docker_ok("b", &["stop", "-t", "2", name]);
+    remove_everywhere(name);
+}
+
+#[test]
+fn redis_with_100k_keys_migrates_under_a_live_client() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-redis", "198.18.0.132");
+    remove_everywhere(name);
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, bed()["redis_image"].as_str().unwrap()]);
+    let target = format!("{ip}:6379");
+    wait_for("redis to answer", || {
+        let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(["redis-digest", "--addr", &target]));
+        out.status.success().then_some(())
+    });
+    let keys = "100000";
+    in_client_ns(&["redis-load", "--addr", &target, "--keys", keys, "--value-size", "1000"]);
+    let expected: Value = serde_json::from_str(&in_client_ns(&["expected-digest", "--keys", keys, "--value-size", "1000"])).unwrap();
+    let loaded: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    assert_eq!(loaded["digest"], expected["digest"], "load did not produce the expected data");
+
+    let client = Client::start("redis-client", &target);
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    settle();
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "client: {summary}");
+    assert_eq!(summary["continuous"], true, "{summary}");
+
+    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    assert_eq!(after["keys"].as_u64(), Some(100_000));
+    assert_eq!(after["digest"], expected["digest"], "values changed across the migration");
+    let live: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "live:*"])).unwrap();
+    assert_eq!(live["keys"], summary["sets"], "keys the client wrote during the migration are missing");
+    assert!(inspect("a", name).is_none());
+    record_metrics("redis", serde_json::json!({"report": report, "client": summary}));
+    remove_everywhere(name);
+}
+
+#[test]
+fn a_failed_restore_on_the_target_rolls_back_and_the_client_never_notices_a_break() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-fault", "198.18.0.133");
+    remove_everywhere(name);
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "always", bed()["workload_image"].as_str().unwrap()]);
+    let client = Client::start("client", &format!("{ip}:7000"));
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--inject-fault", "target-restore"]);
+    assert!(!ok, "migrate must fail");
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_eq!(report["outcome"], "rolled-back", "{report}");
+    let err = &report["error"];
+    assert!(err["step"].as_str().unwrap().contains("restore"), "{err}");
+    assert!(!err["tool_log"].as_array().unwrap().is_empty(), "CRIU's own log lines are quoted: {err}");
+    assert!(report["rollback_errors"].is_null() || report["rollback_errors"].as_array().unwrap().is_empty(), "{report}");
+    assert_running_untouched("a", name, "always");
+    assert!(inspect("b", name).is_none(), "a half-made container was left on host b");
+    settle();
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "the client's connection broke: {summary}");
+    assert_eq!(summary["continuous"], true, "{summary}");
+    remove_everywhere(name);
+}
+
+#[test]
+fn peers_without_a_certificate_from_the_ca_are_refused() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rogue = std::env::temp_dir().join(format!("ferry-e2e-rogue-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&rogue);
+    let out = run(Command::new(ferry()).args(["pki", "init", "--dir"]).arg(&rogue).args(["--agent", "x=127.0.0.1"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rogue_client = rogue.join("client");
+    let log_path = host("a")["agent_log"].as_str().unwrap().to_string();
+    let log_before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
+    let out = run(Command::new(ferry()).args(["check", "--to", &addr("a"), "--tls-dir"]).arg(&rogue_client));
+    assert!(!out.status.success(), "an agent answered a client of another CA");
+    let out = run(Command::new(ferry()).args(["migrate", "whatever", "--from", &addr("a"), "--to", &addr("b"), "--tls-dir"]).arg(&rogue_client));
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let new = &log[log_before.min(log.len())..];
+    assert!(new.contains("refused") && new.contains("UnknownIssuer"), "the agent logs the refusal and why: {new}");
+    assert!(!new.contains("purpose=Cli"), "a session was opened for a client of another CA: {new}");
+    // A client with no certificate at all: a bare TLS-less TCP connection gets no protocol answer.
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr("a")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = tcp.write_all(b"\0\0\0\x20\x01{\"type\":\"check\",\"cpuinfo\":null}");
+    let mut buf = [0u8; 64];
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || buf[0] == 0x15, "plaintext got an application answer: {:?}", &buf[..n]);
+    let _ = std::fs::remove_dir_all(&rogue);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-bad", "198.18.0.134");
+    remove_everywhere(name);
+    remove_everywhere("e2e-stopped");
+    let image = bed()["workload_image"].as_str().unwrap();
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "on-failure", image]);
+    docker_ok("a", &["create", "--name", "e2e-stopped", image]);
+
+    let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
+        ("no-such-container", addr("b"), vec![], "no container named"),
+        ("e2e-stopped", addr("b"), vec![], "not running"),
+        (name, "198.18.0.99:7070".to_string(), vec!["--step-timeout", "5"], "unreachable"),
+        (name, addr("c"), vec![], "experimental"),
+    ];
+    for (container, to, extra, needle) in cases {
+        let (ok, report, stderr) = migrate(container, &addr("a"), &to, &extra);
+        assert!(!ok, "{container} → {to} must fail");
+        let msg = report.as_ref().map(|r| r["error"].to_string()).unwrap_or_default() + &stderr;
+        assert!(msg.contains(needle), "{container} → {to}: expected {needle:?} in: {msg}");
+        if let Some(r) = &report {
+            assert_eq!(r["outcome"], "rolled-back");
+        }
+        assert_running_untouched("a", name, "on-failure");
+        for h in ["b", "c"] {
+            assert!(inspect(h, container).is_none(), "{container} appeared on {h}");
+        }
+    }
+    let (ok, _, stderr) = migrate(name, &addr("a"), &addr("a"), &[]);
+    assert!(!ok && stderr.contains("same agent"), "{stderr}");
+    assert_eq!(inspect("a", "e2e-stopped").unwrap()["State"]["Status"], "created");
+    remove_everywhere(name);
+    remove_everywhere("e2e-stopped");
+}
+
+#[test]
+fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-bridge", "198.19.5.10");
+    remove_everywhere(name);
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrybr", "--ip", ip, bed()["workload_image"].as_str().unwrap()]);
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "{report}\n{stderr}");
+    let net = &report["networks"][0];
+    assert_eq!(net["driver"], "bridge");
+    assert_eq!(net["external_connections_survive"], false);
+    assert!(net["note"].as_str().unwrap().contains("L2"), "{net}");
+    let after = inspect("b", name).unwrap();
+    assert_eq!(after["NetworkSettings"]["Networks"]["ferrybr"]["IPAddress"], ip);
+    assert_eq!(docker_ok("b", &["exec", name, "/bin/busybox", "echo", "ok"]).trim(), "ok");
+    remove_everywhere(name);
+}
