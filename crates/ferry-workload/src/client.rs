@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::latency::LatencyLog;
 use crate::stop::Stop;
 use crate::summary::{emit, Summary};
 
@@ -18,6 +19,8 @@ pub struct ClientOpts {
     pub interval: Duration,
     pub stop: Stop,
     pub out: Option<PathBuf>,
+    /// `--latency-log FILE`: one `t_ms latency_ms` line per exchange (see `latency`).
+    pub latency_log: Option<PathBuf>,
 }
 
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -42,6 +45,15 @@ pub fn run_loop(
     summary: &mut Summary,
     mut tick: impl FnMut(&mut Summary, Instant) -> Result<(), String>,
 ) {
+    let mut log = match opts.latency_log.as_deref().map(LatencyLog::create) {
+        None => None,
+        Some(Ok(log)) => Some(log),
+        Some(Err(e)) => {
+            summary.error(format!("create latency log: {e}"));
+            summary.stopped_by = "error".to_string();
+            return;
+        }
+    };
     let started = Instant::now();
     let mut next = started;
     loop {
@@ -49,14 +61,25 @@ pub fn run_loop(
             summary.stopped_by = reason.to_string();
             break;
         }
+        let sent_ms = ms_since(started);
         if let Err(e) = tick(summary, started) {
             summary.error(e);
             summary.stopped_by = "error".to_string();
             break;
         }
+        if let Some(l) = log.as_mut() {
+            let t = ms_since(started);
+            if let Err(e) = l.record(t, t - sent_ms) {
+                summary.error(format!("write latency log: {e}"));
+                log = None;
+            }
+        }
         next = (next + opts.interval).max(Instant::now());
     }
     summary.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Some(Err(e)) = log.map(LatencyLog::finish) {
+        summary.error(format!("write latency log: {e}"));
+    }
 }
 
 pub fn ms_since(start: Instant) -> f64 {

@@ -5,6 +5,7 @@
 
 mod args;
 mod client;
+mod latency;
 mod redis;
 mod resp;
 mod serve;
@@ -21,8 +22,8 @@ use client::ClientOpts;
 
 const USAGE: &str = "usage:
   ferry-workload serve --port P
-  ferry-workload client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE]
-  ferry-workload redis-client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE]
+  ferry-workload client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE]
+  ferry-workload redis-client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE]
   ferry-workload redis-load --addr IP:PORT --keys N --value-size B [--seed S]
   ferry-workload redis-digest --addr IP:PORT [--match PATTERN]
   ferry-workload expected-digest --keys N --value-size B [--seed S]
@@ -31,10 +32,19 @@ client/redis-client use one connection for the whole run and write a JSON summar
 also on failure): replies, first, last, continuous (each value = previous + 1), max_gap_ms,
 gaps_over_100ms as [ms since start when the gap began, gap ms], errors, ok, elapsed_ms,
 stopped_by (duration|stop-file|signal|error), and for redis-client sets.
+--latency-log FILE writes a header `# t_ms latency_ms start_unix_ms=<wall clock at start>`, then
+one `t_ms latency_ms` line per exchange (reply time since start, time since the request was sent).
 They exit 0 if the run was ok, 1 if not, 2 if the summary could not be written.
 expected-digest prints what `redis-digest --match 'key:*'` reports right after redis-load.";
 
-const CLIENT_FLAGS: &[&str] = &["addr", "interval-ms", "duration-s", "stop-file", "out"];
+const CLIENT_FLAGS: &[&str] = &[
+    "addr",
+    "interval-ms",
+    "duration-s",
+    "stop-file",
+    "out",
+    "latency-log",
+];
 const DEFAULT_SEED: u64 = 1;
 
 fn client_opts(f: &Flags) -> Result<ClientOpts, String> {
@@ -46,6 +56,7 @@ fn client_opts(f: &Flags) -> Result<ClientOpts, String> {
         interval: Duration::from_millis(interval_ms),
         stop: stop::Stop::new(duration, f.opt("stop-file").map(PathBuf::from)),
         out: f.opt("out").map(PathBuf::from),
+        latency_log: f.opt("latency-log").map(PathBuf::from),
     })
 }
 
