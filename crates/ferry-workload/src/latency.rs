@@ -61,7 +61,10 @@ mod tests {
         log.finish().unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("# t_ms latency_ms start_unix_ms="), "{text}");
+        assert!(
+            lines[0].starts_with("# t_ms latency_ms start_unix_ms="),
+            "{text}"
+        );
         let start: f64 = lines[0].rsplit('=').next().unwrap().parse().unwrap();
         assert!(start > 1.6e12, "{start}");
         assert_eq!(&lines[1..], ["5.000 0.250", "10.500 1.125"]);
