@@ -1,0 +1,225 @@
+//! `bench.md`: the numbers a reader compares, as Markdown tables.
+
+use std::fmt::Write;
+
+use crate::{BenchReport, CaseReport, CaseStatus, MANUAL};
+
+/// Phases in the order a migration walks them, for the pause breakdown.
+const PHASE_ORDER: [&str; 8] = [
+    "preflight",
+    "prepare",
+    "freeze",
+    "dump",
+    "transfer",
+    "restore",
+    "commit",
+    "rollback",
+];
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "–".into())
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_048_576.0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from Unix ms, without a date crate (Howard Hinnant's
+/// days-to-civil algorithm).
+pub fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn status_cell(c: &CaseReport) -> Option<String> {
+    match c.status {
+        CaseStatus::Ok => None,
+        CaseStatus::Unsupported => Some(format!(
+            "unsupported: {}",
+            c.note.as_deref().unwrap_or("refused in preflight")
+        )),
+        CaseStatus::Failed => Some(format!(
+            "FAILED: {}",
+            c.error.as_deref().unwrap_or("unknown error")
+        )),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let s = s.replace(['\n', '|'], " ");
+    if s.chars().count() > 160 {
+        let cut: String = s.chars().take(157).collect();
+        format!("{cut}...")
+    } else {
+        s
+    }
+}
+
+fn breakdown(c: &CaseReport) -> String {
+    if let Some(m) = &c.manual {
+        return format!(
+            "checkpoint {:.0} + copy {:.0} + start {:.0} ms (create beforehand {:.0} ms)",
+            m.checkpoint_ms, m.copy_ms, m.start_ms, m.create_ms
+        );
+    }
+    if let Some(r) = c.ferry.as_ref().and_then(|f| f.report.as_ref()) {
+        let parts: Vec<String> = PHASE_ORDER
+            .iter()
+            .filter_map(|p| r.phases_ms.get(*p).map(|ms| format!("{p} {ms}")))
+            .collect();
+        return format!("{} ms; downtime {} ms", parts.join(", "), r.downtime_ms);
+    }
+    "–".into()
+}
+
+pub fn markdown(r: &BenchReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# ferry benchmark: live migration vs the manual `docker checkpoint` path\n"
+    );
+    let _ = writeln!(
+        s,
+        "Run {} – {}. Redis loaded with {}-byte values to the given RSS; one client connection \
+         (INCR+SET every {} ms) from the test bed's client namespace; host a → host b on the \
+         local test bed (macvlan, shared L2). MB = 2^20 bytes.\n",
+        utc(r.started_unix_ms),
+        utc(r.finished_unix_ms),
+        r.value_size,
+        r.interval_ms
+    );
+    let _ = writeln!(
+        s,
+        "| size | case | client gap ms | total ms | bytes | agent CPU s | agent peak RSS MB (a / b) | gap ratio vs manual |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let mut manual_note = false;
+    for c in &r.cases {
+        if let Some(st) = status_cell(c).filter(|_| c.client_gap_ms.is_none()) {
+            let _ = writeln!(
+                s,
+                "| {} MB | {} | {} | | | | | |",
+                c.size_mb,
+                c.case,
+                one_line(&st)
+            );
+            continue;
+        }
+        let mark = if c.case == MANUAL {
+            manual_note = true;
+            " ¹"
+        } else {
+            ""
+        };
+        let peak = c
+            .work_peak_rss_mb
+            .as_ref()
+            .map(|p| format!("{:.0} / {:.0}{mark}", p.a, p.b))
+            .unwrap_or_else(|| "–".into());
+        let mut gap = opt(c.client_gap_ms, 0);
+        if c.status == CaseStatus::Failed {
+            gap.push_str(" (FAILED)");
+        }
+        let _ = writeln!(
+            s,
+            "| {} MB | {} | {} | {} | {} | {}{} | {} | {} |",
+            c.size_mb,
+            c.case,
+            gap,
+            opt(c.total_ms, 0),
+            c.bytes.map(mib).unwrap_or_else(|| "–".into()),
+            opt(c.work_cpu_s, 2),
+            if c.work_cpu_s.is_some() { mark } else { "" },
+            peak,
+            opt(c.gap_ratio_vs_manual, 1),
+        );
+    }
+    if manual_note {
+        let _ = writeln!(
+            s,
+            "\n¹ manual path: no agent is involved; the figures are dockerd + containerd + the \
+             container's containerd shims (which run runc and CRIU) of both hosts.\n"
+        );
+    }
+    let _ = writeln!(s, "\nclient gap: the longest time between two replies the client saw (`max_gap_ms`). total: manual = checkpoint + copy + start (the container is down throughout); ferry = the CLI's `total_ms` (preflight to commit). bytes: manual = checkpoint directory size; ferry = `bytes_sent`. CPU: user+system time of the processes (and their reaped children) during the migration and 2 s after it.\n");
+
+    let _ = writeln!(s, "## Details\n");
+    let _ = writeln!(
+        s,
+        "| size | case | Redis RSS MB (a → b) | keys | load s | pause breakdown | docker CPU s | agents CPU s | connection kept | note |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    for c in &r.cases {
+        let note = status_cell(c)
+            .or_else(|| c.note.clone())
+            .map(|n| one_line(&n))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| {} MB | {} | {} → {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.size_mb,
+            c.case,
+            opt(c.rss_mb, 0),
+            opt(c.target_rss_mb, 0),
+            c.keys,
+            opt(Some(c.load_ms / 1000.0).filter(|v| *v > 0.0), 1),
+            breakdown(c),
+            opt(c.docker_cpu_s, 2),
+            opt(c.agents_cpu_s, 2),
+            c.connection_kept
+                .map(|k| if k { "yes" } else { "NO" })
+                .unwrap_or("–"),
+            note
+        );
+    }
+    if !r.strategies.is_empty() {
+        let _ = writeln!(s, "\n## Strategies\n");
+        for st in &r.strategies {
+            let _ = writeln!(
+                s,
+                "- {}: {}",
+                st.name,
+                if st.supported {
+                    "benchmarked".to_string()
+                } else {
+                    format!("unsupported: {}", one_line(&st.note))
+                }
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_576_702_430), "2026-11-25 03:18:22 UTC");
+    }
+
+    #[test]
+    fn one_line_strips_pipes_and_truncates() {
+        assert_eq!(one_line("a|b\nc"), "a b c");
+        assert_eq!(one_line(&"x".repeat(300)).chars().count(), 160);
+    }
+}
