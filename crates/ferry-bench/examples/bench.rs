@@ -2,6 +2,8 @@
 //!
 //! `cargo run --release -p ferry-bench --example bench -- [--sizes 64,512] [--strategies stop-and-copy] [--out DIR] [--ferry PATH] [--interval-ms 5]`
 //!
+//! `... --example bench -- --rerender DIR` rewrites DIR's bench.md and charts from its bench.json.
+//!
 //! The ferry binary defaults to the workspace's target/release/ferry (build it first:
 //! `cargo build --release --workspace --bins`). Needs root and the test bed.
 
@@ -31,6 +33,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--out" => opts.out_dir = value.into(),
             "--ferry" => opts.ferry_exe = value.into(),
             "--interval-ms" => opts.interval_ms = value.parse()?,
+            "--rerender" => {
+                let dir = PathBuf::from(value);
+                let mut report = ferry_bench::load_report(&dir)?;
+                ferry_bench::write_outputs(&dir, &mut report)?;
+                print!("{}", ferry_bench::markdown(&report));
+                return Ok(());
+            }
             other => return Err(format!("unknown flag {other}").into()),
         }
     }

@@ -773,6 +773,25 @@ fn write_chart(out_dir: &Path, report: &mut BenchReport, size_mb: u64) -> Result
     Ok(())
 }
 
+/// Rewrites bench.json, bench.md and every size's chart from `report` (e.g. one read back
+/// from an earlier run's bench.json, after a change to the rendering).
+pub fn write_outputs(out_dir: &Path, report: &mut BenchReport) -> Result<(), BenchError> {
+    let sizes: Vec<u64> = report.sizes_mb.clone();
+    for size in sizes {
+        if report.cases.iter().any(|c| c.size_mb == size) {
+            write_chart(out_dir, report, size)?;
+        }
+    }
+    write_reports(out_dir, report)
+}
+
+/// Reads an earlier run's bench.json.
+pub fn load_report(out_dir: &Path) -> Result<BenchReport, BenchError> {
+    let path = out_dir.join("bench.json");
+    let text = std::fs::read(&path).map_err(|e| BenchError::io("read bench.json", &path, e))?;
+    serde_json::from_slice(&text).map_err(|e| BenchError::json("parse bench.json", e))
+}
+
 /// Runs the benchmark (see the crate docs). Fails only when it cannot start or write its
 /// results; a case that fails is recorded in the report (`status: failed`, `error`) and the
 /// benchmark goes on, after one retry with the test bed repaired (it is shared, and may have
@@ -896,6 +915,6 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         write_chart(&opts.out_dir, &mut report, size)?;
     }
     report.finished_unix_ms = unix_ms() as u64;
-    write_reports(&opts.out_dir, &mut report)?;
+    write_outputs(&opts.out_dir, &mut report)?;
     Ok(report)
 }

@@ -94,6 +94,35 @@ fn thin(points: &[(f64, f64)], px: impl Fn(f64) -> f64) -> Vec<(f64, f64)> {
     out
 }
 
+/// Replies slower than this get a wait ramp (see [`with_wait_ramps`]).
+pub const RAMP_MIN_MS: f64 = 20.0;
+
+/// Adds, before each reply that took at least `min_ms`, the age of the request still waiting
+/// for it: rising from the send time (`x - latency`) to the reply. A plain line from the last
+/// fast reply to the slow one would draw a diagonal that looks like latency growing
+/// gradually; the ramp shows what the client actually experienced at each moment — how long
+/// it had been waiting. On the log axis the ramp shoots up and flattens.
+pub fn with_wait_ramps(points: &[(f64, f64)], min_ms: f64) -> Vec<(f64, f64)> {
+    const STEPS: u32 = 32;
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(points.len());
+    for &(x, y) in points {
+        if y >= min_ms && y.is_finite() {
+            let send = x - y / 1000.0;
+            let prev = out.last().copied();
+            let start_age = prev.map_or(0.05, |p| p.1.max(0.05)).min(y);
+            for k in 0..STEPS {
+                let age = start_age * (y / start_age).powf(f64::from(k) / f64::from(STEPS));
+                let ax = send + age / 1000.0;
+                if prev.is_none_or(|p| ax > p.0) && ax < x {
+                    out.push((ax, age));
+                }
+            }
+        }
+        out.push((x, y));
+    }
+    out
+}
+
 /// Renders the chart. Series without points still get a legend entry, so a case that did
 /// not run is visibly absent rather than silently missing.
 pub fn latency_chart(title: &str, subtitle: &str, series: &[Series]) -> String {
@@ -220,7 +249,7 @@ pub fn latency_chart(title: &str, subtitle: &str, series: &[Series]) -> String {
     );
     for (i, se) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let pts = thin(&se.points, xp);
+        let pts = thin(&with_wait_ramps(&se.points, RAMP_MIN_MS), xp);
         if !pts.is_empty() {
             let mut path = String::new();
             for (x, y) in &pts {
@@ -260,6 +289,16 @@ pub fn latency_chart(title: &str, subtitle: &str, series: &[Series]) -> String {
         s,
         r##"<text x="{lx:.1}" y="{ny:.1}" font-size="11" fill="#555">dotted: that case's migration ends</text>"##
     );
+    let _ = writeln!(
+        s,
+        r##"<text x="{lx:.1}" y="{:.1}" font-size="11" fill="#555">ramps: how long the pending</text>"##,
+        ny + 16.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{lx:.1}" y="{:.1}" font-size="11" fill="#555">request has waited so far</text>"##,
+        ny + 30.0
+    );
     s.push_str("</svg>\n");
     s
 }
@@ -294,6 +333,24 @@ mod tests {
         let t = thin(&pts, |x| x * 10.0);
         assert!(t.len() <= 12, "{}", t.len());
         assert!(t.iter().any(|p| p.1 == 500.0));
+    }
+
+    #[test]
+    fn wait_ramp_rises_from_send_to_reply() {
+        let pts = vec![(0.0, 0.2), (0.005, 0.2), (2.0, 1500.0), (2.005, 0.3)];
+        let r = with_wait_ramps(&pts, RAMP_MIN_MS);
+        assert!(r.len() > pts.len() + 10, "{}", r.len());
+        assert!(r.windows(2).all(|w| w[1].0 >= w[0].0), "x never goes back");
+        // The ramp starts at the send time (2.0 - 1.5 s) near the baseline...
+        let first = r.iter().find(|p| p.0 > 0.005).unwrap();
+        assert!((first.0 - 0.5).abs() < 0.01 && first.1 < 1.0, "{first:?}");
+        // ...and every ramp point is the age since sending.
+        for p in r.iter().filter(|p| p.0 > 0.4 && p.0 < 2.0) {
+            assert!(((p.0 - 0.5) * 1000.0 - p.1).abs() < 1e-6, "{p:?}");
+        }
+        assert_eq!(r.last(), Some(&(2.005, 0.3)));
+        // Fast replies are left alone.
+        assert_eq!(with_wait_ramps(&pts[..2], RAMP_MIN_MS), pts[..2].to_vec());
     }
 
     #[test]
