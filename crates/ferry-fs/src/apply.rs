@@ -710,34 +710,52 @@ impl Commit<'_> {
         Ok(())
     }
 
+    /// Undoes the journal in reverse. Keeps going past a failing step, so one stuck entry does
+    /// not leave every other change in place, and reports the first failure.
     fn rollback(&mut self) -> Result<()> {
+        let mut first_err = None;
         while let Some(u) = self.journal.pop() {
-            match u {
-                Undo::Placed(p) => {
-                    if let Some((dir, name)) = self.dest_parent(&p)? {
-                        let trash = self.next_name()?;
-                        sys::renameat(dir.as_fd(), &name, self.undo.as_fd(), &trash)
-                            .map_err(|e| io_err("roll back placement", &p, e))?;
-                    }
+            if let Err(e) = self.undo_one(u) {
+                first_err.get_or_insert(e);
+            }
+        }
+        let times: Vec<(RelPath, (Timestamp, Timestamp))> =
+            self.parent_times.iter().map(|(p, t)| (p.clone(), *t)).collect();
+        for (p, (atime, mtime)) in times {
+            let r = open_dir_under(self.dest_root, &p).and_then(|fd| match fd {
+                Some(fd) => sys::futimens(fd.as_fd(), atime, mtime).map_err(|e| io_err("utimes", &p, e)),
+                None => Ok(()),
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn undo_one(&mut self, u: Undo) -> Result<()> {
+        match u {
+            Undo::Placed(p) => {
+                if let Some((dir, name)) = self.dest_parent(&p)? {
+                    let trash = self.next_name()?;
+                    sys::renameat(dir.as_fd(), &name, self.undo.as_fd(), &trash)
+                        .map_err(|e| io_err("roll back placement", &p, e))?;
                 }
-                Undo::MovedAside(p, aside) => {
-                    let (dir, name) = self
-                        .dest_parent(&p)?
-                        .ok_or_else(|| refused(&p, "parent vanished during rollback"))?;
-                    sys::renameat(self.undo.as_fd(), &aside, dir.as_fd(), &name)
-                        .map_err(|e| io_err("restore original", &p, e))?;
-                }
-                Undo::Meta(p, meta, opaque) => {
-                    if let Some(fd) = open_dir_under(self.dest_root, &p)? {
+            }
+            Undo::MovedAside(p, aside) => {
+                let (dir, name) = self
+                    .dest_parent(&p)?
+                    .ok_or_else(|| refused(&p, "parent vanished during rollback"))?;
+                sys::renameat(self.undo.as_fd(), &aside, dir.as_fd(), &name)
+                    .map_err(|e| io_err("restore original", &p, e))?;
+            }
+            Undo::Meta(p, meta, opaque) => {
+                if let Some(fd) = open_dir_under(self.dest_root, &p)? {
+                    if dir_meta_of(fd.as_fd(), &p, self.ap.mode)? != (meta.clone(), opaque) {
                         set_fd_meta(fd.as_fd(), &p, &meta, opaque, self.ap.mode, true)?;
                         sys::futimens(fd.as_fd(), meta.atime, meta.mtime).map_err(|e| io_err("utimes", &p, e))?;
                     }
                 }
-            }
-        }
-        for (p, (atime, mtime)) in &self.parent_times {
-            if let Some(fd) = open_dir_under(self.dest_root, p)? {
-                sys::futimens(fd.as_fd(), *atime, *mtime).map_err(|e| io_err("utimes", p, e))?;
             }
         }
         Ok(())
