@@ -181,8 +181,19 @@ pub struct CaseReport {
     /// dockerd + containerd + the benchmarked container's shims, both hosts.
     pub docker_cpu_s: Option<f64>,
     pub gap_ratio_vs_manual: Option<f64>,
+    /// How long the client's longest gap went on after the migration had returned (ferry
+    /// committed / `docker start` came back): the client only resends when its TCP
+    /// retransmission timer fires, and that timer backs off while the container is frozen.
+    #[serde(default)]
+    pub gap_after_migration_ms: Option<f64>,
     pub migration_start_unix_ms: Option<f64>,
     pub migration_end_unix_ms: Option<f64>,
+    /// The machine is shared (other tests, builds): its 1-minute load average when the
+    /// migration started and how busy all its CPUs were from then until the client stopped.
+    #[serde(default)]
+    pub load_avg_1m: Option<f64>,
+    #[serde(default)]
+    pub machine_busy_pct: Option<f64>,
     pub client: Option<ClientSummary>,
     pub manual: Option<ManualTimings>,
     pub ferry: Option<FerryRun>,
@@ -215,8 +226,11 @@ impl CaseReport {
             agents_cpu_s: None,
             docker_cpu_s: None,
             gap_ratio_vs_manual: None,
+            gap_after_migration_ms: None,
             migration_start_unix_ms: None,
             migration_end_unix_ms: None,
+            load_avg_1m: None,
+            machine_busy_pct: None,
             client: None,
             manual: None,
             ferry: None,
@@ -567,6 +581,8 @@ impl Ctx {
         client.check_running()?;
 
         // 3. The migration, with the workers sampled throughout.
+        rep.load_avg_1m = procfs::loadavg();
+        let cpu_before = procfs::cpu_jiffies();
         let sampler = procfs::Sampler::start(self.procs.clone());
         rep.migration_start_unix_ms = Some(unix_ms());
         let timeout = migrate_timeout(rep.size_mb);
@@ -632,12 +648,20 @@ impl Ctx {
         tokio::time::sleep(SETTLE).await;
         let target_id = self.container_id(&self.b, &name).await.unwrap_or_default();
         let usage = sampler.finish(&[source_id, target_id]).await;
+        if let (Some(b), Some(a)) = (cpu_before, procfs::cpu_jiffies()) {
+            rep.machine_busy_pct = procfs::busy_pct(b, a);
+        }
         let summary = client.stop().await;
         self.record_usage(rep, usage);
         rep.target_rss_mb = self.rss_mb(&self.b, &name).await;
         migrated?;
         let summary = summary?;
         rep.client_gap_ms = Some(summary.max_gap_ms);
+        rep.gap_after_migration_ms = gap_after(
+            &rep.dir.join("latency.log"),
+            &summary,
+            rep.migration_end_unix_ms,
+        );
         let kept = summary.ok && summary.continuous;
         rep.connection_kept = Some(kept);
         let errors = summary.errors.join("; ");
@@ -684,6 +708,25 @@ impl Ctx {
         }
         rep.processes = usage;
     }
+}
+
+/// End of the client's longest gap minus the migration's end (see
+/// [`CaseReport::gap_after_migration_ms`]); the log's header anchors client time to wall time.
+fn gap_after(log: &Path, summary: &ClientSummary, end_unix_ms: Option<f64>) -> Option<f64> {
+    let header = std::fs::read_to_string(log).ok()?;
+    let start: f64 = header
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("start_unix_ms="))?
+        .parse()
+        .ok()?;
+    let (t, g) = summary
+        .gaps_over_100ms
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    Some(start + t + g - end_unix_ms?)
 }
 
 /// manual gap / case gap for every case of a size that has both.
@@ -917,4 +960,81 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     report.finished_unix_ms = unix_ms() as u64;
     write_outputs(&opts.out_dir, &mut report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(size: u64, name: &str, gap: Option<f64>, status: CaseStatus) -> CaseReport {
+        let mut c = CaseReport::new(size, name, Ipv4Addr::new(198, 18, 0, 160), PathBuf::new());
+        c.client_gap_ms = gap;
+        c.status = status;
+        c
+    }
+
+    #[test]
+    fn ratios_are_per_size_and_need_a_good_manual_run() {
+        let mut cases = vec![
+            case(64, MANUAL, Some(3000.0), CaseStatus::Ok),
+            case(64, "stop-and-copy", Some(1500.0), CaseStatus::Ok),
+            case(512, MANUAL, Some(20000.0), CaseStatus::Failed),
+            case(512, "stop-and-copy", Some(5000.0), CaseStatus::Ok),
+            case(64, "pre-copy", None, CaseStatus::Unsupported),
+        ];
+        fill_ratios(&mut cases);
+        let r: Vec<Option<f64>> = cases.iter().map(|c| c.gap_ratio_vs_manual).collect();
+        assert_eq!(r, [Some(1.0), Some(2.0), None, None, None]);
+    }
+
+    #[test]
+    fn keys_and_names() {
+        // 64 MiB wanted, 12 MiB already resident: 52 MiB of 1115-byte keys.
+        assert_eq!(keys_for(64, 12 * 1024), 52 * 1024 * 1024 / BYTES_PER_KEY);
+        assert_eq!(keys_for(16, 20 * 1024), 1000);
+        assert_eq!(
+            container_name(64, "stop-and-copy"),
+            "bench-64m-stop-and-copy"
+        );
+        assert_eq!(container_name(2048, "x/y z"), "bench-2048m-x-y-z");
+    }
+
+    #[test]
+    fn gap_after_migration_from_log_header() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("latency.log");
+        std::fs::write(&log, "# t_ms latency_ms start_unix_ms=10000.000\n1.0 0.1\n").unwrap();
+        let summary = ClientSummary {
+            gaps_over_100ms: vec![(500.0, 150.0), (1000.0, 4000.0)],
+            ..ClientSummary::default()
+        };
+        // Longest gap ends at 10000 + 1000 + 4000 = 15000; the migration returned at 14000.
+        assert_eq!(gap_after(&log, &summary, Some(14000.0)), Some(1000.0));
+        assert_eq!(gap_after(&log, &summary, None), None);
+        assert_eq!(gap_after(&d.path().join("none"), &summary, Some(1.0)), None);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let ferry = d.path().join("ferry");
+        let mut o = BenchOptions::new(&ferry, d.path().join("out"));
+        assert!(
+            matches!(o.validate(), Err(BenchError::Options(m)) if m.contains("does not exist"))
+        );
+        std::fs::write(&ferry, b"").unwrap();
+        assert!(
+            matches!(o.validate(), Err(BenchError::Options(m)) if m.contains("ferry-workload"))
+        );
+        std::fs::write(d.path().join("ferry-workload"), b"").unwrap();
+        assert!(o.validate().is_ok());
+        o.sizes_mb = vec![];
+        assert!(o.validate().is_err());
+        o.sizes_mb = vec![64];
+        o.strategies = vec![MANUAL.into()];
+        assert!(o.validate().is_err());
+        o.strategies = vec![];
+        o.interval_ms = 0;
+        assert!(o.validate().is_err());
+    }
 }

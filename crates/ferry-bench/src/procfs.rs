@@ -72,6 +72,45 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     parse_status_mem(&text).0
 }
 
+/// `(busy, total)` jiffies over all CPUs from the first line of `/proc/stat`; the test bed
+/// shares the machine, so a case records how busy the machine was while it ran.
+pub fn parse_cpu_line(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v[4];
+    Some((total - idle, total))
+}
+
+pub fn cpu_jiffies() -> Option<(u64, u64)> {
+    parse_cpu_line(&fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// Busy share of all CPUs between two [`cpu_jiffies`] readings, in percent.
+pub fn busy_pct(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1)?;
+    let busy = after.0.checked_sub(before.0)?;
+    (total > 0).then(|| busy as f64 * 100.0 / total as f64)
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Clock ticks per second; 100 on every Linux this runs on, but ask rather than assume.
 pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions and only reads a constant.
@@ -403,6 +442,16 @@ mod tests {
         let s = "Name:\tredis\nVmPeak:\t 1 kB\nVmHWM:\t   78884 kB\nVmRSS:\t   11972 kB\n";
         assert_eq!(parse_status_mem(s), (Some(11972), Some(78884)));
         assert_eq!(parse_status_mem("Name: x\n"), (None, None));
+    }
+
+    #[test]
+    fn machine_cpu() {
+        let t = "cpu  100 5 50 800 45 0 0 0 0 0\ncpu0 1 2 3 4 5\n";
+        assert_eq!(parse_cpu_line(t), Some((155, 1000)));
+        assert_eq!(busy_pct((155, 1000), (255, 1200)), Some(50.0));
+        assert_eq!(busy_pct((155, 1000), (155, 1000)), None);
+        assert!(cpu_jiffies().is_some());
+        assert!(loadavg().is_some());
     }
 
     #[test]

@@ -162,9 +162,9 @@ pub fn markdown(r: &BenchReport) -> String {
     let _ = writeln!(s, "## Details\n");
     let _ = writeln!(
         s,
-        "| size | case | Redis RSS MB (a → b) | keys | load s | pause breakdown | docker CPU s | agents CPU s | connection kept | note |"
+        "| size | case | Redis RSS MB (a → b) | keys | load s | pause breakdown | gap after migration returned ms | docker CPU s | agents CPU s | connection kept | machine load (1 min avg / busy %) | note |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &r.cases {
         let note = status_cell(c)
             .or_else(|| c.note.clone())
@@ -172,7 +172,7 @@ pub fn markdown(r: &BenchReport) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} MB | {} | {} → {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} MB | {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
             c.size_mb,
             c.case,
             opt(c.rss_mb, 0),
@@ -180,11 +180,14 @@ pub fn markdown(r: &BenchReport) -> String {
             c.keys,
             opt(Some(c.load_ms / 1000.0).filter(|v| *v > 0.0), 1),
             breakdown(c),
+            opt(c.gap_after_migration_ms, 0),
             opt(c.docker_cpu_s, 2),
             opt(c.agents_cpu_s, 2),
             c.connection_kept
                 .map(|k| if k { "yes" } else { "NO" })
                 .unwrap_or("–"),
+            opt(c.load_avg_1m, 2),
+            opt(c.machine_busy_pct, 0),
             note
         );
     }
