@@ -11,7 +11,7 @@ need_pkgs=()
 for p in docker.io iproute2 iptables redis-server redis-tools busybox-static procps \
          build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler \
          protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev \
-         libgnutls28-dev uuid-dev xz-utils ca-certificates postgresql postgresql-contrib; do
+         libgnutls28-dev uuid-dev xz-utils ca-certificates openssl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -20,7 +20,6 @@ if ((${#need_pkgs[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
-# Debian's postgresql package starts nothing here (no systemd), but make sure no cluster runs.
 pkill -x redis-server 2>/dev/null || true
 
 criu_ok() {

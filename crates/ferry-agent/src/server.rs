@@ -92,7 +92,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
     match purpose {
         Purpose::Cli => serve_cli(shared, conn).await,
         Purpose::Control { migration_id } => {
-            shared.targets.serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(300)).await;
+            shared.targets.serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(100)).await;
             Ok(())
         }
         Purpose::Images { migration_id } => {

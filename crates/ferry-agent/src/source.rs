@@ -171,6 +171,7 @@ impl SourceSide for LocalSource {
             strategy: Strategy::StopAndCopy,
             container_name: view.name.clone(),
             image_id: view.image_id.clone(),
+            image_ref: Some(view.image_ref.clone()).filter(|r| !r.is_empty() && *r != view.image_id),
             create_body: body,
             networks,
             fault: self.fault,

@@ -104,6 +104,14 @@ impl Targets {
             }
         }
         let mut body = req.create_body.clone();
+        if let Some(r) = &req.image_ref {
+            let same = docker.inspect_image(r).await.ok().flatten().and_then(|i| i.get("Id").and_then(|v| v.as_str()).map(str::to_string));
+            if same.as_deref() == Some(req.image_id.as_str()) {
+                if let Some(cfg) = body.as_object_mut() {
+                    cfg.insert("Image".into(), serde_json::Value::String(r.clone()));
+                }
+            }
+        }
         if let Some(hc) = body.get_mut("HostConfig").and_then(|h| h.as_object_mut()) {
             hc.insert("Runtime".into(), serde_json::Value::String(crate::FERRY_RUNTIME.into()));
         }
@@ -217,9 +225,9 @@ impl Targets {
         let work = dir.join("work");
         if prepare.fault == Some(Fault::TargetRestore) {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
-            warn!("fault injected: page images damaged before restore");
+            warn!("fault injected: process tree image damaged before restore");
         }
-        let overrides = ferry_criu::runtime::RestoreOverrides { image_path: images.clone(), work_path: work.clone(), tcp_established: true, extra_args: vec![] };
+        let overrides = ferry_criu::runtime::RestoreOverrides { image_path: images.clone(), work_path: work.clone(), tcp_established: true, extra_args: vec![], timeout_s: timeout.as_secs().saturating_sub(10).max(10) };
         let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
         if let Some(parent) = opath.parent() {
@@ -339,21 +347,38 @@ impl Targets {
         Ok(())
     }
 
-    /// Removes the half-made container and every file of the attempt. Idempotent.
+    /// Removes the half-made container and every file of the attempt. Idempotent. The
+    /// registry lock is never held across a Docker call: one wedged call must not stall every
+    /// other migration on this host.
     pub async fn rollback(&self, id: &str) -> Result<String, ErrorInfo> {
-        let mut map = self.map.lock().await;
-        let Some(m) = map.get_mut(id) else { return Ok("nothing of this migration exists here".into()) };
-        match m.state {
-            TargetState::Committed => return Err(err("rollback (target)", format!("migration {id} is already committed"))),
-            TargetState::RolledBack => return Ok("already rolled back".into()),
-            _ => {}
-        }
+        let (container_id, name, snapshot) = {
+            let map = self.map.lock().await;
+            let Some(m) = map.get(id) else { return Ok("nothing of this migration exists here".into()) };
+            match m.state {
+                TargetState::Committed => return Err(err("rollback (target)", format!("migration {id} is already committed"))),
+                TargetState::RolledBack => return Ok("already rolled back".into()),
+                _ => {}
+            }
+            (
+                m.container_id.clone(),
+                m.prepare.container_name.clone(),
+                TargetMigration {
+                    state: m.state,
+                    prepare: m.prepare.clone(),
+                    container_id: m.container_id.clone(),
+                    dir: m.dir.clone(),
+                    checkpoint_dir: m.checkpoint_dir.clone(),
+                    ctrd_copy: m.ctrd_copy.clone(),
+                    images_complete: m.images_complete,
+                },
+            )
+        };
         let mut problems = Vec::new();
-        if let Some(cid) = &m.container_id {
+        if let Some(cid) = &container_id {
             if let Err(e) = self.env.docker.remove_container(cid, true).await {
                 problems.push(format!("removing container {cid}: {e}"));
             }
-        } else if let Ok(Some(c)) = self.env.docker.inspect_container(&m.prepare.container_name).await {
+        } else if let Ok(Some(c)) = self.env.docker.inspect_container(&name).await {
             // A create whose answer never came back: remove it only if it is ours (ferry runtime).
             if c.pointer("/HostConfig/Runtime").and_then(|r| r.as_str()) == Some(crate::FERRY_RUNTIME)
                 && c.pointer("/State/Status").and_then(|s| s.as_str()) == Some("created")
@@ -365,9 +390,13 @@ impl Targets {
                 }
             }
         }
-        problems.extend(self.cleanup_files(m));
+        let latest = self.map.lock().await.get(id).and_then(|m| m.ctrd_copy.clone());
+        let snapshot = TargetMigration { ctrd_copy: latest.or(snapshot.ctrd_copy.clone()), ..snapshot };
+        problems.extend(self.cleanup_files(&snapshot));
         if problems.is_empty() {
-            m.state = TargetState::RolledBack;
+            if let Some(m) = self.map.lock().await.get_mut(id) {
+                m.state = TargetState::RolledBack;
+            }
             Ok("target container and received images removed".into())
         } else {
             Err(err("rollback (target)", problems.join("; ")))
@@ -423,22 +452,12 @@ impl Targets {
     }
 }
 
-/// Damages the page images so CRIU's restore fails for real (fault injection for tests).
+/// Damages the checkpoint so CRIU's restore fails for real, early and deterministically (fault
+/// injection for tests): the process tree image is cut short.
 fn damage_pages(images: &Path) -> std::io::Result<()> {
-    let mut largest: Option<(u64, PathBuf)> = None;
-    for e in std::fs::read_dir(images)? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("pages-") {
-            let len = e.metadata()?.len();
-            if largest.as_ref().map(|(l, _)| len > *l).unwrap_or(true) {
-                largest = Some((len, e.path()));
-            }
-        }
-    }
-    let (len, path) = largest.ok_or_else(|| std::io::Error::other("no pages-*.img to damage"))?;
+    let path = images.join("pstree.img");
     let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-    f.set_len(len / 2)
+    f.set_len(6)
 }
 
 type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;

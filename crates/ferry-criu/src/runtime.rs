@@ -19,6 +19,14 @@ pub struct RestoreOverrides {
     pub tcp_established: bool,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Deadline for runc's restore. A CRIU restore fed bad images can spin forever and wedge
+    /// the daemon's start call; past this the wrapper kills runc and CRIU and reports failure.
+    #[serde(default = "default_restore_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_restore_timeout() -> u64 {
+    90
 }
 
 /// What the wrapper saw and did, for the agent to clean up after and to quote on failure.
@@ -144,13 +152,7 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         return 127;
     };
     let (new_args, original) = rewrite_restore(&args, sub, &o);
-    let code = match std::process::Command::new(&runc).args(&new_args).status() {
-        Ok(st) => st.code().unwrap_or(128),
-        Err(e) => {
-            eprintln!("ferry runtime: cannot run {runc}: {e}");
-            127
-        }
-    };
+    let code = run_with_deadline(&runc, &new_args, std::time::Duration::from_secs(o.timeout_s.max(1)));
     let record = RestoreRecord { original_image_path: original, args: new_args, exit_code: code };
     if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
         let path = record_path(state_dir, &id);
@@ -160,6 +162,39 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         }
     }
     code
+}
+
+/// Runs runc in its own process group (CRIU included) and kills the whole group at the deadline.
+fn run_with_deadline(runc: &str, args: &[String], limit: std::time::Duration) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let mut child = match std::process::Command::new(runc).args(args).process_group(0).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry runtime: cannot run {runc}: {e}");
+            return 127;
+        }
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st.code().unwrap_or(128),
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let pgid = child.id() as i32;
+                // SAFETY: kill(2) with a negative pid signals the process group we created.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                let _ = child.wait();
+                eprintln!("ferry runtime: runc restore did not finish within {} s and was killed", limit.as_secs());
+                return 124;
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => {
+                eprintln!("ferry runtime: waiting for runc: {e}");
+                return 127;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +219,7 @@ mod tests {
             work_path: "/ferry/work".into(),
             tcp_established: true,
             extra_args: vec![],
+            timeout_s: 90,
         };
         let args = s(&["--root", "/r", "restore", "--image-path", "/tmp/ctrd-checkpoint1", "--work-path", "/tmp/w", "--bundle", "/b", "--detach", "cid"]);
         let (new, orig) = rewrite_restore(&args, 2, &o);
@@ -196,7 +232,7 @@ mod tests {
 
     #[test]
     fn inline_values_and_missing_flags_are_handled() {
-        let o = RestoreOverrides { image_path: "/i".into(), work_path: "/w".into(), tcp_established: false, extra_args: vec!["--lazy-pages".into()] };
+        let o = RestoreOverrides { image_path: "/i".into(), work_path: "/w".into(), tcp_established: false, extra_args: vec!["--lazy-pages".into()], timeout_s: 90 };
         let args = s(&["restore", "--image-path=/tmp/c", "--tcp-established", "cid"]);
         let (new, orig) = rewrite_restore(&args, 0, &o);
         assert_eq!(orig.as_deref(), Some("/tmp/c"));

@@ -64,6 +64,7 @@ impl SourceSide for FakeSource {
                 strategy: Strategy::Auto,
                 container_name: "c".into(),
                 image_id: "sha256:x".into(),
+                image_ref: None,
                 create_body: serde_json::json!({}),
                 networks: vec![],
                 fault: None,

@@ -127,6 +127,10 @@ pub struct PrepareRequest {
     pub strategy: Strategy,
     pub container_name: String,
     pub image_id: String,
+    /// The name the container was created from (`Config.Image`), kept on the target when it
+    /// names the same image there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<String>,
     /// Body for the Engine API's `POST /containers/create`, derived from the source's inspect.
     pub create_body: serde_json::Value,
     pub networks: Vec<NetworkAttachment>,

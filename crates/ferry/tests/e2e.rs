@@ -317,18 +317,39 @@ fn peers_without_a_certificate_from_the_ca_are_refused() {
     assert!(!out.status.success(), "an agent answered a client of another CA");
     let out = run(Command::new(ferry()).args(["migrate", "whatever", "--from", &addr("a"), "--to", &addr("b"), "--tls-dir"]).arg(&rogue_client));
     assert!(!out.status.success());
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let new = &log[log_before.min(log.len())..];
-    assert!(new.contains("refused") && new.contains("UnknownIssuer"), "the agent logs the refusal and why: {new}");
-    assert!(!new.contains("purpose=Cli"), "a session was opened for a client of another CA: {new}");
-    // A client with no certificate at all: a bare TLS-less TCP connection gets no protocol answer.
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(addr("a")).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let _ = tcp.write_all(b"\0\0\0\x20\x01{\"type\":\"check\",\"cpuinfo\":null}");
-    let mut buf = [0u8; 64];
-    let n = tcp.read(&mut buf).unwrap_or(0);
-    assert!(n == 0 || buf[0] == 0x15, "plaintext got an application answer: {:?}", &buf[..n]);
+    // A TLS client that trusts the agent but presents a certificate of another CA, and one that
+    // presents none: both must be refused in the handshake, before any request is read.
+    let real_ca = PathBuf::from(bed()["pki_dir"].as_str().unwrap()).join("ca").join("ca.pem");
+    let openssl = |with_cert: bool| -> String {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-quiet", "-connect", &addr("a"), "-CAfile"]).arg(&real_ca);
+        if with_cert {
+            cmd.arg("-cert").arg(rogue_client.join("cert.pem")).arg("-key").arg(rogue_client.join("key.pem"));
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("openssl runs");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(b"\0\0\0\x20\x01{\"type\":\"check\",\"cpuinfo\":null}");
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.stdout.is_empty(), "a refused client got an answer: {:?}", text(&out.stdout));
+        text(&out.stderr)
+    };
+    let foreign = openssl(true);
+    assert!(foreign.contains("unknown ca"), "{foreign}");
+    let none = openssl(false);
+    assert!(none.contains("certificate required"), "{none}");
+    let log = wait_for("the agent to log both refusals", || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let new = log[log_before.min(log.len())..].to_string();
+        (new.contains("UnknownIssuer") && new.contains("no certificates")).then_some(new)
+    });
+    let new = &log;
+    assert!(new.contains("UnknownIssuer"), "the agent names the foreign certificate: {new}");
+    assert!(new.contains("no certificates"), "the agent names the missing certificate: {new}");
+    assert!(!new.contains("purpose=Cli"), "a session was opened for an unauthenticated client: {new}");
     let _ = std::fs::remove_dir_all(&rogue);
 }
 
