@@ -21,6 +21,18 @@ pub struct ClientOpts {
     pub out: Option<PathBuf>,
     /// `--latency-log FILE`: one `t_ms latency_ms` line per exchange (see `latency`).
     pub latency_log: Option<PathBuf>,
+    /// `--read-timeout-s S` (default [`READ_TIMEOUT`]): a benchmark of a migration path that
+    /// pauses longer than 30 s (the manual docker path at 2 GB) must not count that pause as
+    /// a lost connection.
+    pub read_timeout: Duration,
+}
+
+/// Connects like [`connect`], with the run's own read/write timeout.
+pub fn connect_for(opts: &ClientOpts) -> io::Result<TcpStream> {
+    let s = connect(opts.addr)?;
+    s.set_read_timeout(Some(opts.read_timeout))?;
+    s.set_write_timeout(Some(opts.read_timeout))?;
+    Ok(s)
 }
 
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -100,7 +112,7 @@ pub fn finish(opts: &ClientOpts, summary: &Summary) -> i32 {
 
 pub fn run(opts: ClientOpts) -> i32 {
     let mut summary = Summary::new();
-    let stream = match connect(opts.addr) {
+    let stream = match connect_for(&opts) {
         Ok(s) => s,
         Err(e) => {
             summary.error(format!("connect {}: {}", opts.addr, describe(&e)));
@@ -138,4 +150,50 @@ pub fn run(opts: ClientOpts) -> i32 {
         Ok(())
     });
     finish(&opts, &summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn read_timeout_ends_a_silent_run_and_logs_latency() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers twice, then goes silent with the connection open.
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            for n in 1..=2 {
+                line.clear();
+                r.read_line(&mut line).unwrap();
+                w.write_all(format!("{n}\n").as_bytes()).unwrap();
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let dir = std::env::temp_dir().join(format!("ferry-client-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (out, log) = (dir.join("summary.json"), dir.join("latency.log"));
+        let started = Instant::now();
+        let code = run(ClientOpts {
+            addr,
+            interval: Duration::from_millis(5),
+            stop: Stop::new(Some(Duration::from_secs(10)), None),
+            out: Some(out.clone()),
+            latency_log: Some(log.clone()),
+            read_timeout: Duration::from_millis(300),
+        });
+        assert_eq!(code, 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let summary = std::fs::read_to_string(&out).unwrap();
+        assert!(summary.contains("timed out"), "{summary}");
+        assert!(summary.contains("\"replies\":2"), "{summary}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -22,8 +22,8 @@ use client::ClientOpts;
 
 const USAGE: &str = "usage:
   ferry-workload serve --port P
-  ferry-workload client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE]
-  ferry-workload redis-client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE]
+  ferry-workload client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE] [--read-timeout-s S]
+  ferry-workload redis-client --addr IP:PORT --interval-ms MS [--duration-s S] [--stop-file PATH] [--out FILE] [--latency-log FILE] [--read-timeout-s S]
   ferry-workload redis-load --addr IP:PORT --keys N --value-size B [--seed S]
   ferry-workload redis-digest --addr IP:PORT [--match PATTERN]
   ferry-workload expected-digest --keys N --value-size B [--seed S]
@@ -34,6 +34,8 @@ gaps_over_100ms as [ms since start when the gap began, gap ms], errors, ok, elap
 stopped_by (duration|stop-file|signal|error), and for redis-client sets.
 --latency-log FILE writes a header `# t_ms latency_ms start_unix_ms=<wall clock at start>`, then
 one `t_ms latency_ms` line per exchange (reply time since start, time since the request was sent).
+--read-timeout-s S (default 30): how long one reply may take before the run counts the
+connection as lost.
 They exit 0 if the run was ok, 1 if not, 2 if the summary could not be written.
 expected-digest prints what `redis-digest --match 'key:*'` reports right after redis-load.";
 
@@ -44,6 +46,7 @@ const CLIENT_FLAGS: &[&str] = &[
     "stop-file",
     "out",
     "latency-log",
+    "read-timeout-s",
 ];
 const DEFAULT_SEED: u64 = 1;
 
@@ -57,6 +60,11 @@ fn client_opts(f: &Flags) -> Result<ClientOpts, String> {
         stop: stop::Stop::new(duration, f.opt("stop-file").map(PathBuf::from)),
         out: f.opt("out").map(PathBuf::from),
         latency_log: f.opt("latency-log").map(PathBuf::from),
+        read_timeout: match f.num::<f64>("read-timeout-s")? {
+            None => client::READ_TIMEOUT,
+            Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+            Some(s) => return Err(format!("--read-timeout-s must be positive, got {s}")),
+        },
     })
 }
 

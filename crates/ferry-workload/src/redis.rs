@@ -4,7 +4,7 @@ use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
-use crate::client::{connect, describe, finish, ms_since, run_loop, ClientOpts};
+use crate::client::{connect, connect_for, describe, finish, ms_since, run_loop, ClientOpts};
 use crate::resp::{encode, read_value, Value};
 use crate::summary::{json_str, Summary};
 
@@ -14,7 +14,7 @@ pub const COUNTER_KEY: &str = "ferry:counter";
 pub fn client(opts: ClientOpts) -> i32 {
     let mut summary = Summary::new();
     summary.sets = Some(0);
-    let stream = match connect(opts.addr) {
+    let stream = match connect_for(&opts) {
         Ok(s) => s,
         Err(e) => {
             summary.error(format!("connect {}: {}", opts.addr, describe(&e)));
