@@ -79,7 +79,8 @@ pub struct Client {
 
 impl Client {
     /// Starts the client against `addr` with files in `dir`. `max_run` bounds its life on its
-    /// own, in case the benchmark dies without stopping it.
+    /// own, in case the benchmark dies without stopping it; `read_timeout` must outlast the
+    /// longest pause measured, or the client would call a slow migration a lost connection.
     pub fn start(
         netns: &str,
         workload_exe: &Path,
@@ -87,6 +88,7 @@ impl Client {
         interval_ms: u64,
         dir: &Path,
         max_run: Duration,
+        read_timeout: Duration,
     ) -> Result<Client, BenchError> {
         let step = format!("start the redis client against {addr}");
         let stop_file = dir.join("client.stop");
@@ -107,6 +109,7 @@ impl Client {
             .args(["--addr", addr])
             .args(["--interval-ms", &interval_ms.to_string()])
             .args(["--duration-s", &max_run.as_secs().to_string()])
+            .args(["--read-timeout-s", &read_timeout.as_secs().to_string()])
             .arg("--stop-file")
             .arg(&stop_file)
             .arg("--out")

@@ -576,6 +576,7 @@ impl Ctx {
             self.opts.interval_ms,
             &rep.dir,
             max_run,
+            migrate_timeout(rep.size_mb) + Duration::from_secs(30),
         )?;
         tokio::time::sleep(LEAD_IN).await;
         client.check_running()?;
