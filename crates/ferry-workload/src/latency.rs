@@ -6,12 +6,17 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Buffered in memory and flushed at the end, so writing it never adds to a measured latency.
+/// Buffered, and flushed at most every [`FLUSH_EVERY`] (after an exchange has been timed, so
+/// writing never adds to a measured latency): often enough that a benchmark can follow the
+/// file live, e.g. to see the first reply after a migration.
 pub struct LatencyLog {
     out: BufWriter<File>,
+    last_flush: Instant,
 }
+
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 impl LatencyLog {
     /// Creates the file and writes the header. `start_unix_ms` anchors the relative `t_ms`
@@ -23,13 +28,22 @@ impl LatencyLog {
             .unwrap_or(0.0);
         let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
         writeln!(out, "{}", header(start_unix_ms))?;
-        Ok(LatencyLog { out })
+        out.flush()?;
+        Ok(LatencyLog {
+            out,
+            last_flush: Instant::now(),
+        })
     }
 
     /// `t_ms`: when the reply arrived, ms since the client started; `latency_ms`: since the
     /// request was sent.
     pub fn record(&mut self, t_ms: f64, latency_ms: f64) -> io::Result<()> {
-        writeln!(self.out, "{}", line(t_ms, latency_ms))
+        writeln!(self.out, "{}", line(t_ms, latency_ms))?;
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.out.flush()?;
+            self.last_flush = Instant::now();
+        }
+        Ok(())
     }
 
     pub fn finish(mut self) -> io::Result<()> {
@@ -57,7 +71,10 @@ mod tests {
         let p = dir.join("lat.log");
         let mut log = LatencyLog::create(&p).unwrap();
         log.record(5.0, 0.25).unwrap();
+        std::thread::sleep(FLUSH_EVERY);
         log.record(10.5, 1.125).unwrap();
+        // Flushed without finish(): readable while the client runs.
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 3);
         log.finish().unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
