@@ -70,11 +70,44 @@ pub fn parse_latency_log(text: &str) -> Result<Vec<LatencyPoint>, String> {
         .collect())
 }
 
+/// Wall-clock time of the newest complete line of a latency log that is still being written
+/// (the client flushes it every 200 ms): reads the header and only the file's tail.
+pub fn last_reply_unix_ms(path: &Path) -> Option<f64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut head = [0u8; 256];
+    let n = f.read(&mut head).ok()?;
+    let header = String::from_utf8_lossy(&head[..n]);
+    let start: f64 = header
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("start_unix_ms="))?
+        .parse()
+        .ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    // Only lines ending in '\n' are complete.
+    let complete = &tail[..tail.rfind('\n')?];
+    let t: f64 = complete
+        .lines()
+        .next_back()
+        .filter(|l| !l.starts_with('#'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(start + t)
+}
+
 /// A running client; killed if dropped before [`Client::stop`].
 pub struct Client {
     child: Child,
     stop_file: PathBuf,
     summary: PathBuf,
+    latency_log: PathBuf,
 }
 
 impl Client {
@@ -131,6 +164,7 @@ impl Client {
             child,
             stop_file,
             summary,
+            latency_log,
         })
     }
 
@@ -149,6 +183,23 @@ impl Client {
                 "redis client",
                 format!("cannot poll: {e}"),
             )),
+        }
+    }
+
+    /// Waits until the client has had a reply at or after `since_unix_ms` (it resumed after
+    /// the migration), it exits, or `timeout` passes; returns whether it resumed. The client
+    /// resends only when its TCP retransmission timer fires, which can be seconds after the
+    /// container is back: stopping it before would cut the gap short.
+    pub async fn wait_resumed(&mut self, since_unix_ms: f64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if last_reply_unix_ms(&self.latency_log).is_some_and(|t| t >= since_unix_ms) {
+                return true;
+            }
+            if self.check_running().is_err() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -186,6 +237,22 @@ mod tests {
         assert_eq!(s.max_gap_ms, 4839.89);
         assert_eq!(s.gaps_over_100ms, vec![(1095.794, 4839.89)]);
         assert_eq!(s.sets, Some(630));
+    }
+
+    #[test]
+    fn last_reply_ignores_a_half_written_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("latency.log");
+        std::fs::write(&p, "# t_ms latency_ms start_unix_ms=1000.000\n").unwrap();
+        assert_eq!(last_reply_unix_ms(&p), None);
+        let mut text = String::from("# t_ms latency_ms start_unix_ms=1000.000\n");
+        for i in 0..2000 {
+            text.push_str(&format!("{}.000 0.100\n", i * 5));
+        }
+        text.push_str("99999.0");
+        std::fs::write(&p, &text).unwrap();
+        assert_eq!(last_reply_unix_ms(&p), Some(1000.0 + 1999.0 * 5.0));
+        assert_eq!(last_reply_unix_ms(&d.path().join("none")), None);
     }
 
     #[test]

@@ -643,9 +643,13 @@ impl Ctx {
                 }
             }
         };
-        rep.migration_end_unix_ms = Some(unix_ms());
+        let end = unix_ms();
+        rep.migration_end_unix_ms = Some(end);
 
-        // 4. Let the client see the aftermath, then collect everything.
+        // 4. Let the client come back and see the aftermath, then collect everything.
+        if migrated.is_ok() && !client.wait_resumed(end, migrate_timeout(rep.size_mb)).await {
+            tracing::warn!(container = %name, "the client did not resume after the migration");
+        }
         tokio::time::sleep(SETTLE).await;
         let target_id = self.container_id(&self.b, &name).await.unwrap_or_default();
         let usage = sampler.finish(&[source_id, target_id]).await;
@@ -780,10 +784,11 @@ fn write_chart(out_dir: &Path, report: &mut BenchReport, size_mb: u64) -> Result
             Ok(t) => client::parse_latency_log(&t).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        let gap = c
-            .client_gap_ms
-            .map(|g| format!("gap {g:.0} ms"))
-            .unwrap_or_else(|| "failed".into());
+        let gap = match (c.connection_kept, c.client_gap_ms) {
+            (Some(false), _) => "connection lost".to_string(),
+            (_, Some(g)) => format!("gap {g:.0} ms"),
+            (_, None) => "failed".into(),
+        };
         series.push(Series {
             label: format!("{}: {gap}", c.case),
             points: points

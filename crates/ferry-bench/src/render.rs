@@ -132,10 +132,12 @@ pub fn markdown(r: &BenchReport) -> String {
             .as_ref()
             .map(|p| format!("{:.0} / {:.0}{mark}", p.a, p.b))
             .unwrap_or_else(|| "–".into());
-        let mut gap = opt(c.client_gap_ms, 0);
-        if c.status == CaseStatus::Failed {
-            gap.push_str(" (FAILED)");
-        }
+        let gap = match (c.status, c.connection_kept) {
+            // The longest gap before the client gave up is not the migration's gap.
+            (_, Some(false)) => "connection lost (FAILED)".to_string(),
+            (CaseStatus::Failed, _) => format!("{} (FAILED)", opt(c.client_gap_ms, 0)),
+            _ => opt(c.client_gap_ms, 0),
+        };
         let _ = writeln!(
             s,
             "| {} MB | {} | {} | {} | {} | {}{} | {} | {} |",
