@@ -55,6 +55,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Conn { framed: Framed::new(stream, FrameCodec) }
     }
 
+    /// The raw stream and any bytes already read past the last frame, for channels that switch
+    /// from messages to a plain byte tunnel after the greeting.
+    pub fn into_parts(self) -> (S, bytes::BytesMut) {
+        let parts = self.framed.into_parts();
+        (parts.io, parts.read_buf)
+    }
+
     pub async fn send(&mut self, m: &Message) -> Result<(), ConnError> {
         self.framed.send(Frame::control(m)?).await?;
         Ok(())
@@ -95,4 +102,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.send(m).await?;
         self.recv(timeout).await
     }
+}
+
+/// Copies bytes both ways between a greeted channel and a local socket until either side ends.
+pub async fn bridge<S, T>(conn: Conn<S>, mut local: T) -> std::io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut remote, pending) = conn.into_parts();
+    if !pending.is_empty() {
+        local.write_all(&pending).await?;
+    }
+    tokio::io::copy_bidirectional(&mut remote, &mut local).await
 }

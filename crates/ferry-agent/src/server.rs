@@ -26,15 +26,37 @@ pub struct AgentOptions {
     pub listen: SocketAddr,
     pub tls_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The operator's consent to raise host settings post-copy needs (fs.pipe-max-size).
+    pub tune_host: bool,
+}
+
+/// Raises fs.pipe-max-size to what CRIU's page server needs when root lacks CAP_SYS_RESOURCE.
+fn tune_host() -> Result<Option<String>, String> {
+    let path = "/proc/sys/fs/pipe-max-size";
+    let cur: u64 = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?.trim().parse().unwrap_or(0);
+    if crate::host::has_cap_sys_resource() || cur >= ferry_migrate::PIPE_NEEDED {
+        return Ok(None);
+    }
+    std::fs::write(path, ferry_migrate::PIPE_NEEDED.to_string()).map_err(|e| format!("raising {path}: {e}"))?;
+    Ok(Some(format!("raised fs.pipe-max-size from {cur} to {} for post-copy", ferry_migrate::PIPE_NEEDED)))
 }
 
 struct Shared {
     env: HostEnv,
+    listen: SocketAddr,
+    pages: crate::source::PageServers,
     targets: Targets,
     client_tls: Arc<rustls::ClientConfig>,
 }
 
 pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
+    if opts.tune_host {
+        match tune_host() {
+            Ok(Some(note)) => info!("{note}"),
+            Ok(None) => {}
+            Err(e) => warn!("--tune-host: {e}"),
+        }
+    }
     let identity = ferry_tls::load_identity(&opts.tls_dir)?;
     let name = identity.common_name().to_string();
     let server_cfg = ferry_tls::server_config(&identity)?;
@@ -44,7 +66,13 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
     for p in &facts.problems {
         warn!("host problem: {p}");
     }
-    let shared = Arc::new(Shared { targets: Targets::new(env.clone()), env, client_tls });
+    let shared = Arc::new(Shared {
+        targets: Targets::new(env.clone(), client_tls.clone()),
+        env,
+        client_tls,
+        listen: opts.listen,
+        pages: Default::default(),
+    });
     let listener = TcpListener::bind(opts.listen).await.map_err(|source| AgentError::Listen { addr: opts.listen, source })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
     info!(agent = %name, listen = %opts.listen, "agent listening");
@@ -95,6 +123,23 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
             shared.targets.serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(100)).await;
             Ok(())
         }
+        Purpose::Pages { migration_id } => {
+            let port = shared.pages.lock().ok().and_then(|m| m.get(&migration_id).copied());
+            let Some(port) = port else {
+                let e = ErrorInfo { step: "pages".into(), message: format!("no page server for migration {migration_id}"), tool_log: vec![] };
+                conn.send(&Message::Error(e.clone())).await?;
+                return Err(AgentError::Remote(e));
+            };
+            let local = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| AgentError::Setup(format!("connecting to the page server on 127.0.0.1:{port}: {e}")))?;
+            let _ = local.set_nodelay(true);
+            match crate::conn::bridge(conn, local).await {
+                Ok((up, down)) => info!(migration = %migration_id, to_criu = up, from_criu = down, "page tunnel closed"),
+                Err(e) => warn!(migration = %migration_id, "page tunnel: {e}"),
+            }
+            Ok(())
+        }
         Purpose::Images { migration_id } => {
             let reply = match shared.targets.receive_images(&mut conn, &migration_id, Duration::from_secs(120)).await {
                 Ok((files, bytes)) => Message::ImagesReceived { files, bytes },
@@ -142,7 +187,15 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, m
     }
     let id = crate::new_id();
     let step_timeout = Duration::from_secs(req.step_timeout_s);
-    let source = LocalSource::new(shared.env.clone(), req.container.clone(), id.clone(), req.fault, step_timeout);
+    let source = LocalSource::new(
+        shared.env.clone(),
+        req.container.clone(),
+        id.clone(),
+        req.fault,
+        step_timeout,
+        shared.pages.clone(),
+        Some(shared.listen.to_string()),
+    );
     let remote = RemoteTarget::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
     let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

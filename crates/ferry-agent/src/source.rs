@@ -30,6 +30,43 @@ pub struct LocalSource {
     arp_off: Vec<String>,
     paused: bool,
     dir: PathBuf,
+    strategy: Strategy,
+    lazy: Option<ferry_criu::LazyDump>,
+    pages: PageServers,
+    source_agent: Option<String>,
+}
+
+/// Loopback ports of the CRIU page servers of post-copy dumps in flight, by migration id, so
+/// the agent can tunnel the target's authenticated `Pages` channel to the right one.
+pub type PageServers = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>;
+
+fn free_loopback_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Thaws the container's freezer cgroup: a post-copy dump killed half-way leaves the tasks frozen
+/// by CRIU, not by Docker, so `docker unpause` would not know to.
+fn thaw(pid: u32) -> Result<(), String> {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if ctrls.split(',').any(|c| c == "freezer") {
+            let f = format!("/sys/fs/cgroup/freezer{path}/freezer.state");
+            if std::fs::read_to_string(&f).map(|s| s.trim() != "THAWED").unwrap_or(false) {
+                std::fs::write(&f, "THAWED").map_err(|e| format!("{f}: {e}"))?;
+            }
+        } else if ctrls.is_empty() {
+            for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                let f = format!("{base}{path}/cgroup.freeze");
+                if std::path::Path::new(&f).exists() && std::fs::read_to_string(&f).map(|s| s.trim() == "1").unwrap_or(false) {
+                    std::fs::write(&f, "0").map_err(|e| format!("{f}: {e}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn side_err(step: &str, e: impl std::fmt::Display) -> SideError {
@@ -37,7 +74,16 @@ fn side_err(step: &str, e: impl std::fmt::Display) -> SideError {
 }
 
 impl LocalSource {
-    pub fn new(env: HostEnv, container: String, migration_id: String, fault: Option<ferry_proto::Fault>, dump_timeout: Duration) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        env: HostEnv,
+        container: String,
+        migration_id: String,
+        fault: Option<ferry_proto::Fault>,
+        dump_timeout: Duration,
+        pages: PageServers,
+        source_agent: Option<String>,
+    ) -> Self {
         let dir = env.state_dir.join("migrations").join(&migration_id);
         LocalSource {
             docker: env.docker.clone(),
@@ -52,6 +98,10 @@ impl LocalSource {
             arp_off: Vec::new(),
             paused: false,
             dir,
+            strategy: Strategy::StopAndCopy,
+            lazy: None,
+            pages,
+            source_agent,
         }
     }
 
@@ -175,13 +225,15 @@ impl SourceSide for LocalSource {
             create_body: body,
             networks,
             fault: self.fault,
+            source_agent: self.source_agent.clone(),
         };
         self.view = Some(view);
         Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings: vec![] })
     }
 
-    async fn freeze(&mut self) -> Result<(), SideError> {
+    async fn freeze(&mut self, strategy: Strategy) -> Result<(), SideError> {
         let step = "freeze";
+        self.strategy = strategy;
         let view = self.view()?.clone();
         // Docker would restart a container with a restart policy the moment it looks dead.
         self.saved_restart_policy = Some(view.restart_policy.clone());
@@ -196,8 +248,12 @@ impl SourceSide for LocalSource {
             ferry_net::set_arp(view.pid, &i.name, false).await.map_err(|e| side_err(step, format!("ARP off on {}: {e}", i.name)))?;
             self.arp_off.push(i.name.clone());
         }
-        self.docker.pause(&view.id).await.map_err(|e| side_err(step, format!("pausing: {e}")))?;
-        self.paused = true;
+        // A lazy dump must end the source itself once the pages are served, which a cgroup
+        // frozen by Docker would prevent: CRIU freezes it instead.
+        if strategy != Strategy::PostCopy {
+            self.docker.pause(&view.id).await.map_err(|e| side_err(step, format!("pausing: {e}")))?;
+            self.paused = true;
+        }
         Ok(())
     }
 
@@ -210,12 +266,24 @@ impl SourceSide for LocalSource {
             image_dir: image_dir.clone(),
             work_dir: self.dir.join("work"),
             tcp_established: true,
-            leave_running: true,
+            leave_running: self.strategy != Strategy::PostCopy,
             timeout: self.dump_timeout,
         };
-        ferry_criu::checkpoint(&handle, &opts)
-            .await
-            .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+        if self.strategy == Strategy::PostCopy {
+            let port = free_loopback_port().map_err(|e| side_err("dump", format!("no free loopback port for the page server: {e}")))?;
+            if let Ok(mut m) = self.pages.lock() {
+                m.insert(self.migration_id.clone(), port);
+            }
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let lazy = ferry_criu::checkpoint_lazy(&handle, &opts, addr)
+                .await
+                .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+            self.lazy = Some(lazy);
+        } else {
+            ferry_criu::checkpoint(&handle, &opts)
+                .await
+                .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+        }
         let files = ferry_criu::checkpoint::image_files(&image_dir).map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
         Ok(DumpedImages {
             dir: image_dir,
@@ -226,6 +294,17 @@ impl SourceSide for LocalSource {
     async fn commit(&mut self) -> Result<Vec<String>, SideError> {
         let mut warnings = Vec::new();
         let view = self.view()?.clone();
+        if let Some(lazy) = self.lazy.as_mut() {
+            // Every page has reached the target when the target commits; CRIU then ends.
+            if let Err(e) = lazy.wait_done(Duration::from_secs(60)).await {
+                warnings.push(format!("the source's page server did not end cleanly: {e} {}", e.log().join(" / ")));
+                lazy.abort().await;
+            }
+            self.lazy = None;
+            if let Ok(mut m) = self.pages.lock() {
+                m.remove(&self.migration_id);
+            }
+        }
         // The lock rules stay until the namespace is gone, so the kill sends nothing on the wire.
         if let Err(e) = self.docker.remove_container(&view.id, true).await {
             warnings.push(format!("removing the source container {}: {e}", view.name));
@@ -241,6 +320,15 @@ impl SourceSide for LocalSource {
     async fn rollback(&mut self) -> Vec<SideError> {
         let mut errs = Vec::new();
         let Some(view) = self.view.clone() else { return errs };
+        if let Some(mut lazy) = self.lazy.take() {
+            lazy.abort().await;
+            if let Err(e) = thaw(view.pid) {
+                errs.push(side_err("rollback: thaw", e));
+            }
+        }
+        if let Ok(mut m) = self.pages.lock() {
+            m.remove(&self.migration_id);
+        }
         if self.paused {
             match self.docker.unpause(&view.id).await {
                 Ok(()) => self.paused = false,

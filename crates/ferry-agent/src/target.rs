@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_migrate::{DumpedImages, ProgressFn, SideError, SideErrorKind, TargetSide, Transport};
-use ferry_proto::{ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo, TargetState, PROTOCOL_VERSION};
+use ferry_proto::{ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo, Strategy, TargetState, PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -41,6 +41,9 @@ struct TargetMigration {
 pub struct Targets {
     env: HostEnv,
     map: Arc<Mutex<HashMap<String, TargetMigration>>>,
+    /// Post-copy: the lazy-pages daemon of each restored migration, until all pages arrived.
+    lazy: Arc<Mutex<HashMap<String, ferry_criu::LazyPagesDaemon>>>,
+    client_tls: Arc<rustls::ClientConfig>,
 }
 
 /// A file name inside a flat CRIU image directory: one normal component, nothing else.
@@ -62,8 +65,53 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl Targets {
-    pub fn new(env: HostEnv) -> Self {
-        Targets { env, map: Arc::default() }
+    pub fn new(env: HostEnv, client_tls: Arc<rustls::ClientConfig>) -> Self {
+        Targets { env, map: Arc::default(), lazy: Arc::default(), client_tls }
+    }
+
+    /// Post-copy: starts CRIU's lazy-pages daemon against a loopback port whose one connection
+    /// is tunnelled, over an authenticated channel, to the source's page server.
+    async fn start_lazy_pages(&self, id: &str, prepare: &PrepareRequest, images: &Path, work: &Path) -> Result<(), ErrorInfo> {
+        let step = "restore (target): lazy pages";
+        let criu = self.env.criu.clone().ok_or_else(|| err(step, "criu not found"))?;
+        let source: SocketAddr = prepare
+            .source_agent
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| err(step, "the source did not say where its agent listens"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| err(step, format!("binding a loopback port: {e}")))?;
+        let local = listener.local_addr().map_err(|e| err(step, e))?;
+        let tunnel = dial(source, self.client_tls.clone(), Purpose::Pages { migration_id: id.to_string() }, Duration::from_secs(10))
+            .await
+            .map_err(|e| err(step, format!("opening the page channel to the source agent {source}: {e}")))?;
+        let mut daemon = ferry_criu::LazyPagesDaemon::start(&criu, images, work, local).map_err(|e| err(step, e))?;
+        // The daemon dials the page server only once the restore attaches to it, so the tunnel
+        // is joined in the background and a daemon that never dials is killed with the restore.
+        let mid = id.to_string();
+        tokio::spawn(async move {
+            let sock = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
+                Ok(Ok((sock, _))) => sock,
+                Ok(Err(e)) => {
+                    warn!(migration = %mid, "accepting the lazy-pages daemon: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(migration = %mid, "the lazy-pages daemon never dialled the page server");
+                    return;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            match crate::conn::bridge(tunnel, sock).await {
+                Ok((down, up)) => info!(migration = %mid, from_source = down, to_source = up, "page tunnel closed"),
+                Err(e) => warn!(migration = %mid, "page tunnel: {e}"),
+            }
+        });
+        if let Err(e) = daemon.wait_socket(Duration::from_secs(10)).await {
+            daemon.kill().await;
+            return Err(ErrorInfo { step: step.into(), message: e.to_string(), tool_log: e.log().to_vec() });
+        }
+        self.lazy.lock().await.insert(id.to_string(), daemon);
+        Ok(())
     }
 
     pub async fn state(&self, id: &str) -> TargetState {
@@ -227,7 +275,18 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
-        let overrides = ferry_criu::runtime::RestoreOverrides { image_path: images.clone(), work_path: work.clone(), tcp_established: true, extra_args: vec![], timeout_s: timeout.as_secs().saturating_sub(10).max(10) };
+        let mut extra_args = vec![];
+        if prepare.strategy == Strategy::PostCopy {
+            self.start_lazy_pages(id, &prepare, &images, &work).await?;
+            extra_args.push("--lazy-pages".to_string());
+        }
+        let overrides = ferry_criu::runtime::RestoreOverrides {
+            image_path: images.clone(),
+            work_path: work.clone(),
+            tcp_established: true,
+            extra_args,
+            timeout_s: timeout.as_secs().saturating_sub(10).max(10),
+        };
         let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
         if let Some(parent) = opath.parent() {
@@ -334,6 +393,24 @@ impl Targets {
     }
 
     pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
+        let daemon = self.lazy.lock().await.remove(id);
+        if let Some(mut daemon) = daemon {
+            // Post-copy: the container runs already; the migration is done when every page is here.
+            if let Err(e) = daemon.wait_done(Duration::from_secs(3600)).await {
+                let cid = self.map.lock().await.get(id).and_then(|m| m.container_id.clone());
+                let mut message = format!(
+                    "post-copy failed after the target resumed: not every page arrived ({e}); the source's memory pages that had not been fetched are lost"
+                );
+                if let Some(cid) = cid {
+                    // A restored process missing pages would spin on its faults: stop it.
+                    match self.env.docker.kill(&cid, "KILL").await {
+                        Ok(()) => message.push_str("; the target container was stopped"),
+                        Err(k) => message.push_str(&format!("; stopping the target container failed: {k}")),
+                    }
+                }
+                return Err(ErrorInfo { step: "commit (target): fetch pages".into(), message, tool_log: daemon.log() });
+            }
+        }
         let mut map = self.map.lock().await;
         let m = map.get_mut(id).ok_or_else(|| err("commit (target)", format!("no migration {id}")))?;
         if m.state != TargetState::Restored {
@@ -374,6 +451,9 @@ impl Targets {
             )
         };
         let mut problems = Vec::new();
+        if let Some(mut daemon) = self.lazy.lock().await.remove(id) {
+            daemon.kill().await;
+        }
         if let Some(cid) = &container_id {
             if let Err(e) = self.env.docker.remove_container(cid, true).await {
                 problems.push(format!("removing container {cid}: {e}"));

@@ -140,3 +140,181 @@ mod tests {
         assert!(err.to_string().contains("not a containerd shim"), "{err}");
     }
 }
+
+/// A lazy (post-copy) dump in progress: CRIU has dumped everything but memory and serves the
+/// pages from its page server until the restored side has them all, then ends the source.
+pub struct LazyDump {
+    child: tokio::process::Child,
+    work_dir: PathBuf,
+    pgid: i32,
+}
+
+impl LazyDump {
+    /// Waits for CRIU to finish serving pages; an error quotes its dump log.
+    pub async fn wait_done(&mut self, timeout: Duration) -> Result<(), ToolError> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Err(_) => Err(ToolError::Timeout {
+                step: "serve pages".into(),
+                program: "runc checkpoint --lazy-pages".into(),
+                secs: timeout.as_secs(),
+                log: quote_log(&self.work_dir.join("dump.log")),
+            }),
+            Ok(Err(e)) => Err(ToolError::Other { step: "serve pages".into(), message: e.to_string(), log: vec![] }),
+            Ok(Ok(st)) if st.success() => Ok(()),
+            Ok(Ok(st)) => Err(ToolError::Failed {
+                step: "serve pages".into(),
+                program: "runc checkpoint --lazy-pages".into(),
+                status: st.to_string(),
+                log: quote_log(&self.work_dir.join("dump.log")),
+            }),
+        }
+    }
+
+    /// Whether CRIU is still serving pages.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills runc and CRIU (their own process group) and reaps them.
+    pub async fn abort(&mut self) {
+        // SAFETY: kill(2) on the process group this dump was started in.
+        unsafe {
+            libc::kill(-self.pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Starts `runc checkpoint --lazy-pages --page-server ADDR` and returns once CRIU reports on the
+/// status fd that everything but the pages is dumped and the page server is listening.
+pub async fn checkpoint_lazy(h: &RuncHandle, o: &CheckpointOptions, page_server: std::net::SocketAddr) -> Result<LazyDump, ToolError> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let other = |message: String| ToolError::Other { step: "lazy checkpoint".into(), message, log: vec![] };
+    for d in [&o.image_dir, &o.work_dir] {
+        std::fs::create_dir_all(d).map_err(|e| other(format!("cannot create {}: {e}", d.display())))?;
+    }
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| other(format!("pipe: {e}")))?;
+    let tx_fd = tx.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&h.binary);
+    cmd.arg("--root").arg(&h.root).arg("checkpoint");
+    cmd.arg("--image-path").arg(&o.image_dir).arg("--work-path").arg(&o.work_dir);
+    cmd.arg("--lazy-pages").arg("--page-server").arg(page_server.to_string());
+    cmd.arg("--status-fd").arg(tx_fd.to_string());
+    if o.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    cmd.arg(&h.id);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.process_group(0).kill_on_drop(true);
+    // SAFETY: only async-signal-safe fcntl between fork and exec, to let runc inherit the
+    // status fd (everything else stays close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(tx_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| ToolError::Spawn { step: "lazy checkpoint".into(), program: h.binary.clone(), source })?;
+    drop(tx);
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let mut dump = LazyDump { child, work_dir: o.work_dir.clone(), pgid };
+    let raw = rx.into_raw_fd();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        // SAFETY: `raw` is the read end we own, moved into this File exactly once.
+        let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let mut b = [0u8; 1];
+        f.read(&mut b).map(|n| n == 1)
+    });
+    let ok = match tokio::time::timeout(o.timeout, ready).await {
+        Ok(Ok(Ok(true))) => true,
+        Ok(_) => false,
+        Err(_) => {
+            dump.abort().await;
+            return Err(ToolError::Timeout {
+                step: "lazy checkpoint".into(),
+                program: format!("{} checkpoint --lazy-pages", h.binary),
+                secs: o.timeout.as_secs(),
+                log: quote_log(&o.work_dir.join("dump.log")),
+            });
+        }
+    };
+    if !ok {
+        let status = dump.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+        let mut log = quote_log(&o.work_dir.join("dump.log"));
+        if let Some(mut e) = dump.child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s).await;
+            log.extend(quote_text(&s));
+        }
+        return Err(ToolError::Failed { step: "lazy checkpoint".into(), program: format!("{} checkpoint --lazy-pages", h.binary), status, log });
+    }
+    Ok(dump)
+}
+
+/// CRIU's lazy-pages daemon on the restoring side: it connects to the page server (here, a
+/// local end of ferry's tunnel), serves page faults of the restored tasks through
+/// userfaultfd, and pushes the remaining pages in the background until all have arrived.
+pub struct LazyPagesDaemon {
+    child: tokio::process::Child,
+    work_dir: PathBuf,
+}
+
+impl LazyPagesDaemon {
+    pub fn start(criu: &str, image_dir: &Path, work_dir: &Path, page_server: std::net::SocketAddr) -> Result<LazyPagesDaemon, ToolError> {
+        std::fs::create_dir_all(work_dir).map_err(|e| ToolError::Other {
+            step: "lazy-pages".into(),
+            message: format!("cannot create {}: {e}", work_dir.display()),
+            log: vec![],
+        })?;
+        let mut cmd = tokio::process::Command::new(criu);
+        cmd.arg("lazy-pages").arg("--page-server");
+        cmd.arg("--address").arg(page_server.ip().to_string()).arg("--port").arg(page_server.port().to_string());
+        cmd.arg("--images-dir").arg(image_dir).arg("--work-dir").arg(work_dir);
+        cmd.arg("-v4").arg("--log-file").arg("lazy-pages.log");
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.kill_on_drop(true);
+        let child = cmd.spawn().map_err(|source| ToolError::Spawn { step: "lazy-pages".into(), program: criu.into(), source })?;
+        Ok(LazyPagesDaemon { child, work_dir: work_dir.to_path_buf() })
+    }
+
+    /// Waits until the daemon's socket for the restore exists (it appears once the daemon is
+    /// connected to the page server), or the daemon died.
+    pub async fn wait_socket(&mut self, timeout: Duration) -> Result<(), ToolError> {
+        let sock = self.work_dir.join("lazy-pages.socket");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if sock.exists() {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(ToolError::Failed { step: "lazy-pages".into(), program: "criu lazy-pages".into(), status: st.to_string(), log: self.log() });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ToolError::Timeout { step: "lazy-pages".into(), program: "criu lazy-pages".into(), secs: timeout.as_secs(), log: self.log() });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for every page to have arrived (the daemon exits 0 then).
+    pub async fn wait_done(&mut self, timeout: Duration) -> Result<(), ToolError> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Err(_) => Err(ToolError::Timeout { step: "fetch pages".into(), program: "criu lazy-pages".into(), secs: timeout.as_secs(), log: self.log() }),
+            Ok(Err(e)) => Err(ToolError::Other { step: "fetch pages".into(), message: e.to_string(), log: vec![] }),
+            Ok(Ok(st)) if st.success() => Ok(()),
+            Ok(Ok(st)) => Err(ToolError::Failed { step: "fetch pages".into(), program: "criu lazy-pages".into(), status: st.to_string(), log: self.log() }),
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        quote_log(&self.work_dir.join("lazy-pages.log"))
+    }
+}

@@ -4,7 +4,10 @@
 use ferry_proto::{HostFacts, Strategy};
 
 /// Strategies this build can drive end to end. `auto` never picks one outside this list.
-pub const IMPLEMENTED: &[Strategy] = &[Strategy::StopAndCopy];
+pub const IMPLEMENTED: &[Strategy] = &[Strategy::StopAndCopy, Strategy::PostCopy];
+
+/// Pipe size CRIU's page server needs for post-copy.
+pub const PIPE_NEEDED: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StrategyChoice {
@@ -70,6 +73,9 @@ pub fn compat_problems(source: &HostFacts, target: &HostFacts) -> Vec<String> {
 /// both support among those this build implements. The reason is shown to the operator.
 pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFacts) -> Result<StrategyChoice, String> {
     let post_copy_ok = target.criu_features.uffd && target.criu_features.uffd_noncoop;
+    // CRIU's page server tees pages through 4 MiB pipes: without CAP_SYS_RESOURCE the source
+    // needs fs.pipe-max-size at least that big (`ferry agent --tune-host` raises it).
+    let source_pipes_ok = source.cap_sys_resource || source.pipe_max_size >= PIPE_NEEDED;
     let pre_copy_ok = source.criu_features.mem_dirty_track;
     let supported = |s: Strategy| -> Result<(), String> {
         if !IMPLEMENTED.contains(&s) {
@@ -77,6 +83,10 @@ pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFac
         }
         match s {
             Strategy::PostCopy if !post_copy_ok => Err(format!("post-copy needs userfaultfd on target {}", target.agent)),
+            Strategy::PostCopy if !source_pipes_ok => Err(format!(
+                "post-copy needs fs.pipe-max-size >= {PIPE_NEEDED} (or CAP_SYS_RESOURCE) on source {}, which has {} (start its agent with --tune-host)",
+                source.agent, source.pipe_max_size
+            )),
             Strategy::PreCopy if !pre_copy_ok => Err(format!(
                 "pre-copy needs soft-dirty memory tracking on source {} (criu --feature mem_dirty_track)",
                 source.agent
@@ -125,6 +135,7 @@ mod tests {
             docker_experimental: true,
             ferry_runtime: true,
             cpu_compatible: Some(true),
+            pipe_max_size: PIPE_NEEDED,
             ..Default::default()
         }
     }
@@ -167,6 +178,23 @@ mod tests {
         let c = choose_strategy(Strategy::Auto, &host("a"), &host("b")).unwrap();
         assert!(IMPLEMENTED.contains(&c.strategy));
         assert!(c.reason.starts_with("auto:"), "{}", c.reason);
+    }
+
+    #[test]
+    fn auto_prefers_post_copy_where_userfaultfd_works_and_falls_back_without_it() {
+        let c = choose_strategy(Strategy::Auto, &host("a"), &host("b")).unwrap();
+        assert_eq!(c.strategy, Strategy::PostCopy);
+        let mut t = host("b");
+        t.criu_features.uffd = false;
+        let c = choose_strategy(Strategy::Auto, &host("a"), &t).unwrap();
+        assert_eq!(c.strategy, Strategy::StopAndCopy);
+        assert!(c.reason.contains("userfaultfd"), "{}", c.reason);
+        let mut s = host("a");
+        s.pipe_max_size = 1024 * 1024;
+        let err = choose_strategy(Strategy::PostCopy, &s, &host("b")).unwrap_err();
+        assert!(err.contains("pipe-max-size"), "{err}");
+        s.cap_sys_resource = true;
+        assert!(choose_strategy(Strategy::PostCopy, &s, &host("b")).is_ok());
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
 
         {
             *frozen_at = Some(Instant::now());
-            step!(self, Phase::Freeze, step_to, self.source.freeze()).map_err(fail(Reached::SourceFrozen))?;
+            step!(self, Phase::Freeze, step_to, self.source.freeze(report.strategy)).map_err(fail(Reached::SourceFrozen))?;
         }
         let images = {
             step!(self, Phase::Dump, step_to, self.source.dump()).map_err(fail(Reached::SourceFrozen))?

@@ -16,7 +16,7 @@ mod compat;
 mod engine;
 mod side;
 
-pub use compat::{choose_strategy, compat_problems, StrategyChoice};
+pub use compat::{choose_strategy, compat_problems, StrategyChoice, PIPE_NEEDED};
 pub use engine::{Engine, EngineOptions, MigrationPlan};
 pub use side::{
     DumpedImages, ImageFile, ProgressFn, SideError, SideErrorKind, SourcePreflight, SourceSide, TargetSide,

@@ -95,7 +95,7 @@ pub trait SourceSide: Send {
     fn preflight(&mut self) -> impl Future<Output = Result<SourcePreflight, SideError>> + Send;
     /// Stops the container's processes and its network without losing anything; undone by
     /// `rollback`.
-    fn freeze(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
+    fn freeze(&mut self, strategy: ferry_proto::Strategy) -> impl Future<Output = Result<(), SideError>> + Send;
     fn dump(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send;
     /// The container now runs on the target: remove it here. Failures are warnings, since the
     /// migration itself has succeeded.

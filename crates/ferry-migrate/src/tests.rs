@@ -40,6 +40,7 @@ fn facts(name: &str) -> HostFacts {
         criu_features: CriuFeatures { tcp_established: true, uffd: true, uffd_noncoop: true, mem_dirty_track: false },
         docker_experimental: true,
         ferry_runtime: true,
+        pipe_max_size: crate::compat::PIPE_NEEDED,
         ..Default::default()
     }
 }
@@ -68,12 +69,13 @@ impl SourceSide for FakeSource {
                 create_body: serde_json::json!({}),
                 networks: vec![],
                 fault: None,
+                source_agent: None,
             },
             networks: vec![],
             warnings: vec![],
         })
     }
-    async fn freeze(&mut self) -> Result<(), SideError> {
+    async fn freeze(&mut self, _strategy: Strategy) -> Result<(), SideError> {
         push(&self.log, "source.freeze");
         if self.at == At::Freeze {
             return Err(SideError::failed("freeze", "pause failed"));
@@ -216,7 +218,7 @@ async fn happy_path_walks_every_phase_in_order() {
     want.extend(["target.commit", "source.commit"]);
     assert_eq!(log, calls(&want));
     assert_eq!(report.bytes_sent, 4096);
-    assert_eq!(report.strategy, Strategy::StopAndCopy);
+    assert_eq!(report.strategy, Strategy::PostCopy);
     assert!(report.strategy_reason.starts_with("auto:"));
     for p in ["preflight", "prepare", "freeze", "dump", "transfer", "restore", "commit"] {
         assert!(report.phases_ms.contains_key(p), "{p} missing from {:?}", report.phases_ms);

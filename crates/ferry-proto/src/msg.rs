@@ -50,6 +50,9 @@ pub enum Purpose {
     Cli,
     Control { migration_id: String },
     Images { migration_id: String },
+    /// Post-copy: a byte tunnel from the target's CRIU lazy-pages daemon to the source's CRIU
+    /// page server, which itself only ever listens on the source's loopback.
+    Pages { migration_id: String },
 }
 
 /// A failure as it crosses the wire: which step, what happened, and the failing tool's own log
@@ -136,6 +139,9 @@ pub struct PrepareRequest {
     pub networks: Vec<NetworkAttachment>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// `IP:PORT` of the source agent, for channels the target opens (post-copy pages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

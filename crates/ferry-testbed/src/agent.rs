@@ -171,6 +171,7 @@ pub(crate) async fn start(cfg: &TestbedConfig, host: &HostInfo) -> Result<i32, T
         .arg(&host.tls_dir)
         .arg("--state-dir")
         .arg(&host.state_dir)
+        .arg("--tune-host")
         .env("DOCKER_HOST", &host.docker_host)
         .env("RUST_LOG", "info")
         .env("PATH", DAEMON_PATH)
