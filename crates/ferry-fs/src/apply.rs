@@ -49,6 +49,10 @@ pub struct ApplyOptions {
     pub mode: TreeMode,
     /// First pass into an empty destination, or a later pass onto it.
     pub target: ApplyTarget,
+    /// `syncfs` the staged tree before committing it and the destination after: the source
+    /// side deletes its copy once the target reports success, so that report must survive a
+    /// power cut. One file-system-wide sync instead of an fsync per file keeps it cheap.
+    pub durable: bool,
 }
 
 impl ApplyOptions {
@@ -57,6 +61,7 @@ impl ApplyOptions {
         ApplyOptions {
             mode,
             target: ApplyTarget::Fresh,
+            durable: true,
         }
     }
 
@@ -65,6 +70,7 @@ impl ApplyOptions {
         ApplyOptions {
             mode,
             target: ApplyTarget::Update,
+            durable: true,
         }
     }
 }
@@ -813,6 +819,9 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
         return Err(refused(".", "a fresh apply needs the stream to start with ROOT"));
     }
     ap.finish_staged_dirs()?;
+    if opts.durable {
+        sys::syncfs(ap.tree.as_fd()).map_err(|e| io_err("syncfs", tree_path.display(), e))?;
+    }
 
     let mut summary = ApplySummary {
         counts: trailer.counts,
@@ -862,6 +871,10 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
             summary.updated_dirs = c.updated;
             summary.removed = c.removed;
         }
+    }
+    if opts.durable {
+        let fd = sys::open_dir_path(dest).map_err(|e| io_err("open destination", dest.display(), e))?;
+        sys::syncfs(fd.as_fd()).map_err(|e| io_err("syncfs", dest.display(), e))?;
     }
     Ok(summary)
 }

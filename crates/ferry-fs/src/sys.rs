@@ -460,3 +460,7 @@ pub(crate) fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     names.sort();
     Ok(names)
 }
+
+pub(crate) fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
