@@ -322,6 +322,12 @@ impl SourceSide for LocalSource {
         let Some(view) = self.view.clone() else { return errs };
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort().await;
+            // CRIU killed mid-dump leaves the sockets in repair mode: they would answer the
+            // clients' next segments with resets.
+            match ferry_net::repair_off(view.pid) {
+                Ok(n) => info!(sockets = n, "TCP repair mode turned off after the aborted dump"),
+                Err(e) => errs.push(side_err("rollback: TCP repair off", e)),
+            }
             if let Err(e) = thaw(view.pid) {
                 errs.push(side_err("rollback: thaw", e));
             }
