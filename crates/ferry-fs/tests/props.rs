@@ -7,6 +7,11 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use common::*;
+
+/// Durability (syncfs) is beside the point of these tests and would dominate their run time.
+fn fast(mode: TreeMode) -> ApplyOptions {
+    ApplyOptions { durable: false, ..ApplyOptions::fresh(mode) }
+}
 use ferry_fs::{manifest, ApplyOptions, StreamReader, TreeMode};
 use proptest::prelude::*;
 
@@ -163,12 +168,12 @@ proptest! {
         let (bytes, sum) = encode(&src, TreeMode::Plain);
         assert_same(&want, &sum.manifest);
         let dest = t.path().join("dest");
-        apply(&bytes, &dest, ApplyOptions::fresh(TreeMode::Plain)).unwrap();
+        apply(&bytes, &dest, fast(TreeMode::Plain)).unwrap();
         assert_same(&want, &manifest(&dest, TreeMode::Plain).unwrap());
         // the same tree read as an overlay upper dir round-trips too
         let (bytes, _) = encode(&src, TreeMode::OverlayUpper);
         let dest2 = t.path().join("dest2");
-        apply(&bytes, &dest2, ApplyOptions::fresh(TreeMode::OverlayUpper)).unwrap();
+        apply(&bytes, &dest2, fast(TreeMode::OverlayUpper)).unwrap();
         assert_same(&manifest(&src, TreeMode::OverlayUpper).unwrap(), &manifest(&dest2, TreeMode::OverlayUpper).unwrap());
     }
 }
@@ -181,7 +186,7 @@ proptest! {
         let (t, bytes) = fixed_tree();
         let cut = ((bytes.len() as f64) * cut_frac) as usize;
         let dest = t.path().join("dest");
-        let res = apply(&bytes[..cut], &dest, ApplyOptions::fresh(TreeMode::Plain));
+        let res = apply(&bytes[..cut], &dest, fast(TreeMode::Plain));
         prop_assert!(res.is_err(), "cut at {cut} of {} applied", bytes.len());
         prop_assert_eq!(listing(t.path()), vec!["src".to_string()]);
     }
@@ -192,7 +197,7 @@ proptest! {
         let pos = ((bytes.len() as f64) * pos_frac) as usize % bytes.len();
         bytes[pos] ^= flip;
         let dest = t.path().join("dest");
-        let res = apply(&bytes, &dest, ApplyOptions::fresh(TreeMode::Plain));
+        let res = apply(&bytes, &dest, fast(TreeMode::Plain));
         prop_assert!(res.is_err(), "flip {flip:#x} at {pos} of {} applied", bytes.len());
         prop_assert_eq!(listing(t.path()), vec!["src".to_string()]);
     }
@@ -204,12 +209,12 @@ fn every_prefix_is_refused() {
     let (t, bytes) = fixed_tree_sized(3000);
     let dest = t.path().join("dest");
     for cut in 0..bytes.len() {
-        let r = StreamReader::new(&bytes[..cut]).and_then(|r| r.apply_into(&dest, &ApplyOptions::fresh(TreeMode::Plain)));
+        let r = StreamReader::new(&bytes[..cut]).and_then(|r| r.apply_into(&dest, &fast(TreeMode::Plain)));
         assert!(r.is_err(), "prefix of {cut} bytes applied");
         if cut % 4096 == 0 {
             assert_eq!(listing(t.path()), ["src"]);
         }
     }
     assert_eq!(listing(t.path()), ["src"]);
-    apply(&bytes, &dest, ApplyOptions::fresh(TreeMode::Plain)).unwrap();
+    apply(&bytes, &dest, fast(TreeMode::Plain)).unwrap();
 }
