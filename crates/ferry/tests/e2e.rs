@@ -197,7 +197,7 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     let before = inspect("a", name).unwrap();
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
     assert_eq!(report["outcome"], "migrated");
@@ -283,7 +283,7 @@ fn a_failed_restore_on_the_target_rolls_back_and_the_client_never_notices_a_brea
     docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "always", bed()["workload_image"].as_str().unwrap()]);
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--inject-fault", "target-restore"]);
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy", "--inject-fault", "target-restore"]);
     assert!(!ok, "migrate must fail");
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert_eq!(report["outcome"], "rolled-back", "{report}");
@@ -411,5 +411,77 @@ fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() 
     let after = inspect("b", name).unwrap();
     assert_eq!(after["NetworkSettings"]["Networks"]["ferrybr"]["IPAddress"], ip);
     assert_eq!(docker_ok("b", &["exec", name, "/bin/busybox", "echo", "ok"]).trim(), "ok");
+    remove_everywhere(name);
+}
+
+/// Loads `keys` × 1000 B into a fresh Redis on host a and returns its address and expected digest.
+fn redis_on_a(name: &str, ip: &str, keys: u64) -> (String, Value) {
+    remove_everywhere(name);
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, bed()["redis_image"].as_str().unwrap()]);
+    let target = format!("{ip}:6379");
+    wait_for("redis to answer", || {
+        let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(["redis-digest", "--addr", &target]));
+        out.status.success().then_some(())
+    });
+    let keys = keys.to_string();
+    in_client_ns(&["redis-load", "--addr", &target, "--keys", &keys, "--value-size", "1000"]);
+    let expected: Value = serde_json::from_str(&in_client_ns(&["expected-digest", "--keys", &keys, "--value-size", "1000"])).unwrap();
+    (target, expected)
+}
+
+#[test]
+fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_client() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-postcopy", "198.18.0.135");
+    let (target, expected) = redis_on_a(name, ip, 200_000);
+    let client = Client::start("redis-client", &target);
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert_eq!(report["strategy"], "post-copy", "auto picks post-copy where userfaultfd works: {report}");
+    assert!(report["strategy_reason"].as_str().unwrap().starts_with("auto:"));
+    // Only the non-memory images travel before the restore; the pages follow on demand.
+    assert!(report["bytes_sent"].as_u64().unwrap() < 32 * 1024 * 1024, "{report}");
+    settle();
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "client: {summary}");
+    assert_eq!(summary["continuous"], true, "{summary}");
+    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    assert_eq!(after["keys"].as_u64(), Some(200_000));
+    assert_eq!(after["digest"], expected["digest"], "values changed across the migration");
+    let live: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "live:*"])).unwrap();
+    assert_eq!(live["keys"], summary["sets"], "keys written during the migration are missing");
+    assert!(inspect("a", name).is_none(), "the source is removed once every page arrived");
+    assert_eq!(inspect("b", name).unwrap()["State"]["Running"], true);
+    record_metrics("post-copy", serde_json::json!({"report": report, "client": summary}));
+    remove_everywhere(name);
+}
+
+#[test]
+fn a_post_copy_that_fails_before_the_target_resumes_rolls_back_with_connections_intact() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-postcopy-fault", "198.18.0.136");
+    let (target, expected) = redis_on_a(name, ip, 20_000);
+    let client = Client::start("redis-client", &target);
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "post-copy", "--inject-fault", "target-restore"]);
+    assert!(!ok);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_eq!(report["outcome"], "rolled-back", "{report}");
+    assert!(!report["error"]["tool_log"].as_array().unwrap().is_empty(), "{report}");
+    assert_running_untouched("a", name, "no");
+    assert!(inspect("b", name).is_none());
+    settle();
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "the connection broke on rollback: {summary}");
+    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    assert_eq!(after["digest"], expected["digest"]);
     remove_everywhere(name);
 }
