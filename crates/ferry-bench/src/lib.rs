@@ -145,6 +145,12 @@ pub struct PerHost {
     pub b: f64,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct PerHostBytes {
+    pub a: u64,
+    pub b: u64,
+}
+
 /// One size × one case.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CaseReport {
@@ -174,6 +180,12 @@ pub struct CaseReport {
     pub total_ms: Option<f64>,
     /// manual: the checkpoint directory; ferry: `bytes_sent`.
     pub bytes: Option<u64>,
+    /// Bytes each host's `eth0` sent from migration start until the client stopped: what
+    /// really crossed the network, including what a report's `bytes_sent` leaves out (pages
+    /// post-copy serves lazily) and minus what never crossed it (the manual path copies
+    /// through the file system here). Includes other users' traffic on a shared test bed.
+    #[serde(default)]
+    pub wire_tx_bytes: Option<PerHostBytes>,
     /// The "agent CPU" column: the agents for ferry, dockerd+containerd+shims for manual.
     pub work_cpu_s: Option<f64>,
     pub work_peak_rss_mb: Option<PerHost>,
@@ -221,6 +233,7 @@ impl CaseReport {
             client_gap_ms: None,
             total_ms: None,
             bytes: None,
+            wire_tx_bytes: None,
             work_cpu_s: None,
             work_peak_rss_mb: None,
             agents_cpu_s: None,
@@ -466,6 +479,20 @@ impl Ctx {
             })
     }
 
+    /// `eth0` transmit counter of a host, read inside its network namespace.
+    async fn tx_bytes(&self, h: &HostInfo) -> Option<u64> {
+        ferry_testbed::netns_exec(
+            &h.netns,
+            &["cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
     async fn rss_mb(&self, h: &HostInfo, name: &str) -> Option<f64> {
         let pid = self.container_pid(h, name).await.ok()?;
         procfs::rss_kib(pid).map(|k| k as f64 / 1024.0)
@@ -584,6 +611,7 @@ impl Ctx {
         // 3. The migration, with the workers sampled throughout.
         rep.load_avg_1m = procfs::loadavg();
         let cpu_before = procfs::cpu_jiffies();
+        let tx_before = (self.tx_bytes(&self.a).await, self.tx_bytes(&self.b).await);
         let sampler = procfs::Sampler::start(self.procs.clone());
         rep.migration_start_unix_ms = Some(unix_ms());
         let timeout = migrate_timeout(rep.size_mb);
@@ -655,6 +683,16 @@ impl Ctx {
         let usage = sampler.finish(&[source_id, target_id]).await;
         if let (Some(b), Some(a)) = (cpu_before, procfs::cpu_jiffies()) {
             rep.machine_busy_pct = procfs::busy_pct(b, a);
+        }
+        if let ((Some(a0), Some(b0)), Some(a1), Some(b1)) = (
+            tx_before,
+            self.tx_bytes(&self.a).await,
+            self.tx_bytes(&self.b).await,
+        ) {
+            rep.wire_tx_bytes = Some(PerHostBytes {
+                a: a1.saturating_sub(a0),
+                b: b1.saturating_sub(b0),
+            });
         }
         let summary = client.stop().await;
         self.record_usage(rep, usage);

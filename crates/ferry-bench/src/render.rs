@@ -71,6 +71,20 @@ fn one_line(s: &str) -> String {
     }
 }
 
+/// The case's own byte count, plus what the network really carried when that is much more
+/// (post-copy's `bytes_sent` leaves out the pages served lazily).
+fn bytes_cell(c: &CaseReport) -> String {
+    let Some(b) = c.bytes else {
+        return "–".into();
+    };
+    match c.wire_tx_bytes {
+        Some(w) if c.case != MANUAL && w.a > 2 * b + (1 << 20) => {
+            format!("{} (wire: {})", mib(b), mib(w.a))
+        }
+        _ => mib(b),
+    }
+}
+
 fn breakdown(c: &CaseReport) -> String {
     if let Some(m) = &c.manual {
         return format!(
@@ -145,7 +159,7 @@ pub fn markdown(r: &BenchReport) -> String {
             c.case,
             gap,
             opt(c.total_ms, 0),
-            c.bytes.map(mib).unwrap_or_else(|| "–".into()),
+            bytes_cell(c),
             opt(c.work_cpu_s, 2),
             if c.work_cpu_s.is_some() { mark } else { "" },
             peak,
@@ -159,14 +173,14 @@ pub fn markdown(r: &BenchReport) -> String {
              container's containerd shims (which run runc and CRIU) of both hosts.\n"
         );
     }
-    let _ = writeln!(s, "\nclient gap: the longest time between two replies the client saw (`max_gap_ms`). total: manual = checkpoint + copy + start (the container is down throughout); ferry = the CLI's `total_ms` (preflight to commit). bytes: manual = checkpoint directory size; ferry = `bytes_sent`. CPU: user+system time of the processes (and their reaped children) during the migration and 2 s after it.\n");
+    let _ = writeln!(s, "\nclient gap: the longest time between two replies the client saw (`max_gap_ms`). total: manual = checkpoint + copy + start (the container is down throughout); ferry = the CLI's `total_ms` (preflight to commit). bytes: manual = checkpoint directory size (copied through the file system here); ferry = the report's `bytes_sent`, with what host a's interface really sent when that is much more. CPU: user+system time of the processes (and their reaped children) during the migration and 2 s after it.\n");
 
     let _ = writeln!(s, "## Details\n");
     let _ = writeln!(
         s,
-        "| size | case | Redis RSS MB (a → b) | keys | load s | pause breakdown | gap after migration returned ms | docker CPU s | agents CPU s | connection kept | machine load (1 min avg / busy %) | note |"
+        "| size | case | Redis RSS MB (a → b) | keys | load s | pause breakdown | gap after migration returned ms | wire MB sent by a / b | docker CPU s | agents CPU s | connection kept | machine load (1 min avg / busy %) | note |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &r.cases {
         let note = status_cell(c)
             .or_else(|| c.note.clone())
@@ -174,7 +188,7 @@ pub fn markdown(r: &BenchReport) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} MB | {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+            "| {} MB | {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
             c.size_mb,
             c.case,
             opt(c.rss_mb, 0),
@@ -183,6 +197,13 @@ pub fn markdown(r: &BenchReport) -> String {
             opt(Some(c.load_ms / 1000.0).filter(|v| *v > 0.0), 1),
             breakdown(c),
             opt(c.gap_after_migration_ms, 0),
+            c.wire_tx_bytes
+                .map(|w| format!(
+                    "{:.1} / {:.1}",
+                    w.a as f64 / 1_048_576.0,
+                    w.b as f64 / 1_048_576.0
+                ))
+                .unwrap_or_else(|| "–".into()),
             opt(c.docker_cpu_s, 2),
             opt(c.agents_cpu_s, 2),
             c.connection_kept
@@ -214,6 +235,80 @@ pub fn markdown(r: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::{PerHost, PerHostBytes};
+
+    fn report() -> BenchReport {
+        let base: CaseReport = serde_json::from_value(serde_json::json!({
+            "size_mb": 64, "case": "manual", "status": "ok", "attempts": 1,
+            "container": "bench-64m-manual", "ip": "198.18.0.160", "keys": 49000,
+            "load_ms": 300.0, "rss_mb": 65.0, "target_rss_mb": 59.0, "connection_kept": true,
+            "client_gap_ms": 3000.0, "total_ms": 3050.0, "bytes": 58_000_000u64,
+            "work_cpu_s": 3.5, "work_peak_rss_mb": {"a": 150.0, "b": 145.0},
+            "agents_cpu_s": 0.0, "docker_cpu_s": 3.5, "gap_ratio_vs_manual": 1.0,
+            "migration_start_unix_ms": 1.0, "migration_end_unix_ms": 2.0,
+            "client": null, "manual": null, "ferry": null, "processes": [], "dir": "/x"
+        }))
+        .unwrap();
+        let mut post = base.clone();
+        post.case = "post-copy".into();
+        post.bytes = Some(1 << 20);
+        post.wire_tx_bytes = Some(PerHostBytes {
+            a: 60 << 20,
+            b: 1 << 20,
+        });
+        post.client_gap_ms = Some(1000.0);
+        post.gap_ratio_vs_manual = Some(3.0);
+        post.work_peak_rss_mb = Some(PerHost { a: 14.0, b: 11.0 });
+        let mut pre = base.clone();
+        pre.case = "pre-copy".into();
+        pre.status = CaseStatus::Unsupported;
+        pre.note = Some("not | implemented".into());
+        pre.client_gap_ms = None;
+        let mut lost = base.clone();
+        lost.case = "stop-and-copy".into();
+        lost.status = CaseStatus::Failed;
+        lost.connection_kept = Some(false);
+        lost.error = Some("client connection not kept".into());
+        BenchReport {
+            started_unix_ms: 0,
+            finished_unix_ms: 1000,
+            ferry_exe: "/f".into(),
+            interval_ms: 5,
+            value_size: 1000,
+            sizes_mb: vec![64],
+            strategies: vec![],
+            cases: vec![base, post, pre, lost],
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn table_rows() {
+        let md = markdown(&report());
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| 64 MB")).collect();
+        assert_eq!(rows.len(), 8, "{md}");
+        assert_eq!(
+            rows[0],
+            "| 64 MB | manual | 3000 | 3050 | 55.3 MB | 3.50 ¹ | 150 / 145 ¹ | 1.0 |"
+        );
+        assert!(
+            rows[1].contains("| 1.0 MB (wire: 60.0 MB) |"),
+            "{}",
+            rows[1]
+        );
+        assert!(rows[1].ends_with("| 14 / 11 | 3.0 |"), "{}", rows[1]);
+        assert_eq!(
+            rows[2],
+            "| 64 MB | pre-copy | unsupported: not   implemented | | | | | |"
+        );
+        assert!(
+            rows[3].contains("| connection lost (FAILED) |"),
+            "{}",
+            rows[3]
+        );
+        assert!(md.contains("¹ manual path"));
+    }
 
     #[test]
     fn utc_dates() {
