@@ -21,13 +21,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sparse = fs::File::create(root.join("s"))?;
     sparse.set_len(1 << 20)?;
     std::os::unix::fs::FileExt::write_at(&sparse, b"x", 70_000)?;
-    for (i, mode) in [TreeMode::Plain, TreeMode::OverlayUpper].into_iter().enumerate() {
+    for (i, mode) in [TreeMode::Plain, TreeMode::OverlayUpper]
+        .into_iter()
+        .enumerate()
+    {
         let mut w = StreamWriter::new(Vec::new());
         w.write_tree(root, mode)?;
         fs::write(Path::new(&out).join(format!("tree-{i}")), w.into_inner())?;
     }
     let mut w = StreamWriter::new(Vec::new());
-    w.write_paths(root, TreeMode::Plain, &[ferry_fs::RelPath::root(), ferry_fs::RelPath::try_from("gone")?])?;
+    w.write_paths(
+        root,
+        TreeMode::Plain,
+        &[
+            ferry_fs::RelPath::root(),
+            ferry_fs::RelPath::try_from("gone")?,
+        ],
+    )?;
     fs::write(Path::new(&out).join("paths"), w.into_inner())?;
     Ok(())
 }

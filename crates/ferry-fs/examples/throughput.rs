@@ -75,7 +75,12 @@ struct Pass {
 }
 
 /// Streams `paths` (or the whole tree) from `src` into `dest` through a pipe.
-fn transfer(src: &Path, dest: &Path, paths: Option<Vec<ferry_fs::RelPath>>, opts: ApplyOptions) -> Res<(Pass, ferry_fs::WriteSummary)> {
+fn transfer(
+    src: &Path,
+    dest: &Path,
+    paths: Option<Vec<ferry_fs::RelPath>>,
+    opts: ApplyOptions,
+) -> Res<(Pass, ferry_fs::WriteSummary)> {
     let (r, w) = pipe_with_big_buffer()?;
     let t = Instant::now();
     let src2 = src.to_path_buf();
@@ -88,7 +93,8 @@ fn transfer(src: &Path, dest: &Path, paths: Option<Vec<ferry_fs::RelPath>>, opts
         sw.into_inner().flush()?;
         Ok(s)
     });
-    let applied = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, r))?.apply_into(dest, &opts);
+    let applied =
+        StreamReader::new(std::io::BufReader::with_capacity(1 << 20, r))?.apply_into(dest, &opts);
     let written = writer.join().map_err(|_| "writer thread panicked")??;
     let applied = applied?;
     Ok((
@@ -108,7 +114,10 @@ fn mb_s(bytes: u64, d: Duration) -> f64 {
 
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
-    let base = PathBuf::from(args.next().ok_or("usage: throughput BASE_DIR [MiB] [CHANGED_MiB]")?);
+    let base = PathBuf::from(
+        args.next()
+            .ok_or("usage: throughput BASE_DIR [MiB] [CHANGED_MiB]")?,
+    );
     let mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let changed_mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
     if base.exists() {
@@ -118,7 +127,11 @@ fn main() -> Res<()> {
     fs::create_dir_all(&src)?;
     let t = Instant::now();
     let (files, bytes) = generate(&src, mib)?;
-    println!("generated {files} files, {} MiB in {:.1?}", bytes >> 20, t.elapsed());
+    println!(
+        "generated {files} files, {} MiB in {:.1?}",
+        bytes >> 20,
+        t.elapsed()
+    );
 
     // encode only, into a sink
     let cold = drop_caches();
@@ -138,15 +151,25 @@ fn main() -> Res<()> {
     let mut sw = StreamWriter::new(std::io::sink());
     let s = sw.write_tree(&src, TreeMode::Plain)?;
     let d = t.elapsed();
-    println!("encode only (warm cache): {d:.2?}, {:.0} MiB/s", mb_s(s.counts.data_bytes, d));
+    println!(
+        "encode only (warm cache): {d:.2?}, {:.0} MiB/s",
+        mb_s(s.counts.data_bytes, d)
+    );
 
     // encode + apply through a pipe
-    for (name, durable, cold) in [("warm cache, no sync", false, false), ("cold cache, no sync", false, true), ("cold cache, durable", true, true)] {
+    for (name, durable, cold) in [
+        ("warm cache, no sync", false, false),
+        ("cold cache, no sync", false, true),
+        ("cold cache, durable", true, true),
+    ] {
         let dest = base.join(format!("dest-{}", name.replace([' ', ','], "-")));
         if cold {
             drop_caches();
         }
-        let opts = ApplyOptions { durable, ..ApplyOptions::fresh(TreeMode::Plain) };
+        let opts = ApplyOptions {
+            durable,
+            ..ApplyOptions::fresh(TreeMode::Plain)
+        };
         let (pass, _) = transfer(&src, &dest, None, opts)?;
         println!(
             "encode+apply, {name}: {:.2?}, {:.0} MiB/s data, {} entries, stream overhead {:.3}%",
@@ -193,7 +216,11 @@ fn main() -> Res<()> {
     let a = manifest(&src, TreeMode::Plain)?;
     let b = manifest(&dest, TreeMode::Plain)?;
     let diffs = a.diff(&b);
-    println!("manifest of both trees: {:.2?}, {} differences", t.elapsed(), diffs.len());
+    println!(
+        "manifest of both trees: {:.2?}, {} differences",
+        t.elapsed(),
+        diffs.len()
+    );
     for d in diffs.iter().take(10) {
         println!("  {d}");
     }

@@ -120,7 +120,8 @@ pub fn clean_stale_staging(dest: &Path) -> Result<usize> {
         let ent = ent.map_err(|e| io_err("readdir", parent.display(), e))?;
         if ent.file_name().to_string_lossy().starts_with(&prefix) {
             let p = ent.path();
-            std::fs::remove_dir_all(&p).map_err(|e| io_err("remove stale staging", p.display(), e))?;
+            std::fs::remove_dir_all(&p)
+                .map_err(|e| io_err("remove stale staging", p.display(), e))?;
             n += 1;
         }
     }
@@ -128,9 +129,13 @@ pub fn clean_stale_staging(dest: &Path) -> Result<usize> {
 }
 
 fn split_dest(dest: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
-    let name = dest
-        .file_name()
-        .ok_or_else(|| io_err("split destination", dest.display(), std::io::ErrorKind::InvalidInput.into()))?;
+    let name = dest.file_name().ok_or_else(|| {
+        io_err(
+            "split destination",
+            dest.display(),
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -311,7 +316,10 @@ fn dir_meta_of(fd: BorrowedFd<'_>, path: &RelPath, mode: TreeMode) -> Result<(Me
 /// a real directory.
 fn open_dir_under(root: BorrowedFd<'_>, path: &RelPath) -> Result<Option<OwnedFd>> {
     if path.is_root() {
-        return root.try_clone_to_owned().map(Some).map_err(|e| io_err("dup", path, e));
+        return root
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|e| io_err("dup", path, e));
     }
     match walk::open_parent(root, path)? {
         Parent::Missing => Ok(None),
@@ -363,15 +371,17 @@ impl Applier {
         self.stack.truncate(k);
         for (i, c) in dirs.iter().enumerate().skip(k) {
             let cname = sys::cstring(c).map_err(|e| io_err("open", path, e))?;
-            let prefix = || {
-                RelPath::new(dirs[..=i].join(&b'/')).unwrap_or_else(|_| RelPath::root())
-            };
+            let prefix =
+                || RelPath::new(dirs[..=i].join(&b'/')).unwrap_or_else(|_| RelPath::root());
             let fd = match sys::open_subdir(self.parent_fd(), &cname) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     let pre = prefix();
                     if !self.update {
-                        return Err(refused(path, format!("parent {pre} was not streamed before it")));
+                        return Err(refused(
+                            path,
+                            format!("parent {pre} was not streamed before it"),
+                        ));
                     }
                     if self.covered(&pre) || !self.dest_is_dir(&pre)? {
                         return Err(refused(
@@ -379,8 +389,10 @@ impl Applier {
                             format!("parent {pre} is neither streamed nor a directory in the destination"),
                         ));
                     }
-                    sys::mkdirat(self.parent_fd(), &cname, 0o700).map_err(|e| io_err("mkdir", &pre, e))?;
-                    sys::open_subdir(self.parent_fd(), &cname).map_err(|e| io_err("open", &pre, e))?
+                    sys::mkdirat(self.parent_fd(), &cname, 0o700)
+                        .map_err(|e| io_err("mkdir", &pre, e))?;
+                    sys::open_subdir(self.parent_fd(), &cname)
+                        .map_err(|e| io_err("open", &pre, e))?
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
                     return Err(refused(
@@ -419,7 +431,8 @@ impl Applier {
     /// Ownership, mode, attributes and times of a just-created non-directory, non-file node.
     fn finish_node(&self, path: &RelPath, name: &CString, meta: &Meta, chmod: bool) -> Result<()> {
         let dir = self.parent_fd();
-        sys::fchownat_nofollow(dir, name, meta.uid, meta.gid).map_err(|e| io_err("chown", path, e))?;
+        sys::fchownat_nofollow(dir, name, meta.uid, meta.gid)
+            .map_err(|e| io_err("chown", path, e))?;
         if chmod {
             sys::fchmodat(dir, name, meta.mode).map_err(|e| io_err("chmod", path, e))?;
         }
@@ -427,7 +440,8 @@ impl Applier {
             let t = XTarget::name_in(dir, name).map_err(|e| io_err("xattr path", path, e))?;
             set_xattrs(&t, path, meta, false, self.mode, false)?;
         }
-        sys::utimensat_nofollow(dir, name, meta.atime, meta.mtime).map_err(|e| io_err("utimes", path, e))
+        sys::utimensat_nofollow(dir, name, meta.atime, meta.mtime)
+            .map_err(|e| io_err("utimes", path, e))
     }
 
     fn entry(&mut self, e: Entry) -> Result<()> {
@@ -449,7 +463,10 @@ impl Applier {
             return Ok(());
         }
         if !self.update && !self.saw_root {
-            return Err(refused(e.path(), "a fresh apply needs the stream to start with ROOT"));
+            return Err(refused(
+                e.path(),
+                "a fresh apply needs the stream to start with ROOT",
+            ));
         }
         let covered = self.update && self.covered(e.path());
         match e {
@@ -457,7 +474,8 @@ impl Applier {
             Entry::Dir { path, meta } => {
                 let placed = !self.update || covered || !self.dest_is_dir(&path)?;
                 let name = self.enter_parent(&path)?;
-                sys::mkdirat(self.parent_fd(), &name, 0o700).map_err(|e| exists_err(&path, e, "mkdir"))?;
+                sys::mkdirat(self.parent_fd(), &name, 0o700)
+                    .map_err(|e| exists_err(&path, e, "mkdir"))?;
                 self.dirs.push(DirRec {
                     path: path.clone(),
                     meta,
@@ -478,7 +496,10 @@ impl Applier {
             }
             Entry::Opaque { path } => {
                 let Some(idx) = last_dir.filter(|&i| self.dirs[i].path == path) else {
-                    return Err(refused(&path, "OPAQUE does not directly follow its directory"));
+                    return Err(refused(
+                        &path,
+                        "OPAQUE does not directly follow its directory",
+                    ));
                 };
                 if self.mode == TreeMode::OverlayUpper {
                     self.dirs[idx].opaque = true;
@@ -493,7 +514,9 @@ impl Applier {
                 }
                 Ok(())
             }
-            Entry::File { path, meta, size, .. } => {
+            Entry::File {
+                path, meta, size, ..
+            } => {
                 let name = self.enter_parent(&path)?;
                 let fd = sys::openat(
                     self.parent_fd(),
@@ -510,21 +533,32 @@ impl Applier {
             Entry::Symlink { path, meta, target } => {
                 let name = self.enter_parent(&path)?;
                 let t = sys::cstring(&target).map_err(|e| io_err("symlink", &path, e))?;
-                sys::symlinkat(&t, self.parent_fd(), &name).map_err(|e| exists_err(&path, e, "symlink"))?;
+                sys::symlinkat(&t, self.parent_fd(), &name)
+                    .map_err(|e| exists_err(&path, e, "symlink"))?;
                 self.finish_node(&path, &name, &meta, false)?;
                 self.place(&path, covered);
                 Ok(())
             }
             Entry::Hardlink { path, target } => {
-                let not_streamed = || refused(&path, format!("hard link target {target} was not streamed before it"));
+                let not_streamed = || {
+                    refused(
+                        &path,
+                        format!("hard link target {target} was not streamed before it"),
+                    )
+                };
                 let (tdir, tname) = match walk::open_parent(self.tree.as_fd(), &target)? {
                     Parent::Dir(d, n) => (d, n),
                     Parent::Missing => return Err(not_streamed()),
                 };
-                match sys::lstatat_opt(tdir.as_fd(), &tname).map_err(|e| io_err("lstat", &target, e))? {
+                match sys::lstatat_opt(tdir.as_fd(), &tname)
+                    .map_err(|e| io_err("lstat", &target, e))?
+                {
                     None => return Err(not_streamed()),
                     Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
-                        return Err(refused(&path, format!("hard link target {target} is a directory")))
+                        return Err(refused(
+                            &path,
+                            format!("hard link target {target} is a directory"),
+                        ))
                     }
                     Some(_) => {}
                 }
@@ -551,13 +585,25 @@ impl Applier {
                 meta,
                 major,
                 minor,
-            } => self.node(path, meta, libc::S_IFCHR, sys::makedev(major, minor), covered),
+            } => self.node(
+                path,
+                meta,
+                libc::S_IFCHR,
+                sys::makedev(major, minor),
+                covered,
+            ),
             Entry::BlockDev {
                 path,
                 meta,
                 major,
                 minor,
-            } => self.node(path, meta, libc::S_IFBLK, sys::makedev(major, minor), covered),
+            } => self.node(
+                path,
+                meta,
+                libc::S_IFBLK,
+                sys::makedev(major, minor),
+                covered,
+            ),
             Entry::Remove { path } => {
                 if self.update && !covered {
                     self.actions.push(Action::Remove(path));
@@ -567,9 +613,17 @@ impl Applier {
         }
     }
 
-    fn node(&mut self, path: RelPath, meta: Meta, kind: u32, dev: u64, covered: bool) -> Result<()> {
+    fn node(
+        &mut self,
+        path: RelPath,
+        meta: Meta,
+        kind: u32,
+        dev: u64,
+        covered: bool,
+    ) -> Result<()> {
         let name = self.enter_parent(&path)?;
-        sys::mknodat(self.parent_fd(), &name, kind | 0o600, dev).map_err(|e| exists_err(&path, e, "mknod"))?;
+        sys::mknodat(self.parent_fd(), &name, kind | 0o600, dev)
+            .map_err(|e| exists_err(&path, e, "mknod"))?;
         self.finish_node(&path, &name, &meta, true)?;
         self.place(&path, covered);
         Ok(())
@@ -599,7 +653,8 @@ impl Applier {
             let fd = open_dir_under(self.tree.as_fd(), &d.path)?
                 .ok_or_else(|| refused(&d.path, "staged directory vanished"))?;
             set_fd_meta(fd.as_fd(), &d.path, &d.meta, d.opaque, self.mode, false)?;
-            sys::futimens(fd.as_fd(), d.meta.atime, d.meta.mtime).map_err(|e| io_err("utimes", &d.path, e))?;
+            sys::futimens(fd.as_fd(), d.meta.atime, d.meta.mtime)
+                .map_err(|e| io_err("utimes", &d.path, e))?;
         }
         Ok(())
     }
@@ -648,11 +703,15 @@ impl Commit<'_> {
     }
 
     fn move_aside(&mut self, path: &RelPath, dir: BorrowedFd<'_>, name: &CString) -> Result<bool> {
-        if sys::lstatat_opt(dir, name).map_err(|e| io_err("lstat", path, e))?.is_none() {
+        if sys::lstatat_opt(dir, name)
+            .map_err(|e| io_err("lstat", path, e))?
+            .is_none()
+        {
             return Ok(false);
         }
         let aside = self.next_name()?;
-        sys::renameat(dir, name, self.undo.as_fd(), &aside).map_err(|e| io_err("move aside", path, e))?;
+        sys::renameat(dir, name, self.undo.as_fd(), &aside)
+            .map_err(|e| io_err("move aside", path, e))?;
         self.journal.push(Undo::MovedAside(path.clone(), aside));
         Ok(true)
     }
@@ -661,30 +720,35 @@ impl Commit<'_> {
         for action in &self.ap.actions {
             match action {
                 Action::Place(p, _) => {
-                    let (dir, name) = self
-                        .dest_parent(p)?
-                        .ok_or_else(|| refused(p, "parent is missing or not a directory in the destination"))?;
+                    let (dir, name) = self.dest_parent(p)?.ok_or_else(|| {
+                        refused(p, "parent is missing or not a directory in the destination")
+                    })?;
                     self.touch(p, dir.as_fd())?;
                     self.move_aside(p, dir.as_fd(), &name)?;
                     let (sdir, sname) = match walk::open_parent(self.ap.tree.as_fd(), p)? {
                         Parent::Dir(d, n) => (d, n),
                         Parent::Missing => return Err(refused(p, "staged entry vanished")),
                     };
-                    sys::renameat(sdir.as_fd(), &sname, dir.as_fd(), &name).map_err(|e| io_err("rename into place", p, e))?;
+                    sys::renameat(sdir.as_fd(), &sname, dir.as_fd(), &name)
+                        .map_err(|e| io_err("rename into place", p, e))?;
                     self.journal.push(Undo::Placed(p.clone()));
                     self.placed += 1;
                 }
                 Action::DirMeta(i) => {
                     let d = &self.ap.dirs[*i];
-                    let fd = open_dir_under(self.dest_root, &d.path)?
-                        .ok_or_else(|| refused(&d.path, "directory vanished from the destination"))?;
+                    let fd = open_dir_under(self.dest_root, &d.path)?.ok_or_else(|| {
+                        refused(&d.path, "directory vanished from the destination")
+                    })?;
                     let (old, old_opaque) = dir_meta_of(fd.as_fd(), &d.path, self.ap.mode)?;
-                    self.journal.push(Undo::Meta(d.path.clone(), old, old_opaque));
+                    self.journal
+                        .push(Undo::Meta(d.path.clone(), old, old_opaque));
                     set_fd_meta(fd.as_fd(), &d.path, &d.meta, d.opaque, self.ap.mode, true)?;
                     self.updated += 1;
                 }
                 Action::Remove(p) => {
-                    let Some((dir, name)) = self.dest_parent(p)? else { continue };
+                    let Some((dir, name)) = self.dest_parent(p)? else {
+                        continue;
+                    };
                     self.touch(p, dir.as_fd())?;
                     if self.move_aside(p, dir.as_fd(), &name)? {
                         self.removed += 1;
@@ -701,7 +765,8 @@ impl Commit<'_> {
                 Action::Remove(_) => continue,
             };
             if let Some(fd) = open_dir_under(self.dest_root, &d.path)? {
-                sys::futimens(fd.as_fd(), d.meta.atime, d.meta.mtime).map_err(|e| io_err("utimes", &d.path, e))?;
+                sys::futimens(fd.as_fd(), d.meta.atime, d.meta.mtime)
+                    .map_err(|e| io_err("utimes", &d.path, e))?;
             }
             timed.insert(&d.path);
         }
@@ -725,11 +790,16 @@ impl Commit<'_> {
                 first_err.get_or_insert(e);
             }
         }
-        let times: Vec<(RelPath, (Timestamp, Timestamp))> =
-            self.parent_times.iter().map(|(p, t)| (p.clone(), *t)).collect();
+        let times: Vec<(RelPath, (Timestamp, Timestamp))> = self
+            .parent_times
+            .iter()
+            .map(|(p, t)| (p.clone(), *t))
+            .collect();
         for (p, (atime, mtime)) in times {
             let r = open_dir_under(self.dest_root, &p).and_then(|fd| match fd {
-                Some(fd) => sys::futimens(fd.as_fd(), atime, mtime).map_err(|e| io_err("utimes", &p, e)),
+                Some(fd) => {
+                    sys::futimens(fd.as_fd(), atime, mtime).map_err(|e| io_err("utimes", &p, e))
+                }
                 None => Ok(()),
             });
             if let Err(e) = r {
@@ -759,7 +829,8 @@ impl Commit<'_> {
                 if let Some(fd) = open_dir_under(self.dest_root, &p)? {
                     if dir_meta_of(fd.as_fd(), &p, self.ap.mode)? != (meta.clone(), opaque) {
                         set_fd_meta(fd.as_fd(), &p, &meta, opaque, self.ap.mode, true)?;
-                        sys::futimens(fd.as_fd(), meta.atime, meta.mtime).map_err(|e| io_err("utimes", &p, e))?;
+                        sys::futimens(fd.as_fd(), meta.atime, meta.mtime)
+                            .map_err(|e| io_err("utimes", &p, e))?;
                     }
                 }
             }
@@ -768,7 +839,11 @@ impl Commit<'_> {
     }
 }
 
-fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions) -> Result<ApplySummary> {
+fn apply<R: Read>(
+    mut reader: StreamReader<R>,
+    dest: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplySummary> {
     let update = opts.target == ApplyTarget::Update;
     let dest_root = if update {
         Some(sys::open_dir_path(dest).map_err(|e| io_err("open destination", dest.display(), e))?)
@@ -793,7 +868,8 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
     };
     let mut staging = Staging::create(dest)?;
     let tree_path = staging.path.join("tree");
-    let tree = sys::open_dir_path(&tree_path).map_err(|e| io_err("open staging", tree_path.display(), e))?;
+    let tree = sys::open_dir_path(&tree_path)
+        .map_err(|e| io_err("open staging", tree_path.display(), e))?;
     let mut ap = Applier {
         mode: opts.mode,
         update,
@@ -816,7 +892,10 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
         }
     };
     if !update && !ap.saw_root {
-        return Err(refused(".", "a fresh apply needs the stream to start with ROOT"));
+        return Err(refused(
+            ".",
+            "a fresh apply needs the stream to start with ROOT",
+        ));
     }
     ap.finish_staged_dirs()?;
     if opts.durable {
@@ -832,9 +911,11 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
     };
     match &ap.dest_root {
         None => {
-            std::fs::rename(&tree_path, dest).map_err(|e| io_err("rename into place", dest.display(), e))?;
+            std::fs::rename(&tree_path, dest)
+                .map_err(|e| io_err("rename into place", dest.display(), e))?;
             if let Some(root) = ap.dirs.first() {
-                let fd = sys::open_dir_path(dest).map_err(|e| io_err("open destination", dest.display(), e))?;
+                let fd = sys::open_dir_path(dest)
+                    .map_err(|e| io_err("open destination", dest.display(), e))?;
                 sys::futimens(fd.as_fd(), root.meta.atime, root.meta.mtime)
                     .map_err(|e| io_err("utimes", dest.display(), e))?;
             }
@@ -842,7 +923,8 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
         }
         Some(root) => {
             let undo_path = staging.path.join("undo");
-            let undo = sys::open_dir_path(&undo_path).map_err(|e| io_err("open staging", undo_path.display(), e))?;
+            let undo = sys::open_dir_path(&undo_path)
+                .map_err(|e| io_err("open staging", undo_path.display(), e))?;
             let mut c = Commit {
                 ap: &ap,
                 dest_root: root.as_fd(),
@@ -873,7 +955,8 @@ fn apply<R: Read>(mut reader: StreamReader<R>, dest: &Path, opts: &ApplyOptions)
         }
     }
     if opts.durable {
-        let fd = sys::open_dir_path(dest).map_err(|e| io_err("open destination", dest.display(), e))?;
+        let fd =
+            sys::open_dir_path(dest).map_err(|e| io_err("open destination", dest.display(), e))?;
         sys::syncfs(fd.as_fd()).map_err(|e| io_err("syncfs", dest.display(), e))?;
     }
     Ok(summary)

@@ -90,7 +90,11 @@ pub enum FsError {
 /// Crate-wide result alias.
 pub type Result<T, E = FsError> = std::result::Result<T, E>;
 
-pub(crate) fn io_err(step: &'static str, path: impl std::fmt::Display, source: io::Error) -> FsError {
+pub(crate) fn io_err(
+    step: &'static str,
+    path: impl std::fmt::Display,
+    source: io::Error,
+) -> FsError {
     FsError::Io {
         step,
         path: path.to_string(),

@@ -5,7 +5,7 @@
 //! This crate is the pure-data part of that: [`StreamWriter`] walks a directory into a stream
 //! of [`Entry`]s in a self-verifying binary format (see [`wire`]), [`StreamReader`] decodes such
 //! a stream and [`StreamReader::apply_into`] creates it under a destination without ever letting
-//! a path escape it, and [`manifest`] / [`Manifest::diff`] prove two trees identical.
+//! a path escape it, and [`manifest()`] / [`Manifest::diff`] prove two trees identical.
 //!
 //! A migration streams the tree once while the container runs (`write_tree`, keeping the
 //! summary's manifest), then, with the container frozen, streams only [`changed_since`] that
@@ -28,7 +28,9 @@ pub mod writer;
 pub use apply::{clean_stale_staging, ApplyOptions, ApplySummary, ApplyTarget};
 pub use entry::{Entry, Extent, Meta, Timestamp, TreeMode};
 pub use error::{FsError, Result};
-pub use manifest::{changed_since, manifest, DiffKind, Difference, LocalStat, Manifest, ManifestEntry};
+pub use manifest::{
+    changed_since, manifest, DiffKind, Difference, LocalStat, Manifest, ManifestEntry,
+};
 pub use path::{PathError, RelPath};
 pub use reader::{Record, StreamReader, Trailer};
 pub use walk::Kind;

@@ -80,10 +80,18 @@ impl ManifestEntry {
             uid: if whiteout { 0 } else { item.meta.uid },
             gid: if whiteout { 0 } else { item.meta.gid },
             size,
-            mtime: if whiteout { Timestamp::default() } else { item.meta.mtime },
+            mtime: if whiteout {
+                Timestamp::default()
+            } else {
+                item.meta.mtime
+            },
             rdev: item.rdev(),
             digest,
-            xattrs_digest: if whiteout { [0u8; 32] } else { wire::xattrs_digest(&item.meta.xattrs) },
+            xattrs_digest: if whiteout {
+                [0u8; 32]
+            } else {
+                wire::xattrs_digest(&item.meta.xattrs)
+            },
             opaque: item.opaque,
             link: None,
             local: Some(LocalStat {
@@ -96,8 +104,7 @@ impl ManifestEntry {
     }
 
     fn linkable(&self) -> bool {
-        !matches!(self.kind, Kind::Dir | Kind::Whiteout)
-            && self.local.is_some_and(|l| l.nlink > 1)
+        !matches!(self.kind, Kind::Dir | Kind::Whiteout) && self.local.is_some_and(|l| l.nlink > 1)
     }
 }
 
@@ -166,7 +173,11 @@ fn field_diffs(a: &ManifestEntry, b: &ManifestEntry, out: &mut Vec<Difference>) 
     push("mtime", a.mtime.to_string(), b.mtime.to_string());
     push("rdev", format!("{:?}", a.rdev), format!("{:?}", b.rdev));
     push("content", hex::encode(a.digest), hex::encode(b.digest));
-    push("xattrs", hex::encode(a.xattrs_digest), hex::encode(b.xattrs_digest));
+    push(
+        "xattrs",
+        hex::encode(a.xattrs_digest),
+        hex::encode(b.xattrs_digest),
+    );
     push("opaque", a.opaque.to_string(), b.opaque.to_string());
     push(
         "hardlink",

@@ -264,7 +264,9 @@ mod tests {
         assert!(ab.starts_with(&RelPath::try_from("a").unwrap()));
         assert!(ab.starts_with(&ab));
         assert!(ab.starts_with(&RelPath::root()));
-        assert!(!RelPath::try_from("ab/c").unwrap().starts_with(&RelPath::try_from("a").unwrap()));
+        assert!(!RelPath::try_from("ab/c")
+            .unwrap()
+            .starts_with(&RelPath::try_from("a").unwrap()));
     }
 
     #[test]

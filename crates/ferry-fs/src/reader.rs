@@ -115,7 +115,12 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    fn read_exact_hashed(&mut self, buf: &mut [u8], reading: &'static str, hash: bool) -> Result<()> {
+    fn read_exact_hashed(
+        &mut self,
+        buf: &mut [u8],
+        reading: &'static str,
+        hash: bool,
+    ) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
             match self.inner.read(&mut buf[got..]) {
@@ -176,7 +181,10 @@ impl<R: Read> StreamReader<R> {
         if len > wire::MAX_RECORD_LEN {
             return Err(self.malformed(
                 at,
-                format!("record length {len} exceeds the bound {}", wire::MAX_RECORD_LEN),
+                format!(
+                    "record length {len} exceeds the bound {}",
+                    wire::MAX_RECORD_LEN
+                ),
             ));
         }
         let is_end = t == tag::END;
@@ -325,7 +333,10 @@ impl<R: Read> StreamReader<R> {
         if counts != self.counts {
             return Err(self.malformed(
                 at,
-                format!("END counts {:?} but the stream had {:?}", counts, self.counts),
+                format!(
+                    "END counts {:?} but the stream had {:?}",
+                    counts, self.counts
+                ),
             ));
         }
         self.state = State::Done;

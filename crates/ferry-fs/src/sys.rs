@@ -44,12 +44,20 @@ pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
 pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     let c = cstring(path.as_os_str().as_bytes())?;
     let fd = cvt_retry(|| unsafe {
-        libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
     })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub(crate) fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+pub(crate) fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     let fd = cvt_retry(|| unsafe {
         libc::openat(
             dir.as_raw_fd(),
@@ -68,7 +76,12 @@ pub(crate) fn open_subdir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedF
 
 /// Opens a regular file for reading without touching its atime where permitted.
 pub(crate) fn open_read(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
-    match openat(dir, name, libc::O_RDONLY | libc::O_NOATIME | libc::O_NONBLOCK, 0) {
+    match openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_NOATIME | libc::O_NONBLOCK,
+        0,
+    ) {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             openat(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
         }
@@ -159,7 +172,12 @@ pub(crate) fn renameat(
     .map(drop)
 }
 
-pub(crate) fn fchownat_nofollow(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn fchownat_nofollow(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
     cvt(unsafe {
         libc::fchownat(
             dir.as_raw_fd(),
@@ -183,7 +201,8 @@ pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 /// `fchmodat` on a name the caller has just created itself (fifo, device node) in a directory
 /// only it writes to; Linux has no no-follow chmod for those before `fchmodat2`.
 pub(crate) fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
-    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) })
+        .map(drop)
 }
 
 fn timespec(t: Timestamp) -> libc::timespec {
@@ -410,7 +429,12 @@ pub(crate) fn data_extents(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<(u64
 
 pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let n = cvt_retry_isize(|| unsafe {
-        libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off as libc::off_t)
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as libc::off_t,
+        )
     })?;
     Ok(n as usize)
 }
@@ -418,10 +442,18 @@ pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<
 pub(crate) fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Result<()> {
     while !buf.is_empty() {
         let n = cvt_retry_isize(|| unsafe {
-            libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as libc::off_t)
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                off as libc::off_t,
+            )
         })?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote nothing"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwrite wrote nothing",
+            ));
         }
         buf = &buf[n as usize..];
         off += n as u64;

@@ -69,17 +69,23 @@ enum XattrUse {
     Opaque,
 }
 
-fn classify_xattr(name: &[u8], value: &[u8], mode: TreeMode) -> std::result::Result<XattrUse, &'static str> {
+fn classify_xattr(
+    name: &[u8],
+    value: &[u8],
+    mode: TreeMode,
+) -> std::result::Result<XattrUse, &'static str> {
     if name.starts_with(b"user.") || name == b"security.capability" {
         return Ok(XattrUse::Keep);
     }
     if mode == TreeMode::OverlayUpper {
         match name {
             b"trusted.overlay.opaque" if value == b"y" => return Ok(XattrUse::Opaque),
-            b"trusted.overlay.opaque" | b"trusted.overlay.redirect" | b"trusted.overlay.whiteout" => {
-                return Ok(XattrUse::Keep)
+            b"trusted.overlay.opaque"
+            | b"trusted.overlay.redirect"
+            | b"trusted.overlay.whiteout" => return Ok(XattrUse::Keep),
+            b"trusted.overlay.metacopy" => {
+                return Err("overlay metacopy file (data lives in a lower layer)")
             }
-            b"trusted.overlay.metacopy" => return Err("overlay metacopy file (data lives in a lower layer)"),
             _ => {}
         }
     }
@@ -94,16 +100,14 @@ pub(crate) fn is_carried_xattr(name: &[u8], mode: TreeMode) -> bool {
         || (mode == TreeMode::OverlayUpper
             && matches!(
                 name,
-                b"trusted.overlay.opaque" | b"trusted.overlay.redirect" | b"trusted.overlay.whiteout"
+                b"trusted.overlay.opaque"
+                    | b"trusted.overlay.redirect"
+                    | b"trusted.overlay.whiteout"
             ))
 }
 
 /// Reads the carried attributes; `Ok(None)` when the entry vanished meanwhile.
-fn read_xattrs(
-    t: &XTarget<'_>,
-    mode: TreeMode,
-    path: &RelPath,
-) -> Result<Option<(Xattrs, bool)>> {
+fn read_xattrs(t: &XTarget<'_>, mode: TreeMode, path: &RelPath) -> Result<Option<(Xattrs, bool)>> {
     let names = match sys::list_xattrs(t) {
         Ok(n) => n,
         Err(e) if vanished(&e) => return Ok(None),
@@ -112,7 +116,10 @@ fn read_xattrs(
     let mut out = Vec::new();
     let mut opaque = false;
     for name in names {
-        if !(name.starts_with(b"user.") || name.starts_with(b"security.") || name.starts_with(b"trusted.")) {
+        if !(name.starts_with(b"user.")
+            || name.starts_with(b"security.")
+            || name.starts_with(b"trusted."))
+        {
             continue;
         }
         let value = match sys::get_xattr(t, &name) {
@@ -178,7 +185,12 @@ pub(crate) enum Look {
 }
 
 /// Examines `name` in `dir`, opening files and directories without following symlinks.
-pub(crate) fn inspect(dir: BorrowedFd<'_>, name: &CStr, path: RelPath, mode: TreeMode) -> Result<Look> {
+pub(crate) fn inspect(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    path: RelPath,
+    mode: TreeMode,
+) -> Result<Look> {
     let st = match sys::lstatat(dir, name) {
         Ok(st) => st,
         Err(e) if vanished(&e) => return Ok(Look::Gone),
@@ -258,8 +270,14 @@ pub(crate) fn inspect(dir: BorrowedFd<'_>, name: &CStr, path: RelPath, mode: Tre
 pub(crate) fn inspect_root(root: &Path, mode: TreeMode) -> Result<Item> {
     let fd = sys::open_dir_path(root).map_err(|e| io_err("open root", root.display(), e))?;
     let st = sys::fstat(fd.as_fd()).map_err(|e| io_err("fstat", root.display(), e))?;
-    let (xattrs, _) = read_xattrs(&XTarget::Fd(fd.as_fd()), mode, &RelPath::root())?
-        .ok_or_else(|| io_err("listxattr", root.display(), io::Error::from_raw_os_error(libc::ENOENT)))?;
+    let (xattrs, _) =
+        read_xattrs(&XTarget::Fd(fd.as_fd()), mode, &RelPath::root())?.ok_or_else(|| {
+            io_err(
+                "listxattr",
+                root.display(),
+                io::Error::from_raw_os_error(libc::ENOENT),
+            )
+        })?;
     Ok(Item {
         path: RelPath::root(),
         meta: meta_from(&st, xattrs),
@@ -289,7 +307,8 @@ pub(crate) fn walk(
     let Some(root_fd) = root_item.fd.take() else {
         return Ok(());
     };
-    let names = sys::read_dir_names(root_fd.as_fd()).map_err(|e| io_err("readdir", root.display(), e))?;
+    let names =
+        sys::read_dir_names(root_fd.as_fd()).map_err(|e| io_err("readdir", root.display(), e))?;
     let mut stack = vec![Frame {
         fd: root_fd,
         path: RelPath::root(),
@@ -300,10 +319,17 @@ pub(crate) fn walk(
             stack.pop();
             continue;
         };
-        let path = frame.path.join(name.to_bytes()).map_err(|reason| FsError::InvalidPath {
-            path: format!("{}/{}", frame.path, String::from_utf8_lossy(name.to_bytes())),
-            reason,
-        })?;
+        let path = frame
+            .path
+            .join(name.to_bytes())
+            .map_err(|reason| FsError::InvalidPath {
+                path: format!(
+                    "{}/{}",
+                    frame.path,
+                    String::from_utf8_lossy(name.to_bytes())
+                ),
+                reason,
+            })?;
         let mut item = match inspect(frame.fd.as_fd(), &name, path, mode)? {
             Look::Found(item) => item,
             Look::Gone => continue,

@@ -21,8 +21,8 @@
 //! | 0x0a | BLOCKDEV   | path meta major:u32 minor:u32 |
 //! | 0x0b | REMOVE     | path |
 //! | 0x10 | DATA       | raw bytes (1 ..= 1 MiB), the next bytes of the current file's extents |
-//! | 0x11 | FILE_END   | content digest:[u8;32] |
-//! | 0x7f | END        | entries:u64 files:u64 data_bytes:u64 stream_sha256:[u8;32] |
+//! | 0x11 | FILE_END   | content digest:\[u8;32\] |
+//! | 0x7f | END        | entries:u64 files:u64 data_bytes:u64 stream_sha256:\[u8;32\] |
 //!
 //! ```text
 //! path  := b16 (validated: relative, no '.', '..' or empty components, <= 4096 bytes)
@@ -121,7 +121,10 @@ fn put_meta(out: &mut Vec<u8>, m: &Meta) -> Result<(), WireError> {
     out.extend_from_slice(&m.mtime.sec.to_le_bytes());
     put_u32(out, m.mtime.nsec);
     if m.xattrs.len() > MAX_XATTRS {
-        return Err(bad(format!("{} extended attributes (max {MAX_XATTRS})", m.xattrs.len())));
+        return Err(bad(format!(
+            "{} extended attributes (max {MAX_XATTRS})",
+            m.xattrs.len()
+        )));
     }
     put_u16(out, m.xattrs.len() as u16);
     for (name, value) in &m.xattrs {
@@ -451,7 +454,10 @@ pub(crate) fn encode_end(c: &Counts, digest: &[u8; 32]) -> [u8; END_LEN] {
 
 pub(crate) fn decode_end(payload: &[u8]) -> Result<(Counts, [u8; 32]), WireError> {
     if payload.len() != END_LEN {
-        return Err(bad(format!("END payload of {} bytes, want {END_LEN}", payload.len())));
+        return Err(bad(format!(
+            "END payload of {} bytes, want {END_LEN}",
+            payload.len()
+        )));
     }
     let mut c = Cur { b: payload };
     let counts = Counts {
@@ -482,7 +488,8 @@ pub struct ContentHasher {
 }
 
 fn all_zero(b: &[u8]) -> bool {
-    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 impl ContentHasher {
@@ -631,7 +638,10 @@ mod tests {
                 sec: 1 << 40,
                 nsec: 999_999_999,
             },
-            xattrs: vec![(b"user.a".to_vec(), vec![]), (b"user.b".to_vec(), vec![0, 1])],
+            xattrs: vec![
+                (b"user.a".to_vec(), vec![]),
+                (b"user.b".to_vec(), vec![0, 1]),
+            ],
         };
         let p = |s: &str| RelPath::try_from(s).unwrap();
         let entries = vec![

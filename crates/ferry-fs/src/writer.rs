@@ -98,7 +98,9 @@ impl<'a, W: Write> Enc<'a, W> {
                 reason,
             },
         })?;
-        let r = self.frame(t, scratch.len()).and_then(|_| self.raw(&scratch));
+        let r = self
+            .frame(t, scratch.len())
+            .and_then(|_| self.raw(&scratch));
         self.scratch = scratch;
         r?;
         self.counts.entries += 1;
@@ -121,7 +123,11 @@ impl<'a, W: Write> Enc<'a, W> {
     /// Streams the data extents of an open file, padding with zeros where it shrank meanwhile.
     fn file_data(&mut self, item: &Item, extents: &[Extent], size: u64) -> Result<[u8; 32]> {
         let Some(fd) = item.fd.as_ref() else {
-            return Err(io_err("read", &item.path, std::io::Error::from_raw_os_error(libc::EBADF)));
+            return Err(io_err(
+                "read",
+                &item.path,
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            ));
         };
         let mut hasher = ContentHasher::new(size);
         let mut eof = false;
@@ -163,7 +169,10 @@ impl<'a, W: Write> Enc<'a, W> {
         let ident = (item.st.st_dev, item.st.st_ino);
         if item.linkable() {
             if let Some((first, digest)) = self.links.get(&ident).cloned() {
-                self.entry(&Entry::Hardlink { path, target: first })?;
+                self.entry(&Entry::Hardlink {
+                    path,
+                    target: first,
+                })?;
                 self.sent.push(ManifestEntry::from_item(item, digest));
                 return Ok(());
             }
@@ -182,11 +191,15 @@ impl<'a, W: Write> Enc<'a, W> {
             }
             Kind::File => {
                 let size = item.st.st_size as u64;
-                let fd = item
-                    .fd
-                    .as_ref()
-                    .ok_or_else(|| io_err("read", &path, std::io::Error::from_raw_os_error(libc::EBADF)))?;
-                let extents = sys::data_extents(fd.as_fd(), size).map_err(|e| io_err("seek data", &path, e))?;
+                let fd = item.fd.as_ref().ok_or_else(|| {
+                    io_err(
+                        "read",
+                        &path,
+                        std::io::Error::from_raw_os_error(libc::EBADF),
+                    )
+                })?;
+                let extents = sys::data_extents(fd.as_fd(), size)
+                    .map_err(|e| io_err("seek data", &path, e))?;
                 let extents = limit_extents(extents, MAX_EXTENTS);
                 self.entry(&Entry::File {
                     path,
@@ -229,7 +242,12 @@ impl<'a, W: Write> Enc<'a, W> {
         Ok(())
     }
 
-    fn end(mut self, mode: TreeMode, removed: Vec<RelPath>, skipped: Vec<RelPath>) -> Result<WriteSummary> {
+    fn end(
+        mut self,
+        mode: TreeMode,
+        removed: Vec<RelPath>,
+        skipped: Vec<RelPath>,
+    ) -> Result<WriteSummary> {
         let digest: [u8; 32] = std::mem::take(&mut self.sha).finalize().into();
         let end = wire::encode_end(&self.counts, &digest);
         let mut h = [0u8; 5];
@@ -305,13 +323,22 @@ impl<W: Write> StreamWriter<W> {
     /// its contents), in tree order; the root is sent when [`RelPath::root`] is listed. A path
     /// that no longer exists is sent as [`Entry::Remove`]. Meant for the output of
     /// [`crate::changed_since`].
-    pub fn write_paths(&mut self, root: &Path, mode: TreeMode, paths: &[RelPath]) -> Result<WriteSummary> {
+    pub fn write_paths(
+        &mut self,
+        root: &Path,
+        mode: TreeMode,
+        paths: &[RelPath],
+    ) -> Result<WriteSummary> {
         let mut sorted: Vec<&RelPath> = paths.iter().collect();
         sorted.sort();
         sorted.dedup();
         let mut root_item = walk::inspect_root(root, mode)?;
         let Some(root_fd) = root_item.fd.take() else {
-            return Err(io_err("open root", root.display(), std::io::Error::from_raw_os_error(libc::EBADF)));
+            return Err(io_err(
+                "open root",
+                root.display(),
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            ));
         };
         let mut enc = Enc::begin(&mut self.inner, mode)?;
         let mut removed = Vec::new();
@@ -350,7 +377,10 @@ mod tests {
     fn limit_extents_keeps_largest_holes() {
         let ext = vec![(0, 1), (2, 1), (100, 1), (103, 1), (1000, 1)];
         assert_eq!(limit_extents(ext.clone(), 10), ext);
-        assert_eq!(limit_extents(ext.clone(), 3), vec![(0, 3), (100, 4), (1000, 1)]);
+        assert_eq!(
+            limit_extents(ext.clone(), 3),
+            vec![(0, 3), (100, 4), (1000, 1)]
+        );
         assert_eq!(limit_extents(ext.clone(), 1), vec![(0, 1001)]);
         assert_eq!(limit_extents(ext, 2), vec![(0, 104), (1000, 1)]);
     }

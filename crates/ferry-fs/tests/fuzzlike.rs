@@ -14,7 +14,10 @@ use common::*;
 
 /// Durability (syncfs) is beside the point of these tests and would dominate their run time.
 fn fast(mode: TreeMode) -> ApplyOptions {
-    ApplyOptions { durable: false, ..ApplyOptions::fresh(mode) }
+    ApplyOptions {
+        durable: false,
+        ..ApplyOptions::fresh(mode)
+    }
 }
 use ferry_fs::{manifest, ApplyOptions, StreamReader, TreeMode};
 use rand::rngs::StdRng;
@@ -34,7 +37,10 @@ fn seeds() -> Vec<Vec<u8>> {
     mknod(&root.join("wh"), libc::S_IFCHR, 0, 0);
     set_xattr(&root.join("d"), "trusted.overlay.opaque", b"y");
     set_xattr(&root.join("g"), "user.a", b"b");
-    let mut out = vec![encode(root, TreeMode::Plain).0, encode(root, TreeMode::OverlayUpper).0];
+    let mut out = vec![
+        encode(root, TreeMode::Plain).0,
+        encode(root, TreeMode::OverlayUpper).0,
+    ];
     out.push(encode_paths(root, TreeMode::Plain, &[p("g"), p("gone"), p("d/e")]).0);
     out
 }
@@ -84,7 +90,18 @@ fn seal(header: &[u8], recs: &[(u8, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-const NASTY: &[&[u8]] = &[b"..", b"/", b"/etc", b"abs/x", b"../../etc/shadow", b"l/x", b"d/e/f/x", b"", b".", b"a//b"];
+const NASTY: &[&[u8]] = &[
+    b"..",
+    b"/",
+    b"/etc",
+    b"abs/x",
+    b"../../etc/shadow",
+    b"l/x",
+    b"d/e/f/x",
+    b"",
+    b".",
+    b"a//b",
+];
 
 fn mutate_record(rng: &mut StdRng, recs: &mut Vec<(u8, Vec<u8>)>) {
     if recs.is_empty() {
@@ -103,7 +120,12 @@ fn mutate_record(rng: &mut StdRng, recs: &mut Vec<(u8, Vec<u8>)>) {
             let j = rng.gen_range(0..recs.len());
             recs.swap(i, j);
         }
-        3 => recs[i].0 = [ROOT, DIR, FILE, SYMLINK, HARDLINK, WHITEOUT, OPAQUE, FIFO, CHARDEV, REMOVE, DATA, FILE_END][rng.gen_range(0..12)],
+        3 => {
+            recs[i].0 = [
+                ROOT, DIR, FILE, SYMLINK, HARDLINK, WHITEOUT, OPAQUE, FIFO, CHARDEV, REMOVE, DATA,
+                FILE_END,
+            ][rng.gen_range(0..12)]
+        }
         4 | 5 => {
             let payload = &mut recs[i].1;
             if !payload.is_empty() {
@@ -193,7 +215,11 @@ fn ten_thousand_seeded_inputs() {
                 seal(&header, &recs)
             }
         };
-        let mode = if i % 2 == 0 { TreeMode::Plain } else { TreeMode::OverlayUpper };
+        let mode = if i % 2 == 0 {
+            TreeMode::Plain
+        } else {
+            TreeMode::OverlayUpper
+        };
         let res = StreamReader::new(&input[..]).and_then(|r| r.apply_into(&dest, &fast(mode)));
         match res {
             Ok(_) => {
@@ -203,7 +229,11 @@ fn ten_thousand_seeded_inputs() {
             }
             Err(_) => {
                 refused += 1;
-                assert!(listing(&work).is_empty(), "input {i} left {:?}", listing(&work));
+                assert!(
+                    listing(&work).is_empty(),
+                    "input {i} left {:?}",
+                    listing(&work)
+                );
             }
         }
     }
@@ -211,5 +241,8 @@ fn ten_thousand_seeded_inputs() {
     assert_eq!(listing(base), ["canary", "work"]);
     assert!(!Path::new("/x").exists());
     eprintln!("fuzz-like: {applied} applied, {refused} refused");
-    assert!(applied > 100, "mutations too destructive to reach commits: {applied}");
+    assert!(
+        applied > 100,
+        "mutations too destructive to reach commits: {applied}"
+    );
 }

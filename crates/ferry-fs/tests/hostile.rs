@@ -23,7 +23,12 @@ fn scene() -> Scene {
     fs::create_dir(&canary).unwrap();
     fs::write(canary.join("shadow"), b"secret").unwrap();
     let dest = base.join("dest");
-    Scene { _t: t, base, canary, dest }
+    Scene {
+        _t: t,
+        base,
+        canary,
+        dest,
+    }
 }
 
 impl Scene {
@@ -34,9 +39,14 @@ impl Scene {
     /// Applies fresh, expects an error, and checks nothing was left anywhere.
     fn refuse(&self, bytes: &[u8], mode: TreeMode) -> FsError {
         let before = self.canary_manifest();
-        let err = apply(bytes, &self.dest, ApplyOptions::fresh(mode)).expect_err("hostile stream applied");
+        let err = apply(bytes, &self.dest, ApplyOptions::fresh(mode))
+            .expect_err("hostile stream applied");
         assert_same(&before, &self.canary_manifest());
-        assert_eq!(listing(&self.base), ["canary"], "dest or staging left behind after: {err}");
+        assert_eq!(
+            listing(&self.base),
+            ["canary"],
+            "dest or staging left behind after: {err}"
+        );
         err
     }
 }
@@ -59,7 +69,11 @@ fn expect_refused(err: FsError, entry: &str) {
 fn dotdot_paths_are_refused() {
     let s = scene();
     for path in [&b"../x"[..], b"a/../../x", b"..", b"a/.."] {
-        let bytes = RawStream::new(0).root().dir(b"a").file(path, b"pwned").finish();
+        let bytes = RawStream::new(0)
+            .root()
+            .dir(b"a")
+            .file(path, b"pwned")
+            .finish();
         expect_invalid_path(s.refuse(&bytes, TreeMode::Plain), PathError::DotDot);
     }
     assert!(!s.base.join("x").exists());
@@ -86,13 +100,29 @@ fn absolute_and_odd_paths_are_refused() {
 fn writing_through_a_streamed_symlink_is_refused() {
     let s = scene();
     let canary = s.canary.to_str().unwrap().as_bytes().to_vec();
-    let bytes = RawStream::new(0).root().symlink(b"a", &canary).file(b"a/pwned", b"x").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .symlink(b"a", &canary)
+        .file(b"a/pwned", b"x")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "a/pwned");
-    let bytes = RawStream::new(0).root().symlink(b"a", &canary).dir(b"a/sub").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .symlink(b"a", &canary)
+        .dir(b"a/sub")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "a/sub");
-    let bytes = RawStream::new(0).root().symlink(b"a", b"..").symlink(b"a/ln", b"x").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .symlink(b"a", b"..")
+        .symlink(b"a/ln", b"x")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "a/ln");
-    let bytes = RawStream::new(1).root().symlink(b"a", &canary).path_only(WHITEOUT, b"a/shadow").finish();
+    let bytes = RawStream::new(1)
+        .root()
+        .symlink(b"a", &canary)
+        .path_only(WHITEOUT, b"a/shadow")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::OverlayUpper), "a/shadow");
     assert_eq!(fs::read(s.canary.join("shadow")).unwrap(), b"secret");
 }
@@ -102,7 +132,11 @@ fn symlink_to_root_then_child_is_refused() {
     let s = scene();
     let name = format!("ferry-fs-hostile-{}", std::process::id());
     let path = format!("a/{name}");
-    let bytes = RawStream::new(0).root().symlink(b"a", b"/").file(path.as_bytes(), b"x").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .symlink(b"a", b"/")
+        .file(path.as_bytes(), b"x")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), &path);
     let escaped = Path::new("/").join(&name);
     let existed = escaped.exists();
@@ -113,18 +147,40 @@ fn symlink_to_root_then_child_is_refused() {
 #[test]
 fn hostile_hard_links_are_refused() {
     let s = scene();
-    let bytes = RawStream::new(0).root().hardlink(b"x", b"../../etc/shadow").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .hardlink(b"x", b"../../etc/shadow")
+        .finish();
     expect_invalid_path(s.refuse(&bytes, TreeMode::Plain), PathError::DotDot);
-    let bytes = RawStream::new(0).root().hardlink(b"x", b"/etc/shadow").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .hardlink(b"x", b"/etc/shadow")
+        .finish();
     expect_invalid_path(s.refuse(&bytes, TreeMode::Plain), PathError::Absolute);
     let canary = s.canary.to_str().unwrap().as_bytes().to_vec();
-    let bytes = RawStream::new(0).root().symlink(b"a", &canary).hardlink(b"x", b"a/shadow").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .symlink(b"a", &canary)
+        .hardlink(b"x", b"a/shadow")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "x");
-    let bytes = RawStream::new(0).root().hardlink(b"x", b"later").file(b"later", b"l").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .hardlink(b"x", b"later")
+        .file(b"later", b"l")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "x");
-    let bytes = RawStream::new(0).root().dir(b"d").hardlink(b"x", b"d").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .dir(b"d")
+        .hardlink(b"x", b"d")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "x");
-    let bytes = RawStream::new(0).root().file(b"f", b"1").hardlink(b"f", b"f").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .file(b"f", b"1")
+        .hardlink(b"f", b"f")
+        .finish();
     expect_refused(s.refuse(&bytes, TreeMode::Plain), "f");
     assert_eq!(fs::read(s.canary.join("shadow")).unwrap(), b"secret");
 }
@@ -143,7 +199,10 @@ fn oversized_lengths_are_refused_without_allocating() {
     let mut bytes = RawStream::new(0).root().bytes.clone();
     bytes.push(DATA);
     bytes.extend_from_slice(&(2u32 << 20).to_le_bytes());
-    assert!(matches!(s.refuse(&bytes, TreeMode::Plain), FsError::Truncated { .. }));
+    assert!(matches!(
+        s.refuse(&bytes, TreeMode::Plain),
+        FsError::Truncated { .. }
+    ));
     // inner counts far beyond the payload
     let mut payload = Vec::new();
     b16(&mut payload, b"f");
@@ -151,7 +210,10 @@ fn oversized_lengths_are_refused_without_allocating() {
     payload.extend_from_slice(&100u64.to_le_bytes());
     payload.extend_from_slice(&u32::MAX.to_le_bytes());
     let bytes = RawStream::new(0).root().record(FILE, &payload).finish();
-    assert!(matches!(s.refuse(&bytes, TreeMode::Plain), FsError::Malformed { .. }));
+    assert!(matches!(
+        s.refuse(&bytes, TreeMode::Plain),
+        FsError::Malformed { .. }
+    ));
     let mut m = meta(0o644, &[]);
     let n = m.len();
     m[n - 2..].copy_from_slice(&u16::MAX.to_le_bytes());
@@ -159,7 +221,10 @@ fn oversized_lengths_are_refused_without_allocating() {
     b16(&mut payload, b"d");
     payload.extend(m);
     let bytes = RawStream::new(0).root().record(DIR, &payload).finish();
-    assert!(matches!(s.refuse(&bytes, TreeMode::Plain), FsError::Malformed { .. }));
+    assert!(matches!(
+        s.refuse(&bytes, TreeMode::Plain),
+        FsError::Malformed { .. }
+    ));
 }
 
 #[test]
@@ -180,24 +245,73 @@ fn huge_sparse_file_is_refused_quickly() {
 fn stream_violations_are_refused() {
     let s = scene();
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("no root in a fresh apply", RawStream::new(0).file(b"f", b"x").finish()),
+        (
+            "no root in a fresh apply",
+            RawStream::new(0).file(b"f", b"x").finish(),
+        ),
         ("empty stream", RawStream::new(0).finish()),
-        ("duplicate entry", RawStream::new(0).root().file(b"f", b"1").file(b"f", b"2").finish()),
-        ("dir after its contents", RawStream::new(0).root().dir(b"d").file(b"d/f", b"1").dir(b"d").finish()),
-        ("parent never streamed", RawStream::new(0).root().file(b"nodir/f", b"1").finish()),
-        ("file under a file", RawStream::new(0).root().file(b"f", b"1").file(b"f/g", b"1").finish()),
-        ("whiteout in a plain stream", RawStream::new(0).root().path_only(WHITEOUT, b"w").finish()),
-        ("opaque not after its dir", RawStream::new(1).root().dir(b"d").file(b"d/f", b"1").path_only(OPAQUE, b"d").finish()),
+        (
+            "duplicate entry",
+            RawStream::new(0)
+                .root()
+                .file(b"f", b"1")
+                .file(b"f", b"2")
+                .finish(),
+        ),
+        (
+            "dir after its contents",
+            RawStream::new(0)
+                .root()
+                .dir(b"d")
+                .file(b"d/f", b"1")
+                .dir(b"d")
+                .finish(),
+        ),
+        (
+            "parent never streamed",
+            RawStream::new(0).root().file(b"nodir/f", b"1").finish(),
+        ),
+        (
+            "file under a file",
+            RawStream::new(0)
+                .root()
+                .file(b"f", b"1")
+                .file(b"f/g", b"1")
+                .finish(),
+        ),
+        (
+            "whiteout in a plain stream",
+            RawStream::new(0).root().path_only(WHITEOUT, b"w").finish(),
+        ),
+        (
+            "opaque not after its dir",
+            RawStream::new(1)
+                .root()
+                .dir(b"d")
+                .file(b"d/f", b"1")
+                .path_only(OPAQUE, b"d")
+                .finish(),
+        ),
         ("second root", RawStream::new(0).root().root().finish()),
-        ("data outside a file", RawStream::new(0).root().record(DATA, b"abc").finish()),
-        ("file end outside a file", RawStream::new(0).root().record(FILE_END, &[0; 32]).finish()),
+        (
+            "data outside a file",
+            RawStream::new(0).root().record(DATA, b"abc").finish(),
+        ),
+        (
+            "file end outside a file",
+            RawStream::new(0).root().record(FILE_END, &[0; 32]).finish(),
+        ),
         ("foreign xattr", {
             let mut p = Vec::new();
             b16(&mut p, b"f");
             p.extend(meta(0o644, &[("security.selinux", b"system_u")]));
             p.extend_from_slice(&0u64.to_le_bytes());
             p.extend_from_slice(&0u32.to_le_bytes());
-            RawStream::new(0).root().record(FILE, &p).record(FILE_END, &content_digest(b"")).finish()
+            RawStream::new(0)
+                .root()
+                .record(FILE, &p)
+                .record(FILE_END, &content_digest(b""))
+                .finish()
         }),
         ("mode beyond 07777", {
             let mut p = Vec::new();
@@ -215,7 +329,9 @@ fn stream_violations_are_refused() {
             p.extend_from_slice(&1u32.to_le_bytes());
             p.extend_from_slice(&0u64.to_le_bytes());
             p.extend_from_slice(&3u64.to_le_bytes());
-            r.record(FILE, &p).record(DATA, b"abc").record(FILE_END, &content_digest(b"abd"));
+            r.record(FILE, &p)
+                .record(DATA, b"abc")
+                .record(FILE_END, &content_digest(b"abd"));
             r.finish()
         }),
         ("data past an extent", {
@@ -241,10 +357,20 @@ fn stream_violations_are_refused() {
             b[8] = 2;
             b
         }),
-        ("unknown tag", RawStream::new(0).root().record(0x55, b"").finish()),
+        (
+            "unknown tag",
+            RawStream::new(0).root().record(0x55, b"").finish(),
+        ),
     ];
     for (what, bytes) in cases {
-        let err = s.refuse(&bytes, if bytes.get(10) == Some(&1) { TreeMode::OverlayUpper } else { TreeMode::Plain });
+        let err = s.refuse(
+            &bytes,
+            if bytes.get(10) == Some(&1) {
+                TreeMode::OverlayUpper
+            } else {
+                TreeMode::Plain
+            },
+        );
         eprintln!("{what}: {err}");
     }
 }
@@ -263,15 +389,20 @@ fn update_does_not_follow_symlinks_already_in_dest() {
     for bytes in [
         RawStream::new(0).file(b"link/pwned", b"x").finish(),
         RawStream::new(0).dir(b"link/d").finish(),
-        RawStream::new(0).file(b"link/shadow", b"overwritten").finish(),
+        RawStream::new(0)
+            .file(b"link/shadow", b"overwritten")
+            .finish(),
     ] {
-        let err = apply(&bytes, &s.dest, ApplyOptions::update(TreeMode::Plain)).expect_err("followed dest symlink");
+        let err = apply(&bytes, &s.dest, ApplyOptions::update(TreeMode::Plain))
+            .expect_err("followed dest symlink");
         assert!(matches!(err, FsError::Refused { .. }), "{err}");
     }
     // removals under the symlink are no-ops, never deletions in the canary
     let bytes = RawStream::new(0).path_only(REMOVE, b"link/shadow").finish();
     apply(&bytes, &s.dest, ApplyOptions::update(TreeMode::Plain)).unwrap();
-    let bytes = RawStream::new(1).path_only(WHITEOUT, b"link/shadow").finish();
+    let bytes = RawStream::new(1)
+        .path_only(WHITEOUT, b"link/shadow")
+        .finish();
     apply(&bytes, &s.dest, ApplyOptions::update(TreeMode::Plain)).unwrap();
     assert_same(&before, &s.canary_manifest());
     assert_same(&dest_before, &manifest(&s.dest, TreeMode::Plain).unwrap());
@@ -282,7 +413,13 @@ fn update_does_not_follow_symlinks_already_in_dest() {
 fn valid_raw_stream_applies() {
     // The hand-built format agrees with the crate's decoder when nothing is hostile.
     let s = scene();
-    let bytes = RawStream::new(0).root().dir(b"d").file(b"d/f", b"hello").symlink(b"l", b"d/f").hardlink(b"h", b"d/f").finish();
+    let bytes = RawStream::new(0)
+        .root()
+        .dir(b"d")
+        .file(b"d/f", b"hello")
+        .symlink(b"l", b"d/f")
+        .hardlink(b"h", b"d/f")
+        .finish();
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     r.verify_to_end().unwrap();
     apply(&bytes, &s.dest, ApplyOptions::fresh(TreeMode::Plain)).unwrap();
@@ -291,5 +428,7 @@ fn valid_raw_stream_applies() {
 }
 
 fn symlink_points(p: &Path, to: &str) -> bool {
-    fs::read_link(p).map(|t| t == Path::new(to)).unwrap_or(false)
+    fs::read_link(p)
+        .map(|t| t == Path::new(to))
+        .unwrap_or(false)
 }

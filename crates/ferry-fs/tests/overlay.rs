@@ -30,7 +30,10 @@ impl Mount {
             .output()
             .unwrap();
         if !out.status.success() {
-            eprintln!("skipped: overlay mount failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "skipped: overlay mount failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             return None;
         }
         Some(Mount(merged.to_path_buf()))
@@ -39,7 +42,11 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.0).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
@@ -95,43 +102,79 @@ fn streamed_upper_dir_reproduces_the_merged_view() {
 
     // stream the upper dir while it is mounted, as the agent does
     let up_manifest = manifest(&upper, TreeMode::OverlayUpper).unwrap();
-    assert_eq!(up_manifest.get(&p("etc/to-delete")).unwrap().kind, Kind::Whiteout);
-    assert!(up_manifest.get(&p("replaced")).unwrap().opaque, "replacing a lower dir makes it opaque");
+    assert_eq!(
+        up_manifest.get(&p("etc/to-delete")).unwrap().kind,
+        Kind::Whiteout
+    );
+    assert!(
+        up_manifest.get(&p("replaced")).unwrap().opaque,
+        "replacing a lower dir makes it opaque"
+    );
     let (bytes, sum) = encode(&upper, TreeMode::OverlayUpper);
-    assert!(sum.counts.data_bytes < 1 << 20, "sparse log sent as data: {}", sum.counts.data_bytes);
+    assert!(
+        sum.counts.data_bytes < 1 << 20,
+        "sparse log sent as data: {}",
+        sum.counts.data_bytes
+    );
     let upper2 = base.join("upper2");
     apply(&bytes, &upper2, ApplyOptions::fresh(TreeMode::OverlayUpper)).unwrap();
-    assert_same(&up_manifest, &manifest(&upper2, TreeMode::OverlayUpper).unwrap());
+    assert_same(
+        &up_manifest,
+        &manifest(&upper2, TreeMode::OverlayUpper).unwrap(),
+    );
 
-    let Some(m2) = Mount::overlay(&lower, &upper2, &base.join("work2"), &base.join("merged2")) else {
+    let Some(m2) = Mount::overlay(&lower, &upper2, &base.join("work2"), &base.join("merged2"))
+    else {
         return;
     };
     let merged1 = manifest(&m1.0, TreeMode::Plain).unwrap();
     let merged2 = manifest(&m2.0, TreeMode::Plain).unwrap();
     assert_same(&merged1, &merged2);
     assert!(merged2.get(&p("etc/to-delete")).is_none());
-    assert!(merged2.get(&p("replaced/old1")).is_none(), "opaque dir hides the lower content");
+    assert!(
+        merged2.get(&p("replaced/old1")).is_none(),
+        "opaque dir hides the lower content"
+    );
     assert!(merged2.get(&p("replaced/new")).is_some());
-    assert_eq!(fs::read(m2.0.join("usr/share/doc/readme")).unwrap().len(), 10_000);
+    assert_eq!(
+        fs::read(m2.0.join("usr/share/doc/readme")).unwrap().len(),
+        10_000
+    );
 
     // a second pass after more changes in the running container
-    fs::write(m1.0.join("usr/share/doc/readme"), b"copied up on the second pass").unwrap();
+    fs::write(
+        m1.0.join("usr/share/doc/readme"),
+        b"copied up on the second pass",
+    )
+    .unwrap();
     fs::remove_file(m1.0.join("new-file")).unwrap();
     fs::remove_file(m1.0.join("etc/config")).unwrap();
     fs::write(m1.0.join("late"), b"late").unwrap();
     drop(m2);
     let changed = changed_since(&upper, &sum.manifest).unwrap();
     let (delta, _) = encode_paths(&upper, TreeMode::OverlayUpper, &changed);
-    apply(&delta, &upper2, ApplyOptions::update(TreeMode::OverlayUpper)).unwrap();
+    apply(
+        &delta,
+        &upper2,
+        ApplyOptions::update(TreeMode::OverlayUpper),
+    )
+    .unwrap();
     assert_same(
         &manifest(&upper, TreeMode::OverlayUpper).unwrap(),
         &manifest(&upper2, TreeMode::OverlayUpper).unwrap(),
     );
     let _ = fs::remove_dir_all(base.join("work2"));
-    let Some(m2) = Mount::overlay(&lower, &upper2, &base.join("work2"), &base.join("merged2")) else {
+    let Some(m2) = Mount::overlay(&lower, &upper2, &base.join("work2"), &base.join("merged2"))
+    else {
         return;
     };
-    assert_same(&manifest(&m1.0, TreeMode::Plain).unwrap(), &manifest(&m2.0, TreeMode::Plain).unwrap());
-    assert_eq!(fs::read(m2.0.join("usr/share/doc/readme")).unwrap(), b"copied up on the second pass");
+    assert_same(
+        &manifest(&m1.0, TreeMode::Plain).unwrap(),
+        &manifest(&m2.0, TreeMode::Plain).unwrap(),
+    );
+    assert_eq!(
+        fs::read(m2.0.join("usr/share/doc/readme")).unwrap(),
+        b"copied up on the second pass"
+    );
     assert!(!m2.0.join("etc/config").exists());
 }

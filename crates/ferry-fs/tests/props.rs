@@ -10,7 +10,10 @@ use common::*;
 
 /// Durability (syncfs) is beside the point of these tests and would dominate their run time.
 fn fast(mode: TreeMode) -> ApplyOptions {
-    ApplyOptions { durable: false, ..ApplyOptions::fresh(mode) }
+    ApplyOptions {
+        durable: false,
+        ..ApplyOptions::fresh(mode)
+    }
 }
 use ferry_fs::{manifest, ApplyOptions, StreamReader, TreeMode};
 use proptest::prelude::*;
@@ -24,10 +27,22 @@ enum Content {
 
 #[derive(Debug, Clone)]
 enum Node {
-    File { content: Content, mode: u32, owner: (u32, u32), xattrs: Vec<(String, Vec<u8>)> },
-    Dir { mode: u32, xattrs: Vec<(String, Vec<u8>)> },
-    Symlink { target: String },
-    Hardlink { to: usize },
+    File {
+        content: Content,
+        mode: u32,
+        owner: (u32, u32),
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    Dir {
+        mode: u32,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    Symlink {
+        target: String,
+    },
+    Hardlink {
+        to: usize,
+    },
     Fifo,
 }
 
@@ -48,7 +63,13 @@ fn name() -> impl Strategy<Value = String> {
 }
 
 fn xattrs() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
-    prop::collection::vec(("user\\.[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..40)), 0..3)
+    prop::collection::vec(
+        (
+            "user\\.[a-z]{1,8}",
+            prop::collection::vec(any::<u8>(), 0..40),
+        ),
+        0..3,
+    )
 }
 
 fn content() -> impl Strategy<Value = Content> {
@@ -77,7 +98,8 @@ fn node() -> impl Strategy<Value = Node> {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    prop::collection::vec((0usize..64, name(), node(), 0i64..2_000_000_000), 0..40).prop_map(|nodes| Spec { nodes })
+    prop::collection::vec((0usize..64, name(), node(), 0i64..2_000_000_000), 0..40)
+        .prop_map(|nodes| Spec { nodes })
 }
 
 /// Materialises a spec; returns whether anything unusual was skipped (name collisions are).
@@ -92,13 +114,22 @@ fn build(root: &Path, spec: &Spec) {
             continue;
         }
         match node {
-            Node::File { content, mode, owner, xattrs } => {
+            Node::File {
+                content,
+                mode,
+                owner,
+                xattrs,
+            } => {
                 match content {
                     Content::Dense(b) => fs::write(&path, b).unwrap(),
                     Content::Sparse(size, islands) => {
                         fs::File::create(&path).unwrap().set_len(*size).unwrap();
                         for (off, b) in islands {
-                            write_at(&path, off % size, &b[..b.len().min((size - off % size) as usize)]);
+                            write_at(
+                                &path,
+                                off % size,
+                                &b[..b.len().min((size - off % size) as usize)],
+                            );
                         }
                     }
                 }
@@ -209,7 +240,8 @@ fn every_prefix_is_refused() {
     let (t, bytes) = fixed_tree_sized(3000);
     let dest = t.path().join("dest");
     for cut in 0..bytes.len() {
-        let r = StreamReader::new(&bytes[..cut]).and_then(|r| r.apply_into(&dest, &fast(TreeMode::Plain)));
+        let r = StreamReader::new(&bytes[..cut])
+            .and_then(|r| r.apply_into(&dest, &fast(TreeMode::Plain)));
         assert!(r.is_err(), "prefix of {cut} bytes applied");
         if cut % 4096 == 0 {
             assert_eq!(listing(t.path()), ["src"]);

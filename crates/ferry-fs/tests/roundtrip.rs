@@ -7,9 +7,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
-use ferry_fs::{
-    changed_since, manifest, ApplyOptions, FsError, Kind, StreamReader, TreeMode,
-};
+use ferry_fs::{changed_since, manifest, ApplyOptions, FsError, Kind, StreamReader, TreeMode};
 
 /// A tree with one of everything a plain tree can hold.
 fn build_rich(root: &Path) {
@@ -29,7 +27,12 @@ fn build_rich(root: &Path) {
     let sparse = root.join("var/lib/db/sparse.img");
     write_at(&sparse, 0, &[1u8; 8192]);
     write_at(&sparse, 10 << 20, &[2u8; 4096]);
-    fs::OpenOptions::new().write(true).open(&sparse).unwrap().set_len(20 << 20).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&sparse)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
     fs::write(root.join("var/lib/db/zeros-dense"), vec![0u8; 300_000]).unwrap();
     symlink("hostname", root.join("etc/link-rel")).unwrap();
     symlink("/etc/shadow", root.join("etc/link-abs")).unwrap();
@@ -61,7 +64,15 @@ fn build_rich(root: &Path) {
     set_times(&root.join("etc/hostname"), 1_000_000_000, 123_456_789);
     set_times(&root.join("etc/link-abs"), 1_100_000_000, 5);
     // directories last, deepest first, so their times stick
-    for d in ["var/lib/db", "var/lib", "var", "etc/conf.d", "etc", "empty", ""] {
+    for d in [
+        "var/lib/db",
+        "var/lib",
+        "var",
+        "etc/conf.d",
+        "etc",
+        "empty",
+        "",
+    ] {
         set_times(&root.join(d), 1_200_000_000, 999_999_999);
     }
 }
@@ -82,10 +93,16 @@ fn rich_tree_roundtrips() {
     assert_eq!(listing(dst.path()), ["dest"], "staging was removed");
 
     // holes stayed holes
-    let src_blocks = fs::metadata(src.path().join("var/lib/db/sparse.img")).unwrap().blocks();
+    let src_blocks = fs::metadata(src.path().join("var/lib/db/sparse.img"))
+        .unwrap()
+        .blocks();
     let dst_meta = fs::metadata(dest.join("var/lib/db/sparse.img")).unwrap();
     assert_eq!(dst_meta.len(), 20 << 20);
-    assert!(dst_meta.blocks() <= src_blocks + 16, "{} vs {src_blocks}", dst_meta.blocks());
+    assert!(
+        dst_meta.blocks() <= src_blocks + 16,
+        "{} vs {src_blocks}",
+        dst_meta.blocks()
+    );
     assert!(dst_meta.blocks() * 512 < 1 << 20);
     // only data extents went over the wire
     assert!(sum.counts.data_bytes < 1 << 20, "{}", sum.counts.data_bytes);
@@ -93,9 +110,15 @@ fn rich_tree_roundtrips() {
     let a = fs::metadata(dest.join("etc/hostname")).unwrap();
     let b = fs::metadata(dest.join("var/hostname-hl")).unwrap();
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 3));
-    assert_eq!(fs::metadata(dest.join("suid-bin")).unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!(
+        fs::metadata(dest.join("suid-bin")).unwrap().mode() & 0o7777,
+        0o4755
+    );
     assert!(get_xattr(&dest.join("cap-bin"), "security.capability").is_some());
-    assert_eq!(fs::read_link(dest.join("etc/link-abs")).unwrap(), Path::new("/etc/shadow"));
+    assert_eq!(
+        fs::read_link(dest.join("etc/link-abs")).unwrap(),
+        Path::new("/etc/shadow")
+    );
     assert_eq!(fs::read(dest.join("etc/hostname")).unwrap(), b"box\n");
 }
 
@@ -127,7 +150,11 @@ fn overlay_mode_carries_whiteouts_and_opaque_dirs() {
     mknod(&root.join("gone"), libc::S_IFCHR, 0, 0);
     mknod(&root.join("opq/gone2"), libc::S_IFCHR, 0, 0);
     fs::write(root.join("origin-file"), b"o").unwrap();
-    set_xattr(&root.join("origin-file"), "trusted.overlay.origin", b"\x00host-specific");
+    set_xattr(
+        &root.join("origin-file"),
+        "trusted.overlay.origin",
+        b"\x00host-specific",
+    );
     let want = manifest(root, TreeMode::OverlayUpper).unwrap();
     assert!(want.get(&p("opq")).unwrap().opaque);
     assert_eq!(want.get(&p("gone")).unwrap().kind, Kind::Whiteout);
@@ -136,8 +163,14 @@ fn overlay_mode_carries_whiteouts_and_opaque_dirs() {
     let dest = dest_in(&dst);
     apply(&bytes, &dest, ApplyOptions::fresh(TreeMode::OverlayUpper)).unwrap();
     assert_same(&want, &manifest(&dest, TreeMode::OverlayUpper).unwrap());
-    assert_eq!(get_xattr(&dest.join("opq"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
-    assert_eq!(get_xattr(&dest.join("origin-file"), "trusted.overlay.origin"), None);
+    assert_eq!(
+        get_xattr(&dest.join("opq"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        get_xattr(&dest.join("origin-file"), "trusted.overlay.origin"),
+        None
+    );
     let wh = fs::symlink_metadata(dest.join("gone")).unwrap();
     assert_eq!((wh.mode() & libc::S_IFMT, wh.rdev()), (libc::S_IFCHR, 0));
 
@@ -153,7 +186,11 @@ fn overlay_mode_carries_whiteouts_and_opaque_dirs() {
 fn metacopy_upper_is_refused_not_silently_emptied() {
     let src = tmp();
     fs::write(src.path().join("meta-only"), b"").unwrap();
-    set_xattr(&src.path().join("meta-only"), "trusted.overlay.metacopy", b"");
+    set_xattr(
+        &src.path().join("meta-only"),
+        "trusted.overlay.metacopy",
+        b"",
+    );
     let mut w = ferry_fs::StreamWriter::new(Vec::new());
     match w.write_tree(src.path(), TreeMode::OverlayUpper) {
         Err(FsError::Unsupported { path, .. }) => assert_eq!(path, "meta-only"),
@@ -191,15 +228,37 @@ fn incremental_pass_makes_target_identical() {
     let dest = dest_in(&dst);
     apply(&bytes, &dest, ApplyOptions::fresh(TreeMode::Plain)).unwrap();
 
-    assert!(changed_since(src.path(), &first.manifest).unwrap().is_empty(), "nothing changed yet");
+    assert!(
+        changed_since(src.path(), &first.manifest)
+            .unwrap()
+            .is_empty(),
+        "nothing changed yet"
+    );
     mutate(src.path());
     let changed = changed_since(src.path(), &first.manifest).unwrap();
     let names: Vec<String> = changed.iter().map(|p| p.to_string()).collect();
-    for must in ["etc/conf.d/a.conf", "etc/new-file", "newdir/deeper/x", "zero-len", "var/lib/db", "empty", "fifo/inside"] {
-        assert!(names.contains(&must.to_string()), "{must} missing from {names:?}");
+    for must in [
+        "etc/conf.d/a.conf",
+        "etc/new-file",
+        "newdir/deeper/x",
+        "zero-len",
+        "var/lib/db",
+        "empty",
+        "fifo/inside",
+    ] {
+        assert!(
+            names.contains(&must.to_string()),
+            "{must} missing from {names:?}"
+        );
     }
-    assert!(!names.contains(&"var/lib/db/owned".to_string()), "covered by removing var/lib/db");
-    assert!(!names.contains(&"etc/link-rel".to_string()), "untouched entries are not resent");
+    assert!(
+        !names.contains(&"var/lib/db/owned".to_string()),
+        "covered by removing var/lib/db"
+    );
+    assert!(
+        !names.contains(&"etc/link-rel".to_string()),
+        "untouched entries are not resent"
+    );
 
     let (delta, second) = encode_paths(src.path(), TreeMode::Plain, &changed);
     assert!(delta.len() < bytes.len());
@@ -240,15 +299,27 @@ fn failed_commit_rolls_back_to_the_previous_tree() {
     let (delta, _) = encode_paths(src.path(), TreeMode::Plain, &changed);
     // An immutable directory late in the commit order makes the commit fail half-way.
     let blocker = dest.join("var/lib");
-    let status = std::process::Command::new("chattr").arg("+i").arg(&blocker).status().unwrap();
+    let status = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&blocker)
+        .status()
+        .unwrap();
     assert!(status.success());
     let res = apply(&delta, &dest, ApplyOptions::update(TreeMode::Plain));
-    std::process::Command::new("chattr").arg("-i").arg(&blocker).status().unwrap();
+    std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&blocker)
+        .status()
+        .unwrap();
     let err = res.expect_err("commit must fail on the immutable directory");
     eprintln!("commit error: {err}");
     assert!(err.to_string().contains("var/lib"), "{err}");
     assert_same(&before, &manifest(&dest, TreeMode::Plain).unwrap());
-    assert_eq!(listing(dst.path()), ["dest"], "staging and undo were removed");
+    assert_eq!(
+        listing(dst.path()),
+        ["dest"],
+        "staging and undo were removed"
+    );
 }
 
 #[test]
@@ -261,4 +332,51 @@ fn reader_reports_records_and_trailer() {
     assert_eq!(t.counts, sum.counts);
     assert_eq!(t.stream_bytes, bytes.len() as u64);
     assert!(r.next_record().is_err(), "nothing after END");
+}
+
+#[test]
+fn overlay_layer_applied_onto_a_plain_tree_deletes_and_replaces() {
+    let t = tmp();
+    let dest = t.path().join("dest");
+    fs::create_dir_all(dest.join("d")).unwrap();
+    fs::write(dest.join("a"), b"a").unwrap();
+    fs::write(dest.join("keep"), b"k").unwrap();
+    fs::write(dest.join("d/x"), b"x").unwrap();
+    fs::write(dest.join("d/y"), b"y").unwrap();
+    let bytes = RawStream::new(1)
+        .path_only(WHITEOUT, b"a")
+        .dir(b"d")
+        .path_only(OPAQUE, b"d")
+        .file(b"d/z", b"z")
+        .finish();
+    let sum = apply(&bytes, &dest, ApplyOptions::update(TreeMode::Plain)).unwrap();
+    assert_eq!(sum.removed, 1);
+    assert!(!dest.join("a").exists());
+    assert_eq!(
+        listing(&dest.join("d")),
+        ["z"],
+        "opaque dir replaced the old one wholesale"
+    );
+    assert_eq!(fs::read(dest.join("keep")).unwrap(), b"k");
+    assert_eq!(listing(t.path()), ["dest"]);
+}
+
+#[test]
+fn changed_since_a_foreign_manifest_compares_content() {
+    let src = tmp();
+    build_rich(src.path());
+    let mut m = manifest(src.path(), TreeMode::Plain).unwrap();
+    for e in &mut m.entries {
+        e.local = None;
+    }
+    assert!(changed_since(src.path(), &m).unwrap().is_empty());
+    let f = src.path().join("etc/hostname");
+    fs::write(&f, b"BOX\n").unwrap();
+    set_times(&f, 1_000_000_000, 123_456_789);
+    let names: Vec<String> = changed_since(src.path(), &m)
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(names, ["etc/hostname", "hostname-hl2", "var/hostname-hl"]);
 }

@@ -31,12 +31,18 @@ pub fn assert_same(a: &Manifest, b: &Manifest) {
     assert!(
         d.is_empty(),
         "trees differ:\n{}",
-        d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n")
+        d.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
 pub fn assert_trees_equal(a: &Path, b: &Path, mode: TreeMode) {
-    assert_same(&manifest(a, mode).expect("manifest a"), &manifest(b, mode).expect("manifest b"));
+    assert_same(
+        &manifest(a, mode).expect("manifest a"),
+        &manifest(b, mode).expect("manifest b"),
+    );
 }
 
 /// Names in `dir`, sorted: used to show that a failed apply left nothing behind.
@@ -56,8 +62,22 @@ pub fn cpath(p: &Path) -> CString {
 pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let c = cpath(p);
     let n = CString::new(name).unwrap();
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
@@ -76,10 +96,23 @@ pub fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
 pub fn set_times(p: &Path, sec: i64, nsec: i64) {
     let c = cpath(p);
     let ts = [
-        libc::timespec { tv_sec: sec - 1000, tv_nsec: nsec },
-        libc::timespec { tv_sec: sec, tv_nsec: nsec },
+        libc::timespec {
+            tv_sec: sec - 1000,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
     ];
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {}", p.display());
 }
 
@@ -90,13 +123,24 @@ pub fn lchown(p: &Path, uid: u32, gid: u32) {
 pub fn mknod(p: &Path, mode: u32, major: u32, minor: u32) {
     let c = cpath(p);
     let r = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
-    assert_eq!(r, 0, "mknod {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Writes `data` at `offset` of a file, creating it.
 pub fn write_at(p: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(p).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(p)
+        .unwrap();
     f.write_all_at(data, offset).unwrap();
 }
 
@@ -172,12 +216,18 @@ impl RawStream {
         bytes.extend_from_slice(&1u16.to_le_bytes());
         bytes.push(mode);
         bytes.extend_from_slice(&[0; 5]);
-        RawStream { bytes, entries: 0, files: 0, data: 0 }
+        RawStream {
+            bytes,
+            entries: 0,
+            files: 0,
+            data: 0,
+        }
     }
 
     pub fn record(&mut self, tag: u8, payload: &[u8]) -> &mut Self {
         self.bytes.push(tag);
-        self.bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.bytes
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
         self.bytes.extend_from_slice(payload);
         match tag {
             DATA => self.data += payload.len() as u64,
@@ -262,7 +312,10 @@ impl RawStream {
 }
 
 pub fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ferry-fs-test").tempdir_in("/tmp").unwrap()
+    tempfile::Builder::new()
+        .prefix("ferry-fs-test")
+        .tempdir_in("/tmp")
+        .unwrap()
 }
 
 pub fn p(s: &str) -> RelPath {
