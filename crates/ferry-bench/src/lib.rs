@@ -879,7 +879,9 @@ pub fn load_report(out_dir: &Path) -> Result<BenchReport, BenchError> {
     serde_json::from_slice(&text).map_err(|e| BenchError::json("parse bench.json", e))
 }
 
-/// Runs the benchmark (see the crate docs). Fails only when it cannot start or write its
+/// Runs the benchmark (see the crate docs). Brings the test bed up first (as `ferry testbed
+/// up` does, with `opts.ferry_exe`: agents running another build are restarted with it) and
+/// removes `bench-*` containers a killed run left. Progress is logged with `tracing`. Fails only when it cannot start or write its
 /// results; a case that fails is recorded in the report (`status: failed`, `error`) and the
 /// benchmark goes on, after one retry with the test bed repaired (it is shared, and may have
 /// been restarted under us).

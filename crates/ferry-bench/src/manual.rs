@@ -25,6 +25,10 @@ use crate::error::BenchError;
 
 pub const CHECKPOINT: &str = "cp1";
 pub const CRIU_CONF: &str = "/etc/criu/runc.conf";
+/// First line of the config we write (CRIU skips `#` lines): a file that starts with it was
+/// left by a benchmark that was killed mid-case, and is removed rather than "restored".
+const CONF_MARKER: &str =
+    "# written by ferry-bench for the manual docker checkpoint path; removed when that case ends";
 const CTRD_PREFIX: &str = "ctrd-checkpoint";
 
 /// Timings and sizes of one manual migration.
@@ -70,6 +74,13 @@ impl CriuConf {
             fs::create_dir_all(dir).map_err(|e| BenchError::io(step, dir, e))?;
         }
         let previous = match fs::read(path) {
+            Ok(b) if b.starts_with(CONF_MARKER.as_bytes()) => {
+                tracing::warn!(
+                    "{} was left by a killed benchmark: replacing it",
+                    path.display()
+                );
+                None
+            }
             Ok(b) => Some(b),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(BenchError::io(step, path, e)),
@@ -80,7 +91,8 @@ impl CriuConf {
             created_dir,
             restored: false,
         };
-        fs::write(path, b"tcp-established\n").map_err(|e| BenchError::io(step, path, e))?;
+        fs::write(path, format!("{CONF_MARKER}\ntcp-established\n"))
+            .map_err(|e| BenchError::io(step, path, e))?;
         Ok(guard)
     }
 
@@ -354,7 +366,9 @@ mod tests {
         let p = d.path().join("criu").join("runc.conf");
         {
             let g = CriuConf::install_at(&p).unwrap();
-            assert_eq!(fs::read_to_string(&p).unwrap(), "tcp-established\n");
+            let text = fs::read_to_string(&p).unwrap();
+            assert!(text.ends_with("\ntcp-established\n"), "{text}");
+            assert!(text.starts_with('#'), "{text}");
             g.restore().unwrap();
         }
         assert!(!p.exists());
@@ -364,10 +378,15 @@ mod tests {
         fs::write(&p, "log-file /x\n").unwrap();
         {
             let _g = CriuConf::install_at(&p).unwrap();
-            assert_eq!(fs::read_to_string(&p).unwrap(), "tcp-established\n");
+            assert!(fs::read_to_string(&p).unwrap().contains("tcp-established"));
             // dropped without restore(): still put back
         }
         assert_eq!(fs::read_to_string(&p).unwrap(), "log-file /x\n");
+
+        // A killed run's leftover is not "previous content": it goes away.
+        fs::write(&p, format!("{CONF_MARKER}\ntcp-established\n")).unwrap();
+        CriuConf::install_at(&p).unwrap().restore().unwrap();
+        assert!(!p.exists());
     }
 
     #[test]
