@@ -124,8 +124,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
             Ok(())
         }
         Purpose::Pages { migration_id } => {
-            let port = shared.pages.lock().ok().and_then(|m| m.get(&migration_id).copied());
-            let Some(port) = port else {
+            let server = shared.pages.lock().ok().and_then(|m| m.get(&migration_id).cloned());
+            let Some(crate::source::PageServer { port, bytes, closed }) = server else {
                 let e = ErrorInfo { step: "pages".into(), message: format!("no page server for migration {migration_id}"), tool_log: vec![] };
                 conn.send(&Message::Error(e.clone())).await?;
                 return Err(AgentError::Remote(e));
@@ -135,9 +135,13 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
                 .map_err(|e| AgentError::Setup(format!("connecting to the page server on 127.0.0.1:{port}: {e}")))?;
             let _ = local.set_nodelay(true);
             match crate::conn::bridge(conn, local).await {
-                Ok((up, down)) => info!(migration = %migration_id, to_criu = up, from_criu = down, "page tunnel closed"),
+                Ok((up, down)) => {
+                    bytes.fetch_add(down, std::sync::atomic::Ordering::Relaxed);
+                    info!(migration = %migration_id, to_criu = up, from_criu = down, "page tunnel closed")
+                }
                 Err(e) => warn!(migration = %migration_id, "page tunnel: {e}"),
             }
+            closed.notify_one();
             Ok(())
         }
         Purpose::Images { migration_id } => {

@@ -33,12 +33,23 @@ pub struct LocalSource {
     strategy: Strategy,
     lazy: Option<ferry_criu::LazyDump>,
     pages: PageServers,
+    page_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    page_tunnel_closed: std::sync::Arc<tokio::sync::Notify>,
     source_agent: Option<String>,
 }
 
 /// Loopback ports of the CRIU page servers of post-copy dumps in flight, by migration id, so
 /// the agent can tunnel the target's authenticated `Pages` channel to the right one.
-pub type PageServers = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>;
+pub type PageServers = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, PageServer>>>;
+
+/// One post-copy page server: its loopback port and the bytes tunnelled to the target so far.
+#[derive(Clone, Default)]
+pub struct PageServer {
+    pub port: u16,
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Signalled when the tunnel closed and `bytes` is final.
+    pub closed: std::sync::Arc<tokio::sync::Notify>,
+}
 
 fn free_loopback_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -101,6 +112,8 @@ impl LocalSource {
             strategy: Strategy::StopAndCopy,
             lazy: None,
             pages,
+            page_bytes: Default::default(),
+            page_tunnel_closed: Default::default(),
             source_agent,
         }
     }
@@ -272,7 +285,7 @@ impl SourceSide for LocalSource {
         if self.strategy == Strategy::PostCopy {
             let port = free_loopback_port().map_err(|e| side_err("dump", format!("no free loopback port for the page server: {e}")))?;
             if let Ok(mut m) = self.pages.lock() {
-                m.insert(self.migration_id.clone(), port);
+                m.insert(self.migration_id.clone(), PageServer { port, bytes: self.page_bytes.clone(), closed: self.page_tunnel_closed.clone() });
             }
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let lazy = ferry_criu::checkpoint_lazy(&handle, &opts, addr)
@@ -300,6 +313,7 @@ impl SourceSide for LocalSource {
                 warnings.push(format!("the source's page server did not end cleanly: {e} {}", e.log().join(" / ")));
                 lazy.abort().await;
             }
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.page_tunnel_closed.notified()).await;
             self.lazy = None;
             if let Ok(mut m) = self.pages.lock() {
                 m.remove(&self.migration_id);
@@ -369,5 +383,9 @@ impl SourceSide for LocalSource {
         }
         let _ = SideErrorKind::Failed;
         errs
+    }
+
+    fn extra_bytes_sent(&self) -> u64 {
+        self.page_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

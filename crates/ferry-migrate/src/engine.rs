@@ -216,6 +216,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         let source_commit = {
             step!(self, Phase::Commit, step_to, self.source.commit())
         };
+        report.bytes_sent += self.source.extra_bytes_sent();
         match source_commit {
             Ok(w) => report.warnings.extend(w),
             Err(e) => report.warnings.push(format!("migrated, but the source could not clean up: {e}")),

@@ -103,6 +103,10 @@ pub trait SourceSide: Send {
     /// Resumes the container where it was frozen and removes every trace of the attempt.
     /// Reports each cleanup step that failed instead of stopping at the first.
     fn rollback(&mut self) -> impl Future<Output = Vec<SideError>> + Send;
+    /// Bytes this side sent outside the transport (post-copy pages through their own tunnel).
+    fn extra_bytes_sent(&self) -> u64 {
+        0
+    }
 }
 
 /// The host the container goes to.

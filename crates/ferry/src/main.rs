@@ -23,6 +23,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Local test hosts in network namespaces, for demos and tests.
     Testbed(cmd::testbed::Args),
+    /// Benchmark the strategies against the manual docker checkpoint path on the test bed.
+    Bench(cmd::bench::Args),
     /// Bring up the test bed and live-migrate a stateful workload with a connected client.
     Demo(cmd::demo::Args),
     /// The runc-wrapping OCI runtime registered in daemon.json (called by containerd).
@@ -51,6 +53,7 @@ fn main() -> std::process::ExitCode {
             Command::Check(a) => cmd::check::run(a).await,
             Command::Testbed(a) => cmd::testbed::run(a).await,
             Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Bench(a) => cmd::bench::run(a).await,
             Command::Runtime(_) => Ok(std::process::ExitCode::SUCCESS),
         }
     });

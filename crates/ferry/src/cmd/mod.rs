@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod bench;
 pub mod check;
 pub mod demo;
 pub mod migrate;
