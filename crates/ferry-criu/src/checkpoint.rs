@@ -124,23 +124,6 @@ pub fn image_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, u64, u32
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ppid_parses() {
-        assert_eq!(parse_ppid("Name:\tredis\nPPid:\t1234\nTracerPid:\t0\n"), Some(1234));
-        assert_eq!(parse_ppid("Name:\tx\n"), None);
-    }
-
-    #[test]
-    fn a_process_whose_parent_is_not_a_shim_is_refused() {
-        let err = discover_runc(std::process::id(), "x", "runc").unwrap_err();
-        assert!(err.to_string().contains("not a containerd shim"), "{err}");
-    }
-}
-
 /// A lazy (post-copy) dump in progress: CRIU has dumped everything but memory and serves the
 /// pages from its page server until the restored side has them all, then ends the source.
 pub struct LazyDump {
@@ -316,5 +299,22 @@ impl LazyPagesDaemon {
 
     pub fn log(&self) -> Vec<String> {
         quote_log(&self.work_dir.join("lazy-pages.log"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ppid_parses() {
+        assert_eq!(parse_ppid("Name:\tredis\nPPid:\t1234\nTracerPid:\t0\n"), Some(1234));
+        assert_eq!(parse_ppid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_process_whose_parent_is_not_a_shim_is_refused() {
+        let err = discover_runc(std::process::id(), "x", "runc").unwrap_err();
+        assert!(err.to_string().contains("not a containerd shim"), "{err}");
     }
 }

@@ -16,7 +16,7 @@ pub struct StrategyChoice {
 }
 
 fn version_tuple(v: &str) -> Option<(u32, u32, u32)> {
-    let mut it = v.trim().split(|c: char| c == '.' || c == '-').map(|p| p.parse::<u32>().ok());
+    let mut it = v.trim().split(['.', '-']).map(|p| p.parse::<u32>().ok());
     let major = it.next()??;
     let minor = it.next().flatten().unwrap_or(0);
     let patch = it.next().flatten().unwrap_or(0);

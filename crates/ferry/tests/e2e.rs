@@ -239,16 +239,7 @@ fn redis_with_100k_keys_migrates_under_a_live_client() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-redis", "198.18.0.132");
-    remove_everywhere(name);
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, bed()["redis_image"].as_str().unwrap()]);
-    let target = format!("{ip}:6379");
-    wait_for("redis to answer", || {
-        let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(["redis-digest", "--addr", &target]));
-        out.status.success().then_some(())
-    });
-    let keys = "100000";
-    in_client_ns(&["redis-load", "--addr", &target, "--keys", keys, "--value-size", "1000"]);
-    let expected: Value = serde_json::from_str(&in_client_ns(&["expected-digest", "--keys", keys, "--value-size", "1000"])).unwrap();
+    let (target, expected) = redis_on_a(name, ip, 100_000);
     let loaded: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
     assert_eq!(loaded["digest"], expected["digest"], "load did not produce the expected data");
 
