@@ -36,6 +36,21 @@ pub struct LocalSource {
     page_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     page_tunnel_closed: std::sync::Arc<tokio::sync::Notify>,
     source_agent: Option<String>,
+    /// The container's overlay2 upper dir: the files it wrote, carried to the target's layer.
+    upper_dir: Option<PathBuf>,
+}
+
+/// Name of the writable-layer stream among the images sent to the target.
+pub const ROOTFS_STREAM: &str = "ferry-rootfs.stream";
+
+/// Writes the container's writable layer as a `ferry-fs` stream into the image directory.
+fn write_layer(upper: &std::path::Path, out: &std::path::Path) -> Result<u64, String> {
+    let f = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut w = ferry_fs::StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+    let summary = w.write_tree(upper, ferry_fs::TreeMode::OverlayUpper).map_err(|e| e.to_string())?;
+    let mut inner = w.into_inner();
+    std::io::Write::flush(&mut inner).map_err(|e| e.to_string())?;
+    Ok(summary.counts.data_bytes)
 }
 
 /// Loopback ports of the CRIU page servers of post-copy dumps in flight, by migration id, so
@@ -114,6 +129,7 @@ impl LocalSource {
             pages,
             page_bytes: Default::default(),
             page_tunnel_closed: Default::default(),
+            upper_dir: None,
             source_agent,
         }
     }
@@ -240,8 +256,13 @@ impl SourceSide for LocalSource {
             fault: self.fault,
             source_agent: self.source_agent.clone(),
         };
+        let mut warnings = vec![];
+        match (inspect.pointer("/GraphDriver/Name").and_then(|v| v.as_str()), inspect.pointer("/GraphDriver/Data/UpperDir").and_then(|v| v.as_str())) {
+            (Some("overlay2"), Some(upper)) => self.upper_dir = Some(PathBuf::from(upper)),
+            (driver, _) => warnings.push(format!("the writable layer is not carried for storage driver {}", driver.unwrap_or("unknown"))),
+        }
         self.view = Some(view);
-        Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings: vec![] })
+        Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings })
     }
 
     async fn freeze(&mut self, strategy: Strategy) -> Result<(), SideError> {
@@ -296,6 +317,13 @@ impl SourceSide for LocalSource {
             ferry_criu::checkpoint(&handle, &opts)
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+        }
+        if let Some(upper) = self.upper_dir.clone() {
+            let out = image_dir.join(ROOTFS_STREAM);
+            tokio::task::spawn_blocking(move || write_layer(&upper, &out))
+                .await
+                .map_err(|e| side_err("dump: writable layer", e))?
+                .map_err(|e| side_err("dump: writable layer", e))?;
         }
         let files = ferry_criu::checkpoint::image_files(&image_dir).map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
         Ok(DumpedImages {

@@ -275,6 +275,10 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
+        let stream = images.join(crate::source::ROOTFS_STREAM);
+        if stream.exists() {
+            self.apply_layer(&container_id, &stream, &dir).await?;
+        }
         let mut extra_args = vec![];
         if prepare.strategy == Strategy::PostCopy {
             self.start_lazy_pages(id, &prepare, &images, &work).await?;
@@ -341,6 +345,31 @@ impl Targets {
         }
         info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
         Ok(RestoreInfo { container_id, pid, docker_start_ms, garp_sent })
+    }
+
+    /// Writes the source's writable layer into the new container's own upper dir before CRIU
+    /// restores: files the processes hold open must be where they were.
+    async fn apply_layer(&self, container_id: &str, stream: &Path, dir: &Path) -> Result<(), ErrorInfo> {
+        let step = "restore (target): writable layer";
+        let inspect = self.env.docker.inspect_container(container_id).await.map_err(|e| err(step, e))?.ok_or_else(|| err(step, "target container vanished"))?;
+        let upper = inspect
+            .pointer("/GraphDriver/Data/UpperDir")
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
+            .ok_or_else(|| err(step, "the target's storage driver is not overlay2: cannot place the writable layer"))?;
+        let kept = dir.join(crate::source::ROOTFS_STREAM);
+        std::fs::rename(stream, &kept).map_err(|e| err(step, format!("{}: {e}", stream.display())))?;
+        tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let f = std::fs::File::open(&kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+            let r = ferry_fs::StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f)).map_err(|e| e.to_string())?;
+            let summary = r.apply_into(&upper, &ferry_fs::ApplyOptions::update(ferry_fs::TreeMode::OverlayUpper)).map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(&kept);
+            Ok(summary.counts.data_bytes)
+        })
+        .await
+        .map_err(|e| err(step, e))?
+        .map_err(|e| err(step, e))?;
+        Ok(())
     }
 
     /// Gratuitous ARP for every moved address, so switches and neighbours learn the new port at

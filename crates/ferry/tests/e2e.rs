@@ -478,3 +478,32 @@ fn a_post_copy_that_fails_before_the_target_resumes_rolls_back_with_connections_
     assert_eq!(after["digest"], expected["digest"]);
     remove_everywhere(name);
 }
+
+#[test]
+fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-layer", "198.18.0.137");
+    remove_everywhere(name);
+    // Creates, changes and deletes files in its rootfs, and keeps a deleted file open (fd 3).
+    let script = "mkdir -p /srv/dir && echo created > /srv/dir/new.txt && echo appended >> /etc/passwd \
+        && rm /bin/false && echo ghost-content > /srv/ghost.txt && exec 3</srv/ghost.txt && rm /srv/ghost.txt \
+        && exec /usr/local/bin/ferry-workload serve --port 7000";
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--entrypoint", "/bin/sh", bed()["workload_image"].as_str().unwrap(), "-c", script]);
+    let client = Client::start("client", &format!("{ip}:7000"));
+    settle();
+    let probe = |h: &str| -> String {
+        docker_ok(h, &["exec", name, "/bin/sh", "-c", "cat /srv/dir/new.txt; tail -n1 /etc/passwd; ls /bin/false 2>&1 | head -c 40; echo; cat /proc/1/fd/3; ls /srv"])
+    };
+    let before = probe("a");
+    assert!(before.contains("created") && before.contains("appended") && before.contains("ghost-content"), "{before}");
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert_eq!(probe("b"), before, "the container's files differ on the target");
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "{summary}");
+    remove_everywhere(name);
+}
