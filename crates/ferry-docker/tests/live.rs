@@ -7,7 +7,7 @@
 //! - `FERRY_DOCKER_TEST_BUSYBOX`: a *static* busybox to import as the test image when
 //!   `ferrytest-busybox:live` is absent (default /bin/busybox).
 //! - `FERRY_DOCKER_TEST_SUBNET` / `FERRY_DOCKER_TEST_MACVLAN_SUBNET`: /24s for the test's
-//!   networks (defaults 10.213.70.0/24, 10.213.71.0/24); `.10` is the container's address.
+//!   networks (defaults 198.19.70.0/24, 198.19.71.0/24); `.10` is the container's address.
 //! - `FERRY_DOCKER_TEST_MACVLAN_PARENT`: if set, the container is also put on a macvlan
 //!   network on that parent interface (two networks exercise the pre-1.44 create split).
 //! - `FERRY_DOCKER_TEST_CHECKPOINT=1`: also checkpoint the source through Docker, copy the
@@ -741,11 +741,11 @@ async fn live_docker() {
     let settings = Settings {
         host: host.clone(),
         sfx,
-        subnet: env("FERRY_DOCKER_TEST_SUBNET").unwrap_or_else(|| "10.213.70.0/24".into()),
+        subnet: env("FERRY_DOCKER_TEST_SUBNET").unwrap_or_else(|| "198.19.70.0/24".into()),
         macvlan: env("FERRY_DOCKER_TEST_MACVLAN_PARENT").map(|p| {
             (
                 p,
-                env("FERRY_DOCKER_TEST_MACVLAN_SUBNET").unwrap_or_else(|| "10.213.71.0/24".into()),
+                env("FERRY_DOCKER_TEST_MACVLAN_SUBNET").unwrap_or_else(|| "198.19.71.0/24".into()),
             )
         }),
         checkpoint: env("FERRY_DOCKER_TEST_CHECKPOINT").as_deref() == Some("1"),
