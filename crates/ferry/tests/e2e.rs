@@ -507,3 +507,96 @@ fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
     assert_eq!(summary["ok"], true, "{summary}");
     remove_everywhere(name);
 }
+
+/// Inspect fields that must differ between the container that left and the one that arrived;
+/// everything else has to be equal.
+const INSPECT_DIFFERS: &[(&str, &str)] = &[
+    ("Id", "a new container on the target host"),
+    ("Created", "creation time of the target container"),
+    ("State", "pids, start times and health history are per process run"),
+    ("ResolvConfPath", "host path under the target's data root, named by the new ID"),
+    ("HostnamePath", "same"),
+    ("HostsPath", "same"),
+    ("LogPath", "same"),
+    ("GraphDriver", "the target's own overlay2 layer directories"),
+    ("RestartCount", "counts restarts on this host only"),
+    ("HostConfig.Runtime", "the target restores through ferry's runc-wrapping runtime"),
+    ("Config.Image", "the image reference: the ID on the target unless the same name resolves to it (it does here)"),
+    ("NetworkSettings.SandboxID", "network sandbox of the target host"),
+    ("NetworkSettings.SandboxKey", "same"),
+    ("NetworkSettings.Networks.*.NetworkID", "network IDs are per host; names are shared"),
+    ("NetworkSettings.Networks.*.EndpointID", "endpoint of the target host"),
+    ("NetworkSettings.Networks.*.IPAMConfig", "the target pins the address the source had been given"),
+    ("NetworkSettings.Networks.*.DriverOpts", "null vs empty map across create paths"),
+    ("Mounts", "none here; volume data transfer is separate"),
+    ("Config.MacAddress", "below API 1.44 the only place a create can pin the MAC; the endpoint's MAC is compared"),
+];
+
+/// Docker adds each container's own short ID to its network aliases; that one must differ.
+fn without_own_alias(mut v: Value) -> Value {
+    let short: String = v["Id"].as_str().unwrap_or("").chars().take(12).collect();
+    if let Some(nets) = v.pointer_mut("/NetworkSettings/Networks").and_then(|n| n.as_object_mut()) {
+        for ep in nets.values_mut() {
+            if let Some(aliases) = ep.get_mut("Aliases").and_then(|a| a.as_array_mut()) {
+                aliases.retain(|a| a.as_str() != Some(short.as_str()));
+            }
+        }
+    }
+    v
+}
+
+fn ignored(path: &str) -> bool {
+    INSPECT_DIFFERS.iter().any(|(p, _)| {
+        let pat: Vec<&str> = p.split('.').collect();
+        let got: Vec<&str> = path.split('.').collect();
+        got.len() >= pat.len() && pat.iter().zip(&got).all(|(a, b)| *a == "*" || a == b)
+    })
+}
+
+fn diff_json(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    if !path.is_empty() && ignored(path) {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff_json(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} → {b}")),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_target_container_is_configured_like_the_source_field_by_field() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-config", "198.18.0.138");
+    remove_everywhere(name);
+    docker_ok("a", &[
+        "run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--network-alias", "cfg-alias",
+        "--restart", "on-failure:3", "-l", "tier=cache", "-l", "owner=ops", "-e", "A=1", "-e", "B=two words",
+        "--workdir", "/tmp", "--user", "0:0", "--hostname", "cfg-host", "--cap-add", "NET_ADMIN", "--cap-drop", "MKNOD",
+        "--ulimit", "nofile=1024:2048", "--sysctl", "net.ipv4.tcp_keepalive_time=600", "--memory", "256m", "--cpu-shares", "512",
+        "--pids-limit", "200", "--log-opt", "max-size=1m", "--health-cmd", "/bin/true", "--health-interval", "30s",
+        "--stop-signal", "SIGINT", "--stop-timeout", "7",
+        bed()["workload_image"].as_str().unwrap(),
+    ]);
+    let before = inspect("a", name).unwrap();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let after = inspect("b", name).unwrap();
+    let mut diffs = Vec::new();
+    diff_json("", &without_own_alias(before.clone()), &without_own_alias(after.clone()), &mut diffs);
+    assert!(diffs.is_empty(), "inspect differs beyond the listed fields:\n{}", diffs.join("\n"));
+    // The ignored fields are ignored for a reason, not hiding a loss.
+    assert_eq!(after["State"]["Running"], true);
+    assert_eq!(after["NetworkSettings"]["Networks"]["ferrynet"]["IPAddress"], ip);
+    remove_everywhere(name);
+}
