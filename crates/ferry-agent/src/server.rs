@@ -144,6 +144,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
             closed.notify_one();
             Ok(())
         }
+        Purpose::Image { image_id } => serve_image(&shared, conn, &image_id).await,
         Purpose::Images { migration_id } => {
             let reply = match shared.targets.receive_images(&mut conn, &migration_id, Duration::from_secs(120)).await {
                 Ok((files, bytes)) => Message::ImagesReceived { files, bytes },
@@ -257,5 +258,39 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, m
     if cli_alive {
         conn.send(&Message::Report(report)).await?;
     }
+    Ok(())
+}
+
+/// Streams `docker save` of one image to a target that lacks it.
+async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut conn: Conn<S>, image_id: &str) -> Result<(), AgentError> {
+    let docker = shared.env.docker.clone();
+    let fail = |message: String| ErrorInfo { step: "image transfer (source)".into(), message, tool_log: vec![] };
+    match docker.inspect_image(image_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            conn.send(&Message::Error(fail(format!("image {image_id} is not on this host")))).await?;
+            return Ok(());
+        }
+        Err(e) => {
+            conn.send(&Message::Error(fail(e.to_string()))).await?;
+            return Ok(());
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let id = image_id.to_string();
+    let save = tokio::spawn(async move { docker.save_image(&id, tx).await });
+    let mut sent = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        for part in chunk.chunks(1 << 20) {
+            sent += part.len() as u64;
+            conn.send_data(bytes::Bytes::copy_from_slice(part)).await?;
+        }
+    }
+    match save.await {
+        Ok(Ok(_)) => conn.send(&Message::ImagesDone { files: 1, bytes: sent }).await?,
+        Ok(Err(e)) => conn.send(&Message::Error(fail(e.to_string()))).await?,
+        Err(e) => conn.send(&Message::Error(fail(e.to_string()))).await?,
+    }
+    info!(image = %image_id, bytes = sent, "image sent");
     Ok(())
 }

@@ -128,7 +128,7 @@ impl Targets {
             return Err(err(step, format!("a container named {:?} already exists on target {}", req.container_name, self.env.name)));
         }
         if docker.inspect_image(&req.image_id).await.map_err(|e| err(step, e))?.is_none() {
-            return Err(err(step, format!("image {} is not present on target {}", req.image_id, self.env.name)));
+            self.pull_image(&req).await?;
         }
         for n in &req.networks {
             let net = docker
@@ -186,6 +186,56 @@ impl Targets {
         }
         info!(container = %req.container_name, id = %id, "target container created");
         Ok(id)
+    }
+
+    /// Brings the container's image from the source agent: `docker save` there, streamed over
+    /// the agents' channel into `docker load` here, never staged whole.
+    async fn pull_image(&self, req: &PrepareRequest) -> Result<(), ErrorInfo> {
+        let step = "prepare (target): image transfer";
+        let source: SocketAddr = req
+            .source_agent
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| err(step, format!("image {} is not on target {} and the source agent's address is unknown", req.image_id, self.env.name)))?;
+        let mut conn = dial(source, self.client_tls.clone(), Purpose::Image { image_id: req.image_id.clone() }, Duration::from_secs(10))
+            .await
+            .map_err(|e| err(step, e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let docker = self.env.docker.clone();
+        let load = tokio::spawn(async move { docker.load_image(rx).await });
+        let mut got = 0u64;
+        let outcome: Result<(), ErrorInfo> = loop {
+            let frame = match conn.recv_frame(Duration::from_secs(120)).await {
+                Ok(f) => f,
+                Err(e) => break Err(err(step, e)),
+            };
+            match frame.kind {
+                FrameKind::Data => {
+                    got += frame.payload.len() as u64;
+                    if tx.send(frame.payload).await.is_err() {
+                        break Err(err(step, "docker load stopped reading"));
+                    }
+                }
+                FrameKind::Control => match frame.into_message() {
+                    Ok(Message::ImagesDone { bytes, .. }) if bytes == got => break Ok(()),
+                    Ok(Message::ImagesDone { bytes, .. }) => break Err(err(step, format!("source sent {bytes} bytes, {got} arrived"))),
+                    Ok(Message::Error(e)) => break Err(e),
+                    Ok(other) => break Err(err(step, format!("unexpected {}", describe(&other)))),
+                    Err(e) => break Err(err(step, e)),
+                },
+            }
+        };
+        drop(tx);
+        let loaded = load.await.map_err(|e| err(step, e))?;
+        outcome?;
+        loaded.map_err(|e| err(step, format!("docker load: {e}")))?;
+        match self.env.docker.inspect_image(&req.image_id).await {
+            Ok(Some(_)) => {
+                info!(image = %req.image_id, bytes = got, "image pulled from the source");
+                Ok(())
+            }
+            _ => Err(err(step, format!("after loading {got} bytes, image {} is still not present", req.image_id))),
+        }
     }
 
     /// Receives one image set; every file is checked against the sender's SHA-256.

@@ -24,6 +24,7 @@
 mod client;
 mod error;
 mod host;
+mod images;
 mod recreate;
 mod util;
 mod view;

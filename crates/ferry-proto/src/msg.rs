@@ -53,6 +53,9 @@ pub enum Purpose {
     /// Post-copy: a byte tunnel from the target's CRIU lazy-pages daemon to the source's CRIU
     /// page server, which itself only ever listens on the source's loopback.
     Pages { migration_id: String },
+    /// The target pulls an image it lacks from the source (`docker save` streamed as `Data`
+    /// frames, closed by `ImagesDone`).
+    Image { image_id: String },
 }
 
 /// A failure as it crosses the wire: which step, what happened, and the failing tool's own log

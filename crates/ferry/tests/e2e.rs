@@ -600,3 +600,37 @@ fn the_target_container_is_configured_like_the_source_field_by_field() {
     assert_eq!(after["NetworkSettings"]["Networks"]["ferrynet"]["IPAddress"], ip);
     remove_everywhere(name);
 }
+
+#[test]
+fn a_target_without_the_image_gets_it_from_the_source() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip, image) = ("e2e-image", "198.18.0.139", "e2e-only-on-a:1");
+    remove_everywhere(name);
+    remove_everywhere("e2e-image-src");
+    for h in ["a", "b"] {
+        let _ = docker(h, &["rmi", "-f", image]);
+    }
+    let base = bed()["workload_image"].as_str().unwrap();
+    docker_ok("a", &["run", "--name", "e2e-image-src", "--network", "none", "--entrypoint", "/bin/sh", base, "-c", "echo from-a-only > /image-layer.txt"]);
+    docker_ok("a", &["commit", "--change", r#"ENTRYPOINT ["/usr/local/bin/ferry-workload","serve","--port","7000"]"#, "e2e-image-src", image]);
+    let id = docker_ok("a", &["image", "inspect", "--format", "{{.Id}}", image]).trim().to_string();
+    assert!(!docker("b", &["image", "inspect", &id]).status.success(), "host b must lack the image");
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, image]);
+    let client = Client::start("client", &format!("{ip}:7000"));
+    settle();
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert_eq!(docker_ok("b", &["image", "inspect", "--format", "{{.Id}}", &id]).trim(), id, "the same image arrived");
+    assert_eq!(docker_ok("b", &["exec", name, "/bin/cat", "/image-layer.txt"]).trim(), "from-a-only");
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "{summary}");
+    remove_everywhere(name);
+    remove_everywhere("e2e-image-src");
+    for h in ["a", "b"] {
+        let _ = docker(h, &["rmi", "-f", &id]);
+    }
+}
