@@ -38,6 +38,7 @@ pub struct LocalSource {
     source_agent: Option<String>,
     /// The container's overlay2 upper dir: the files it wrote, carried to the target's layer.
     upper_dir: Option<PathBuf>,
+    volumes: Vec<crate::volumes::VolumeRef>,
 }
 
 /// Name of the writable-layer stream among the images sent to the target.
@@ -130,6 +131,7 @@ impl LocalSource {
             page_bytes: Default::default(),
             page_tunnel_closed: Default::default(),
             upper_dir: None,
+            volumes: Vec::new(),
             source_agent,
         }
     }
@@ -185,13 +187,13 @@ impl SourceSide for LocalSource {
         let foreign: Vec<String> = view
             .mounts
             .iter()
-            .filter(|m| m.kind == "bind" || m.kind == "volume")
+            .filter(|m| m.kind == "bind" || (m.kind == "volume" && m.driver.as_deref().unwrap_or("local") != "local"))
             .map(|m| format!("{} {} -> {}", m.kind, m.name.clone().unwrap_or_else(|| m.source.clone()), m.destination))
             .collect();
         if !foreign.is_empty() {
             return Err(SideError::refused(
                 step,
-                format!("container {} has mounts whose data this build does not carry: {}", view.name, foreign.join(", ")),
+                format!("container {} has mounts whose data ferry cannot carry (bind mounts and volumes of drivers other than local): {}", view.name, foreign.join(", ")),
             ));
         }
         if !has_cap_sys_resource() {
@@ -208,6 +210,12 @@ impl SourceSide for LocalSource {
                 ));
             }
         }
+        self.volumes = view
+            .mounts
+            .iter()
+            .filter(|m| m.kind == "volume")
+            .filter_map(|m| m.name.clone().map(|name| crate::volumes::VolumeRef { name, path: PathBuf::from(&m.source), baseline: None }))
+            .collect();
         let handle = ferry_criu::discover_runc(view.pid, &view.id, self.env.runc.as_deref().unwrap_or("runc"))
             .map_err(|e| SideError::refused(step, e.to_string()))?;
         info!(runc = %handle.binary, root = %handle.root.display(), "runc discovered");
@@ -255,6 +263,7 @@ impl SourceSide for LocalSource {
             networks,
             fault: self.fault,
             source_agent: self.source_agent.clone(),
+            volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
         };
         let mut warnings = vec![];
         match (inspect.pointer("/GraphDriver/Name").and_then(|v| v.as_str()), inspect.pointer("/GraphDriver/Data/UpperDir").and_then(|v| v.as_str())) {
@@ -263,6 +272,25 @@ impl SourceSide for LocalSource {
         }
         self.view = Some(view);
         Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings })
+    }
+
+    async fn precopy(&mut self) -> Result<DumpedImages, SideError> {
+        let dir = self.dir.join("precopy");
+        std::fs::create_dir_all(&dir).map_err(|e| side_err("precopy", format!("{}: {e}", dir.display())))?;
+        let mut files = Vec::new();
+        for (i, v) in self.volumes.iter_mut().enumerate() {
+            let name = crate::volumes::stream_name(i, 0);
+            let out = dir.join(&name);
+            let (path, out2) = (v.path.clone(), out.clone());
+            let baseline = tokio::task::spawn_blocking(move || crate::volumes::first_pass(&path, &out2))
+                .await
+                .map_err(|e| side_err("precopy", e))?
+                .map_err(|e| side_err("precopy", format!("volume {}: {e}", v.name)))?;
+            v.baseline = Some(baseline);
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            files.push(ImageFile { rel: name, path: out, size, mode: 0o600 });
+        }
+        Ok(DumpedImages { dir, files })
     }
 
     async fn freeze(&mut self, strategy: Strategy) -> Result<(), SideError> {
@@ -317,6 +345,16 @@ impl SourceSide for LocalSource {
             ferry_criu::checkpoint(&handle, &opts)
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            let Some(baseline) = v.baseline.clone() else { continue };
+            let (path, out) = (v.path.clone(), image_dir.join(crate::volumes::stream_name(i, 1)));
+            let digest = tokio::task::spawn_blocking(move || crate::volumes::final_pass(&path, &baseline, &out))
+                .await
+                .map_err(|e| side_err("dump: volumes", e))?
+                .map_err(|e| side_err("dump: volumes", format!("volume {}: {e}", v.name)))?;
+            let note = serde_json::json!({"name": v.name, "digest": digest});
+            std::fs::write(image_dir.join(crate::volumes::digest_name(i)), note.to_string()).map_err(|e| side_err("dump: volumes", e))?;
         }
         if let Some(upper) = self.upper_dir.clone() {
             let out = image_dir.join(ROOTFS_STREAM);

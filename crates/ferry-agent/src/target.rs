@@ -34,6 +34,8 @@ struct TargetMigration {
     checkpoint_dir: Option<PathBuf>,
     ctrd_copy: Option<String>,
     images_complete: bool,
+    /// Volumes this migration created here, removed again on rollback.
+    created_volumes: Vec<String>,
 }
 
 /// Migrations arriving at this host, by migration id.
@@ -151,6 +153,19 @@ impl Targets {
                 }
             }
         }
+        let mut created_volumes = Vec::new();
+        for v in &req.volumes {
+            match docker.inspect_volume(v).await.map_err(|e| err(step, e))? {
+                None => created_volumes.push(v.clone()),
+                Some(vol) => {
+                    let mp = vol.get("Mountpoint").and_then(|m| m.as_str()).unwrap_or("");
+                    let has_content = std::fs::read_dir(mp).map(|mut d| d.next().is_some()).unwrap_or(true);
+                    if has_content {
+                        return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it or pick another target", self.env.name)));
+                    }
+                }
+            }
+        }
         let mut body = req.create_body.clone();
         if let Some(r) = &req.image_ref {
             let same = docker.inspect_image(r).await.ok().flatten().and_then(|i| i.get("Id").and_then(|v| v.as_str()).map(str::to_string));
@@ -177,12 +192,14 @@ impl Targets {
                 checkpoint_dir: None,
                 ctrd_copy: None,
                 images_complete: false,
+                created_volumes: Vec::new(),
             },
         );
         drop(map);
         let id = docker.create_container(&req.container_name, &body).await.map_err(|e| err(step, format!("creating the container: {e}")))?;
         if let Some(m) = self.map.lock().await.get_mut(&req.migration_id) {
             m.container_id = Some(id.clone());
+            m.created_volumes = created_volumes;
         }
         info!(container = %req.container_name, id = %id, "target container created");
         Ok(id)
@@ -325,6 +342,7 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
+        self.apply_volumes(&container_id, &images).await?;
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
             self.apply_layer(&container_id, &stream, &dir).await?;
@@ -395,6 +413,44 @@ impl Targets {
         }
         info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
         Ok(RestoreInfo { container_id, pid, docker_start_ms, garp_sent })
+    }
+
+    /// Applies both passes of every volume into the target's volume of the same name and checks
+    /// the result against the source's digest before anything is restored.
+    async fn apply_volumes(&self, container_id: &str, images: &Path) -> Result<(), ErrorInfo> {
+        let step = "restore (target): volumes";
+        let mut index = 0usize;
+        loop {
+            let note_path = images.join(crate::volumes::digest_name(index));
+            if !note_path.exists() {
+                return Ok(());
+            }
+            let note: serde_json::Value = std::fs::read(&note_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| err(step, format!("unreadable {}", note_path.display())))?;
+            let name = note.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+            let want = note.get("digest").and_then(|n| n.as_str()).unwrap_or("").to_string();
+            let inspect = self.env.docker.inspect_container(container_id).await.map_err(|e| err(step, e))?.unwrap_or_default();
+            let dest = inspect
+                .get("Mounts")
+                .and_then(|m| m.as_array())
+                .and_then(|ms| ms.iter().find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str())))
+                .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
+                .map(PathBuf::from)
+                .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
+            let streams: Vec<PathBuf> = (0..2u8).map(|p| images.join(crate::volumes::stream_name(index, p))).filter(|p| p.exists()).collect();
+            let (dest2, streams2, want2) = (dest.clone(), streams.clone(), want.clone());
+            tokio::task::spawn_blocking(move || crate::volumes::apply_passes(&streams2, &dest2, &want2))
+                .await
+                .map_err(|e| err(step, e))?
+                .map_err(|e| err(step, format!("volume {name:?}: {e}")))?;
+            for p in streams.iter().chain(std::iter::once(&note_path)) {
+                let _ = std::fs::remove_file(p);
+            }
+            info!(volume = %name, "volume arrived and verified");
+            index += 1;
+        }
     }
 
     /// Writes the source's writable layer into the new container's own upper dir before CRIU
@@ -526,6 +582,7 @@ impl Targets {
                     checkpoint_dir: m.checkpoint_dir.clone(),
                     ctrd_copy: m.ctrd_copy.clone(),
                     images_complete: m.images_complete,
+                    created_volumes: m.created_volumes.clone(),
                 },
             )
         };
@@ -547,6 +604,11 @@ impl Targets {
                         problems.push(format!("removing container {cid}: {e}"));
                     }
                 }
+            }
+        }
+        for v in &snapshot.created_volumes {
+            if let Err(e) = self.env.docker.remove_volume(v).await {
+                problems.push(format!("removing volume {v}: {e}"));
             }
         }
         let latest = self.map.lock().await.get(id).and_then(|m| m.ctrd_copy.clone());

@@ -730,6 +730,11 @@ impl Docker {
 
     /// `DELETE /volumes/{name}`; 404 is success. Only ever called explicitly (tests, cleanup of
     /// a volume ferry itself created), never as a side effect of removing a container.
+    /// `GET /volumes/{name}`; `None` if absent.
+    pub async fn inspect_volume(&self, name: &str) -> Result<Option<Value>, DockerError> {
+        self.get_json_opt(&format!("/volumes/{}", seg(name))).await
+    }
+
     pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
         self.call(
             Method::DELETE,

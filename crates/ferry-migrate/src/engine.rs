@@ -176,6 +176,16 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Prepare, step_to, self.target.prepare(&prepare)).map_err(fail(Reached::TargetPrepared))?;
         }
 
+        let pre = step!(self, Phase::Precopy, step_to, self.source.precopy()).map_err(fail(Reached::TargetPrepared))?;
+        if !pre.files.is_empty() {
+            let limit = self.opts.transfer_timeout;
+            let (cancel, events) = (self.cancel.clone(), self.events.clone());
+            let no_progress = |_: u64, _: u64| {};
+            let fut = self.transport.send_images(&pre, &no_progress);
+            let (res, ms) = timed(&cancel, &events, Phase::Precopy, limit, fut).await;
+            self.add_phase(Phase::Precopy, ms);
+            report.bytes_sent += res.map_err(fail(Reached::TargetPrepared))?;
+        }
         {
             *frozen_at = Some(Instant::now());
             step!(self, Phase::Freeze, step_to, self.source.freeze(report.strategy)).map_err(fail(Reached::SourceFrozen))?;
@@ -198,7 +208,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             let (res, ms) = timed(&cancel, &events, Phase::Transfer, limit, fut).await;
             self.add_phase(Phase::Transfer, ms);
             let sent = res.map_err(fail(Reached::SourceFrozen))?;
-            report.bytes_sent = sent;
+            report.bytes_sent += sent;
         }
         let restored = {
             step!(self, Phase::Restore, step_to, self.target.restore()).map_err(fail(Reached::SourceFrozen))?

@@ -93,6 +93,11 @@ pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
 /// The host the container leaves.
 pub trait SourceSide: Send {
     fn preflight(&mut self) -> impl Future<Output = Result<SourcePreflight, SideError>> + Send;
+    /// Data that can be copied while the container still runs (first pass of its volumes);
+    /// what changes afterwards goes with the dump.
+    fn precopy(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send {
+        async { Ok(DumpedImages::default()) }
+    }
     /// Stops the container's processes and its network without losing anything; undone by
     /// `rollback`.
     fn freeze(&mut self, strategy: ferry_proto::Strategy) -> impl Future<Output = Result<(), SideError>> + Send;

@@ -70,6 +70,7 @@ impl SourceSide for FakeSource {
                 networks: vec![],
                 fault: None,
                 source_agent: None,
+                volumes: vec![],
             },
             networks: vec![],
             warnings: vec![],

@@ -142,6 +142,9 @@ pub struct PrepareRequest {
     pub networks: Vec<NetworkAttachment>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Named (local-driver) volumes whose data ferry carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     /// `IP:PORT` of the source agent, for channels the target opens (post-copy pages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_agent: Option<String>,

@@ -12,6 +12,8 @@ use crate::msg::{ErrorInfo, Strategy};
 pub enum Phase {
     Preflight,
     Prepare,
+    /// Data copied while the container still runs (volumes, first pass).
+    Precopy,
     Freeze,
     Dump,
     Transfer,
@@ -25,6 +27,7 @@ impl Phase {
         match self {
             Phase::Preflight => "preflight",
             Phase::Prepare => "prepare",
+            Phase::Precopy => "precopy",
             Phase::Freeze => "freeze",
             Phase::Dump => "dump",
             Phase::Transfer => "transfer",

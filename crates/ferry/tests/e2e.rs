@@ -634,3 +634,42 @@ fn a_target_without_the_image_gets_it_from_the_source() {
         let _ = docker(h, &["rmi", "-f", &id]);
     }
 }
+
+#[test]
+fn a_named_volume_written_during_the_migration_arrives_complete() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip, vol) = ("e2e-volume", "198.18.0.141", "e2e-vol");
+    remove_everywhere(name);
+    for h in ["a", "b"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+    // Writes a file and 8 MiB once, then keeps rewriting a counter while it runs.
+    let script = "echo first > /data/first.txt && /bin/busybox dd if=/dev/urandom of=/data/big.bin bs=1048576 count=8 2>/dev/null \
+        && (i=0; while true; i=$((i+1)); do echo $i > /data/counter.txt; /bin/busybox usleep 5000; done) & \
+        exec /usr/local/bin/ferry-workload serve --port 7000";
+    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "-v", &format!("{vol}:/data"), "--entrypoint", "/bin/sh", bed()["workload_image"].as_str().unwrap(), "-c", script]);
+    let client = Client::start("client", &format!("{ip}:7000"));
+    settle();
+    let sum = |h: &str| docker_ok(h, &["exec", name, "/bin/busybox", "md5sum", "/data/big.bin", "/data/first.txt"]);
+    let before = sum("a");
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert!(report["phases_ms"]["precopy"].is_u64(), "{report}");
+    assert_eq!(sum("b"), before, "volume content differs on the target");
+    // The counter keeps counting from where it was: the loop was migrated with its volume.
+    let c1: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"]).trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let c2: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"]).trim().parse().unwrap();
+    assert!(c2 > c1 && c1 > 10, "counter {c1} → {c2}");
+    assert!(docker("b", &["volume", "inspect", vol]).status.success());
+    let summary = client.finish();
+    assert_eq!(summary["ok"], true, "{summary}");
+    remove_everywhere(name);
+    for h in ["a", "b"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+}
