@@ -18,6 +18,18 @@ use tracing::{info, warn};
 use crate::conn::{describe, Conn, ConnError};
 use crate::host::HostEnv;
 
+/// How long the lazy-pages daemon may outlive its page channel before the target gives up.
+const PAGE_CHANNEL_GRACE: Duration = Duration::from_secs(3);
+
+/// Signals when the page tunnel task ends, however it ends.
+struct NotifyOnDrop(Arc<tokio::sync::Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
 /// Chunk size of image streams: large enough to keep TLS records full, far below the frame limit.
 const CHUNK: usize = 1024 * 1024;
 
@@ -44,7 +56,7 @@ pub struct Targets {
     env: HostEnv,
     map: Arc<Mutex<HashMap<String, TargetMigration>>>,
     /// Post-copy: the lazy-pages daemon of each restored migration, until all pages arrived.
-    lazy: Arc<Mutex<HashMap<String, ferry_criu::LazyPagesDaemon>>>,
+    lazy: Arc<Mutex<HashMap<String, (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>)>>>,
     client_tls: Arc<rustls::ClientConfig>,
 }
 
@@ -90,7 +102,10 @@ impl Targets {
         // The daemon dials the page server only once the restore attaches to it, so the tunnel
         // is joined in the background and a daemon that never dials is killed with the restore.
         let mid = id.to_string();
+        let tunnel_closed = Arc::new(tokio::sync::Notify::new());
+        let closed = tunnel_closed.clone();
         tokio::spawn(async move {
+            let _signal = NotifyOnDrop(closed);
             let sock = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
                 Ok(Ok((sock, _))) => sock,
                 Ok(Err(e)) => {
@@ -112,7 +127,7 @@ impl Targets {
             daemon.kill().await;
             return Err(ErrorInfo { step: step.into(), message: e.to_string(), tool_log: e.log().to_vec() });
         }
-        self.lazy.lock().await.insert(id.to_string(), daemon);
+        self.lazy.lock().await.insert(id.to_string(), (daemon, tunnel_closed));
         Ok(())
     }
 
@@ -529,18 +544,42 @@ impl Targets {
 
     pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
         let daemon = self.lazy.lock().await.remove(id);
-        if let Some(mut daemon) = daemon {
-            // Post-copy: the container runs already; the migration is done when every page is here.
-            if let Err(e) = daemon.wait_done(Duration::from_secs(3600)).await {
-                let cid = self.map.lock().await.get(id).and_then(|m| m.container_id.clone());
+        if let Some((mut daemon, tunnel_closed)) = daemon {
+            // Post-copy: the container runs already; the migration is done when every page is
+            // here. A daemon still running well after its page channel closed never will be.
+            let outcome = tokio::select! {
+                r = daemon.wait_done(Duration::from_secs(3600)) => r,
+                _ = async { tunnel_closed.notified().await; tokio::time::sleep(PAGE_CHANNEL_GRACE).await } => {
+                    Err(ferry_criu::ToolError::Other {
+                        step: "fetch pages".into(),
+                        message: "the page channel to the source closed before every page arrived".into(),
+                        log: daemon.log(),
+                    })
+                }
+            };
+            if let Err(e) = outcome {
+                daemon.kill().await;
+                let cid = {
+                    let mut map = self.map.lock().await;
+                    map.get_mut(id).and_then(|m| {
+                        m.state = TargetState::PagesLost;
+                        m.container_id.clone()
+                    })
+                };
                 let mut message = format!(
                     "post-copy failed after the target resumed: not every page arrived ({e}); the source's memory pages that had not been fetched are lost"
                 );
                 if let Some(cid) = cid {
                     // A restored process missing pages would spin on its faults: stop it.
-                    match self.env.docker.kill(&cid, "KILL").await {
-                        Ok(()) => message.push_str("; the target container was stopped"),
-                        Err(k) => message.push_str(&format!("; stopping the target container failed: {k}")),
+                    let killed = self.env.docker.kill(&cid, "KILL").await;
+                    let running = match self.env.docker.inspect_container(&cid).await {
+                        Ok(Some(c)) => c.pointer("/State/Running").and_then(|r| r.as_bool()).unwrap_or(false),
+                        _ => false,
+                    };
+                    match (killed, running) {
+                        (_, false) => message.push_str("; the target container was stopped"),
+                        (Err(k), true) => message.push_str(&format!("; stopping the target container failed: {k}")),
+                        (Ok(()), true) => message.push_str("; the target container was killed but still shows as running"),
                     }
                 }
                 return Err(ErrorInfo { step: "commit (target): fetch pages".into(), message, tool_log: daemon.log() });
@@ -587,7 +626,7 @@ impl Targets {
             )
         };
         let mut problems = Vec::new();
-        if let Some(mut daemon) = self.lazy.lock().await.remove(id) {
+        if let Some((mut daemon, _)) = self.lazy.lock().await.remove(id) {
             daemon.kill().await;
         }
         if let Some(cid) = &container_id {
@@ -624,6 +663,36 @@ impl Targets {
         }
     }
 
+    /// The source's control channel ended before `Commit`. Normally the source resumes
+    /// whenever it cannot reach us, so nothing may keep running here: roll back. A post-copy
+    /// restore is the exception: the source's memory now only exists as pages in flight, so
+    /// the target finishes on its own — it keeps the container if every page arrives and stops
+    /// it (reporting what was lost) if not.
+    async fn session_lost(&self, id: &str, why: &str) {
+        let (state, strategy) = {
+            let map = self.map.lock().await;
+            match map.get(id) {
+                Some(m) => (m.state, m.prepare.strategy),
+                None => return,
+            }
+        };
+        if matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown | TargetState::PagesLost) {
+            return;
+        }
+        if state == TargetState::Restored && strategy == Strategy::PostCopy {
+            warn!(migration = %id, "control channel lost ({why}) after a post-copy restore: waiting for the remaining pages");
+            match self.commit(id).await {
+                Ok(()) => info!(migration = %id, "every page arrived without the source agent: the container stays here"),
+                Err(e) => warn!(migration = %id, "{e}"),
+            }
+            return;
+        }
+        warn!(migration = %id, "control channel lost ({why}) before commit: rolling back");
+        if let Err(e) = self.rollback(id).await {
+            warn!(migration = %id, "rollback after a lost channel failed: {e}");
+        }
+    }
+
     /// Serves one control channel. A channel that ends before `Commit` rolls the migration back:
     /// the source resumes whenever it cannot reach us, so nothing may keep running here.
     pub async fn serve_control<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: Conn<S>, id: String, idle: Duration, step_timeout: Duration) {
@@ -631,13 +700,7 @@ impl Targets {
             let msg = match conn.recv(idle).await {
                 Ok(m) => m,
                 Err(e) => {
-                    let state = self.state(&id).await;
-                    if !matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown) {
-                        warn!(migration = %id, "control channel lost ({e}) before commit: rolling back");
-                        if let Err(e) = self.rollback(&id).await {
-                            warn!(migration = %id, "rollback after a lost channel failed: {e}");
-                        }
-                    }
+                    self.session_lost(&id, &e.to_string()).await;
                     return;
                 }
             };
@@ -663,10 +726,7 @@ impl Targets {
                 other => Message::Error(err("control", format!("unexpected {}", describe(&other)))),
             };
             if conn.send(&reply).await.is_err() {
-                let state = self.state(&id).await;
-                if !matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown) {
-                    let _ = self.rollback(&id).await;
-                }
+                self.session_lost(&id, "the answer could not be sent").await;
                 return;
             }
         }

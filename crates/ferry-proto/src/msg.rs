@@ -176,6 +176,8 @@ pub enum TargetState {
     Restored,
     Committed,
     RolledBack,
+    /// Post-copy: the target resumed but not every page arrived; its container was stopped.
+    PagesLost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -673,3 +673,50 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
         let _ = docker(h, &["volume", "rm", "-f", vol]);
     }
 }
+
+/// The known risk of post-copy: once the target runs, the source's memory exists only as pages
+/// in flight. A source agent that dies then must be reported, and the target container stopped
+/// rather than left spinning on missing pages. Stop-and-copy (or pre-copy) is the safe choice.
+#[test]
+fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_stopped() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-postcopy-death", "198.18.0.142");
+    // ~460 MB so the pages take seconds to arrive after the restore.
+    let _ = redis_on_a(name, ip, 400_000);
+    let b_log = host("b")["agent_log"].as_str().unwrap().to_string();
+    let b_log_before = std::fs::read_to_string(&b_log).unwrap_or_default().len();
+    let tls = client_tls();
+    let (from, to) = (addr("a"), addr("b"));
+    let mut child = Command::new(ferry())
+        .args(["migrate", name, "--from", &from, "--to", &to, "--tls-dir", &tls, "--strategy", "post-copy"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the target to resume the container", || {
+        inspect("b", name).filter(|c| c["State"]["Running"] == true).map(|_| ())
+    });
+    let pidfile = PathBuf::from(host("a")["exec_root"].as_str().unwrap()).with_file_name("agent.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(run(Command::new("kill").args(["-9", &pid])).status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "the CLI must not report success");
+    assert!(stderr.contains("lost the source agent") && (stderr.contains("during commit") || stderr.contains("during restore")), "{stderr}");
+    assert!(stderr.contains("finishes on its own"), "{stderr}");
+    let log = wait_for("the target to report the lost pages", || {
+        let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        let new = log[b_log_before.min(log.len())..].to_string();
+        new.contains("not every page arrived").then_some(new)
+    });
+    assert!(log.contains("the target container was stopped"), "{log}");
+    wait_for("the target container to be stopped", || inspect("b", name).filter(|c| c["State"]["Running"] == false).map(|_| ()));
+    // Bring the source agent back for the tests that follow.
+    let up = run(Command::new(ferry()).args(["testbed", "up", "--with-incompatible-host"]));
+    assert!(up.status.success(), "{}", text(&up.stderr));
+    remove_everywhere(name);
+}

@@ -114,8 +114,13 @@ pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, 
         }
     });
     let mut bar: Option<ProgressBar> = None;
-    let report = client
+    let mut last_phase: Option<Phase> = None;
+    let strategy = req.strategy;
+    let result = client
         .migrate(from, req, cancel, |ev| {
+            if let Event::PhaseStarted { phase } = ev {
+                last_phase = Some(*phase);
+            }
             if json {
                 return;
             }
@@ -142,7 +147,22 @@ pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, 
                 _ => {}
             }
         })
-        .await?;
+        .await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) if last_phase.is_none() => return Err(e.into()),
+        Err(e) => {
+            let during = last_phase.map(|p| format!(" during {p}")).unwrap_or_default();
+            let hint = match last_phase {
+                Some(Phase::Restore) | Some(Phase::Commit) if strategy != Strategy::StopAndCopy => {
+                    "; if the target had resumed (post-copy) it finishes on its own: check the container on the target host"
+                }
+                Some(Phase::Restore) | Some(Phase::Commit) => "; the target rolls back unless it had committed: check both hosts",
+                _ => "; nothing was committed: the target rolls back on its own and the source resumes",
+            };
+            anyhow::bail!("lost the source agent {from}{during}: {e}{hint}");
+        }
+    };
     Ok(report)
 }
 
