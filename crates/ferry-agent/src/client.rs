@@ -20,12 +20,22 @@ pub struct AgentClient {
 impl AgentClient {
     pub fn new(tls_dir: &Path, timeout: Duration) -> Result<Self, AgentError> {
         let id = ferry_tls::load_identity(tls_dir)?;
-        Ok(AgentClient { tls: ferry_tls::client_config(&id)?, timeout })
+        Ok(AgentClient {
+            tls: ferry_tls::client_config(&id)?,
+            timeout,
+        })
     }
 
-    pub async fn check(&self, addr: SocketAddr, cpuinfo: Option<Vec<u8>>) -> Result<HostFacts, AgentError> {
+    pub async fn check(
+        &self,
+        addr: SocketAddr,
+        cpuinfo: Option<Vec<u8>>,
+    ) -> Result<HostFacts, AgentError> {
         let mut conn = dial(addr, self.tls.clone(), Purpose::Cli, self.timeout).await?;
-        match conn.call(&Message::Check { cpuinfo }, Duration::from_secs(120)).await {
+        match conn
+            .call(&Message::Check { cpuinfo }, Duration::from_secs(120))
+            .await
+        {
             Ok(Message::CheckReply(f)) => Ok(f),
             Ok(other) => Err(ConnError::Unexpected(crate::conn::describe(&other)).into()),
             Err(ConnError::Remote(e)) => Err(AgentError::Remote(e)),
@@ -57,7 +67,9 @@ impl AgentClient {
             match next {
                 Ok(Message::Event(ev)) => on_event(&ev),
                 Ok(Message::Report(r)) => return Ok(r),
-                Ok(other) => return Err(ConnError::Unexpected(crate::conn::describe(&other)).into()),
+                Ok(other) => {
+                    return Err(ConnError::Unexpected(crate::conn::describe(&other)).into())
+                }
                 Err(ConnError::Remote(e)) => return Err(AgentError::Remote(e)),
                 Err(e) => return Err(e.into()),
             }

@@ -29,7 +29,11 @@ impl ConnError {
     pub fn into_side(self, step: &str) -> SideError {
         match self {
             ConnError::Remote(info) => SideError::from_info(SideErrorKind::Failed, info),
-            ConnError::Timeout(s) => SideError::new(SideErrorKind::Timeout, step, format!("no answer within {s} s")),
+            ConnError::Timeout(s) => SideError::new(
+                SideErrorKind::Timeout,
+                step,
+                format!("no answer within {s} s"),
+            ),
             ConnError::Unexpected(m) => SideError::failed(step, format!("unexpected answer: {m}")),
             other => SideError::new(SideErrorKind::ConnectionLost, step, other.to_string()),
         }
@@ -52,7 +56,9 @@ pub fn describe(m: &Message) -> String {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(stream: S) -> Self {
-        Conn { framed: Framed::new(stream, FrameCodec) }
+        Conn {
+            framed: Framed::new(stream, FrameCodec),
+        }
     }
 
     /// The raw stream and any bytes already read past the last frame, for channels that switch

@@ -10,7 +10,14 @@ use crate::AgentError;
 
 /// Directories searched for criu/runc besides `PATH`: a source build installs to /usr/local/sbin,
 /// which a minimal service `PATH` may lack.
-const TOOL_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+const TOOL_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
 
 /// Oldest CRIU that dumps INET sockets on current kernels (4.1 fails on >= 6.16, 3.17 on the vDSO).
 const MIN_CRIU: (u32, u32) = (4, 2);
@@ -40,7 +47,9 @@ pub struct HostEnv {
 }
 
 fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn cap_eff_has(status: &str, cap: u32) -> bool {
@@ -57,7 +66,9 @@ pub fn has_cap_sys_resource() -> bool {
 }
 
 fn version_at_least(v: &str, min: (u32, u32)) -> bool {
-    let mut it = v.split(['.', '-', '+']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut it = v
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let major = it.next().unwrap_or(0);
     let minor = it.next().unwrap_or(0);
     (major, minor) >= min
@@ -67,12 +78,19 @@ impl HostEnv {
     /// Connects to Docker the way the docker CLI does (`DOCKER_HOST`, else the default socket)
     /// and locates criu and runc.
     pub async fn discover(name: String, state_dir: PathBuf) -> Result<HostEnv, AgentError> {
-        let docker_host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
-        let docker = Docker::connect(&docker_host)
-            .await
-            .map_err(|e| AgentError::Setup(format!("cannot reach Docker at {docker_host} (DOCKER_HOST): {e}")))?;
-        std::fs::create_dir_all(&state_dir)
-            .map_err(|e| AgentError::Setup(format!("cannot create state dir {}: {e}", state_dir.display())))?;
+        let docker_host =
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let docker = Docker::connect(&docker_host).await.map_err(|e| {
+            AgentError::Setup(format!(
+                "cannot reach Docker at {docker_host} (DOCKER_HOST): {e}"
+            ))
+        })?;
+        std::fs::create_dir_all(&state_dir).map_err(|e| {
+            AgentError::Setup(format!(
+                "cannot create state dir {}: {e}",
+                state_dir.display()
+            ))
+        })?;
         Ok(HostEnv {
             name,
             docker: Arc::new(docker),
@@ -84,7 +102,9 @@ impl HostEnv {
     }
 
     pub fn scratch(&self, what: &str) -> PathBuf {
-        self.state_dir.join("scratch").join(format!("{what}-{}", crate::new_id()))
+        self.state_dir
+            .join("scratch")
+            .join(format!("{what}-{}", crate::new_id()))
     }
 
     /// Everything `ferry check` reports, and every reason this host cannot take part.
@@ -99,7 +119,10 @@ impl HostEnv {
             ..Default::default()
         };
         match &self.criu {
-            None => f.problems.push(format!("criu not found in PATH or {}", TOOL_DIRS.join(", "))),
+            None => f.problems.push(format!(
+                "criu not found in PATH or {}",
+                TOOL_DIRS.join(", ")
+            )),
             Some(criu) => match ferry_criu::criu_facts(criu).await {
                 Ok(cf) => {
                     if !version_at_least(&cf.version, MIN_CRIU) {
@@ -109,7 +132,8 @@ impl HostEnv {
                         ));
                     }
                     if !cf.features.tcp_established {
-                        f.problems.push(format!("`criu check` fails: {}", cf.check_log.join(" / ")));
+                        f.problems
+                            .push(format!("`criu check` fails: {}", cf.check_log.join(" / ")));
                     }
                     f.criu_version = Some(cf.version);
                     f.criu_features = cf.features;
@@ -118,7 +142,10 @@ impl HostEnv {
             },
         }
         match &self.runc {
-            None => f.problems.push(format!("runc not found in PATH or {}", TOOL_DIRS.join(", "))),
+            None => f.problems.push(format!(
+                "runc not found in PATH or {}",
+                TOOL_DIRS.join(", ")
+            )),
             Some(runc) => match ferry_criu::runc_version(runc).await {
                 Ok(v) => f.runc_version = Some(v),
                 Err(e) => f.problems.push(e.to_string()),
@@ -126,10 +153,19 @@ impl HostEnv {
         }
         match self.docker.info().await {
             Ok(info) => {
-                f.docker_version = info.get("ServerVersion").and_then(|v| v.as_str()).map(str::to_string);
+                f.docker_version = info
+                    .get("ServerVersion")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 f.docker_api_version = Some(self.docker.api_version().to_string());
-                f.docker_experimental = info.get("ExperimentalBuild").and_then(|v| v.as_bool()).unwrap_or(false);
-                f.docker_data_root = info.get("DockerRootDir").and_then(|v| v.as_str()).map(str::to_string);
+                f.docker_experimental = info
+                    .get("ExperimentalBuild")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                f.docker_data_root = info
+                    .get("DockerRootDir")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 if let Some(rt) = info.get("Runtimes").and_then(|v| v.as_object()) {
                     f.docker_runtimes = rt.keys().cloned().collect();
                 }
@@ -146,7 +182,10 @@ impl HostEnv {
                     ));
                 }
             }
-            Err(e) => f.problems.push(format!("Docker at {} does not answer: {e}", self.docker_host)),
+            Err(e) => f.problems.push(format!(
+                "Docker at {} does not answer: {e}",
+                self.docker_host
+            )),
         }
         if !f.cap_sys_resource {
             f.warnings.push("root lacks CAP_SYS_RESOURCE here: CRIU cannot dump processes running as another uid (\"Can't get rlimit\"); such containers are refused in preflight".into());

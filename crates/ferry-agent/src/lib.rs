@@ -22,7 +22,10 @@ pub enum AgentError {
     #[error("tls: {0}")]
     Tls(#[from] ferry_tls::TlsError),
     #[error("listening on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Conn(#[from] conn::ConnError),
     #[error("{0}")]

@@ -33,12 +33,20 @@ pub struct AgentOptions {
 /// Raises fs.pipe-max-size to what CRIU's page server needs when root lacks CAP_SYS_RESOURCE.
 fn tune_host() -> Result<Option<String>, String> {
     let path = "/proc/sys/fs/pipe-max-size";
-    let cur: u64 = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?.trim().parse().unwrap_or(0);
+    let cur: u64 = std::fs::read_to_string(path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
     if crate::host::has_cap_sys_resource() || cur >= ferry_migrate::PIPE_NEEDED {
         return Ok(None);
     }
-    std::fs::write(path, ferry_migrate::PIPE_NEEDED.to_string()).map_err(|e| format!("raising {path}: {e}"))?;
-    Ok(Some(format!("raised fs.pipe-max-size from {cur} to {} for post-copy", ferry_migrate::PIPE_NEEDED)))
+    std::fs::write(path, ferry_migrate::PIPE_NEEDED.to_string())
+        .map_err(|e| format!("raising {path}: {e}"))?;
+    Ok(Some(format!(
+        "raised fs.pipe-max-size from {cur} to {} for post-copy",
+        ferry_migrate::PIPE_NEEDED
+    )))
 }
 
 struct Shared {
@@ -73,7 +81,12 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
         listen: opts.listen,
         pages: Default::default(),
     });
-    let listener = TcpListener::bind(opts.listen).await.map_err(|source| AgentError::Listen { addr: opts.listen, source })?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
     info!(agent = %name, listen = %opts.listen, "agent listening");
     loop {
@@ -89,7 +102,8 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
         let shared = shared.clone();
         tokio::spawn(
             async move {
-                let (stream, who) = match ferry_tls::accept(tcp, &acceptor, GREETING_TIMEOUT).await {
+                let (stream, who) = match ferry_tls::accept(tcp, &acceptor, GREETING_TIMEOUT).await
+                {
                     Ok(x) => x,
                     Err(e) => {
                         warn!("refused {peer}: {e}");
@@ -105,34 +119,68 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>, who: String) -> Result<(), AgentError> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut conn: Conn<S>,
+    who: String,
+) -> Result<(), AgentError> {
     let purpose = match conn.recv(GREETING_TIMEOUT).await? {
         Message::Hello { protocol, purpose } if protocol == PROTOCOL_VERSION => purpose,
         Message::Hello { protocol, .. } => {
-            let e = ErrorInfo { step: "hello".into(), message: format!("protocol {protocol} not supported (this agent speaks {PROTOCOL_VERSION})"), tool_log: vec![] };
+            let e = ErrorInfo {
+                step: "hello".into(),
+                message: format!(
+                    "protocol {protocol} not supported (this agent speaks {PROTOCOL_VERSION})"
+                ),
+                tool_log: vec![],
+            };
             conn.send(&Message::Error(e.clone())).await?;
             return Err(AgentError::Remote(e));
         }
         other => return Err(ConnError::Unexpected(describe(&other)).into()),
     };
-    conn.send(&Message::HelloOk { protocol: PROTOCOL_VERSION, agent: shared.env.name.clone() }).await?;
+    conn.send(&Message::HelloOk {
+        protocol: PROTOCOL_VERSION,
+        agent: shared.env.name.clone(),
+    })
+    .await?;
     info!(peer = %who, ?purpose, "session");
     match purpose {
         Purpose::Cli => serve_cli(shared, conn).await,
         Purpose::Control { migration_id } => {
-            shared.targets.serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(100)).await;
+            shared
+                .targets
+                .serve_control(conn, migration_id, CONTROL_IDLE, Duration::from_secs(100))
+                .await;
             Ok(())
         }
         Purpose::Pages { migration_id } => {
-            let server = shared.pages.lock().ok().and_then(|m| m.get(&migration_id).cloned());
-            let Some(crate::source::PageServer { port, bytes, closed }) = server else {
-                let e = ErrorInfo { step: "pages".into(), message: format!("no page server for migration {migration_id}"), tool_log: vec![] };
+            let server = shared
+                .pages
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&migration_id).cloned());
+            let Some(crate::source::PageServer {
+                port,
+                bytes,
+                closed,
+            }) = server
+            else {
+                let e = ErrorInfo {
+                    step: "pages".into(),
+                    message: format!("no page server for migration {migration_id}"),
+                    tool_log: vec![],
+                };
                 conn.send(&Message::Error(e.clone())).await?;
                 return Err(AgentError::Remote(e));
             };
             let local = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .map_err(|e| AgentError::Setup(format!("connecting to the page server on 127.0.0.1:{port}: {e}")))?;
+                .map_err(|e| {
+                    AgentError::Setup(format!(
+                        "connecting to the page server on 127.0.0.1:{port}: {e}"
+                    ))
+                })?;
             let _ = local.set_nodelay(true);
             match crate::conn::bridge(conn, local).await {
                 Ok((up, down)) => {
@@ -146,7 +194,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
         }
         Purpose::Image { image_id } => serve_image(&shared, conn, &image_id).await,
         Purpose::Images { migration_id } => {
-            let reply = match shared.targets.receive_images(&mut conn, &migration_id, Duration::from_secs(120)).await {
+            let reply = match shared
+                .targets
+                .receive_images(&mut conn, &migration_id, Duration::from_secs(120))
+                .await
+            {
                 Ok((files, bytes)) => Message::ImagesReceived { files, bytes },
                 Err(e) => Message::Error(e),
             };
@@ -156,7 +208,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn
     }
 }
 
-async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>) -> Result<(), AgentError> {
+async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut conn: Conn<S>,
+) -> Result<(), AgentError> {
     loop {
         let msg = match conn.recv(Duration::from_secs(600)).await {
             Ok(m) => m,
@@ -170,24 +225,43 @@ async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut c
             }
             Message::Migrate(req) => return run_migration(shared, conn, req).await,
             other => {
-                let e = ErrorInfo { step: "cli".into(), message: format!("unexpected {}", describe(&other)), tool_log: vec![] };
+                let e = ErrorInfo {
+                    step: "cli".into(),
+                    message: format!("unexpected {}", describe(&other)),
+                    tool_log: vec![],
+                };
                 conn.send(&Message::Error(e)).await?;
             }
         }
     }
 }
 
-async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut conn: Conn<S>, req: MigrateRequest) -> Result<(), AgentError> {
-    let bad = |message: String| ErrorInfo { step: "migrate".into(), message, tool_log: vec![] };
+async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut conn: Conn<S>,
+    req: MigrateRequest,
+) -> Result<(), AgentError> {
+    let bad = |message: String| ErrorInfo {
+        step: "migrate".into(),
+        message,
+        tool_log: vec![],
+    };
     let target: SocketAddr = match req.target.parse() {
         Ok(a) => a,
         Err(_) => {
-            conn.send(&Message::Error(bad(format!("target {:?} is not an IP:PORT address", req.target)))).await?;
+            conn.send(&Message::Error(bad(format!(
+                "target {:?} is not an IP:PORT address",
+                req.target
+            ))))
+            .await?;
             return Ok(());
         }
     };
     if req.step_timeout_s == 0 {
-        conn.send(&Message::Error(bad("step timeout must be at least 1 s".into()))).await?;
+        conn.send(&Message::Error(bad(
+            "step timeout must be at least 1 s".into()
+        )))
+        .await?;
         return Ok(());
     }
     let id = crate::new_id();
@@ -205,9 +279,17 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, m
     let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
-    let engine = Engine::new(source, remote, images, EngineOptions { step_timeout, transfer_timeout: Duration::from_secs(3600) })
-        .with_events(tx)
-        .with_cancel(cancel.clone());
+    let engine = Engine::new(
+        source,
+        remote,
+        images,
+        EngineOptions {
+            step_timeout,
+            transfer_timeout: Duration::from_secs(3600),
+        },
+    )
+    .with_events(tx)
+    .with_cancel(cancel.clone());
     let plan = MigrationPlan {
         migration_id: id.clone(),
         container: req.container.clone(),
@@ -262,13 +344,24 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, m
 }
 
 /// Streams `docker save` of one image to a target that lacks it.
-async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut conn: Conn<S>, image_id: &str) -> Result<(), AgentError> {
+async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut conn: Conn<S>,
+    image_id: &str,
+) -> Result<(), AgentError> {
     let docker = shared.env.docker.clone();
-    let fail = |message: String| ErrorInfo { step: "image transfer (source)".into(), message, tool_log: vec![] };
+    let fail = |message: String| ErrorInfo {
+        step: "image transfer (source)".into(),
+        message,
+        tool_log: vec![],
+    };
     match docker.inspect_image(image_id).await {
         Ok(Some(_)) => {}
         Ok(None) => {
-            conn.send(&Message::Error(fail(format!("image {image_id} is not on this host")))).await?;
+            conn.send(&Message::Error(fail(format!(
+                "image {image_id} is not on this host"
+            ))))
+            .await?;
             return Ok(());
         }
         Err(e) => {
@@ -287,7 +380,13 @@ async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, mut con
         }
     }
     match save.await {
-        Ok(Ok(_)) => conn.send(&Message::ImagesDone { files: 1, bytes: sent }).await?,
+        Ok(Ok(_)) => {
+            conn.send(&Message::ImagesDone {
+                files: 1,
+                bytes: sent,
+            })
+            .await?
+        }
         Ok(Err(e)) => conn.send(&Message::Error(fail(e.to_string()))).await?,
         Err(e) => conn.send(&Message::Error(fail(e.to_string()))).await?,
     }

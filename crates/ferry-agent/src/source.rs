@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_docker::{ContainerView, Docker};
-use ferry_migrate::{DumpedImages, ImageFile, SideError, SideErrorKind, SourcePreflight, SourceSide};
+use ferry_migrate::{
+    DumpedImages, ImageFile, SideError, SideErrorKind, SourcePreflight, SourceSide,
+};
 use ferry_proto::{NetworkAttachment, NetworkReport, PrepareRequest, Strategy};
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -48,7 +50,9 @@ pub const ROOTFS_STREAM: &str = "ferry-rootfs.stream";
 fn write_layer(upper: &std::path::Path, out: &std::path::Path) -> Result<u64, String> {
     let f = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut w = ferry_fs::StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
-    let summary = w.write_tree(upper, ferry_fs::TreeMode::OverlayUpper).map_err(|e| e.to_string())?;
+    let summary = w
+        .write_tree(upper, ferry_fs::TreeMode::OverlayUpper)
+        .map_err(|e| e.to_string())?;
     let mut inner = w.into_inner();
     std::io::Write::flush(&mut inner).map_err(|e| e.to_string())?;
     Ok(summary.counts.data_bytes)
@@ -56,7 +60,8 @@ fn write_layer(upper: &std::path::Path, out: &std::path::Path) -> Result<u64, St
 
 /// Loopback ports of the CRIU page servers of post-copy dumps in flight, by migration id, so
 /// the agent can tunnel the target's authenticated `Pages` channel to the right one.
-pub type PageServers = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, PageServer>>>;
+pub type PageServers =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, PageServer>>>;
 
 /// One post-copy page server: its loopback port and the bytes tunnelled to the target so far.
 #[derive(Clone, Default)]
@@ -75,19 +80,31 @@ fn free_loopback_port() -> std::io::Result<u16> {
 /// Thaws the container's freezer cgroup: a post-copy dump killed half-way leaves the tasks frozen
 /// by CRIU, not by Docker, so `docker unpause` would not know to.
 fn thaw(pid: u32) -> Result<(), String> {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
     for line in cg.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (_, ctrls, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
         if ctrls.split(',').any(|c| c == "freezer") {
             let f = format!("/sys/fs/cgroup/freezer{path}/freezer.state");
-            if std::fs::read_to_string(&f).map(|s| s.trim() != "THAWED").unwrap_or(false) {
+            if std::fs::read_to_string(&f)
+                .map(|s| s.trim() != "THAWED")
+                .unwrap_or(false)
+            {
                 std::fs::write(&f, "THAWED").map_err(|e| format!("{f}: {e}"))?;
             }
         } else if ctrls.is_empty() {
             for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
                 let f = format!("{base}{path}/cgroup.freeze");
-                if std::path::Path::new(&f).exists() && std::fs::read_to_string(&f).map(|s| s.trim() == "1").unwrap_or(false) {
+                if std::path::Path::new(&f).exists()
+                    && std::fs::read_to_string(&f)
+                        .map(|s| s.trim() == "1")
+                        .unwrap_or(false)
+                {
                     std::fs::write(&f, "0").map_err(|e| format!("{f}: {e}"))?;
                 }
             }
@@ -137,23 +154,42 @@ impl LocalSource {
     }
 
     fn view(&self) -> Result<&ContainerView, SideError> {
-        self.view.as_ref().ok_or_else(|| SideError::failed("source", "preflight did not run"))
+        self.view
+            .as_ref()
+            .ok_or_else(|| SideError::failed("source", "preflight did not run"))
     }
 }
 
 /// Uids of every process in the container's pid namespace, so preflight can name the cause
 /// CRIU would otherwise report deep inside a dump.
 fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return vec![] };
+    let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else {
+        return vec![];
+    };
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
             continue;
         }
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("").trim().to_string();
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
         let uid = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
@@ -175,10 +211,21 @@ impl SourceSide for LocalSource {
             .inspect_container(&self.container)
             .await
             .map_err(|e| side_err(step, e))?
-            .ok_or_else(|| SideError::refused(step, format!("no container named {:?} on source {}", self.container, self.env.name)))?;
+            .ok_or_else(|| {
+                SideError::refused(
+                    step,
+                    format!(
+                        "no container named {:?} on source {}",
+                        self.container, self.env.name
+                    ),
+                )
+            })?;
         let view = ContainerView::from_inspect(&inspect).map_err(|e| side_err(step, e))?;
         if !view.running || view.restarting {
-            let status = inspect.pointer("/State/Status").and_then(|s| s.as_str()).unwrap_or("unknown");
+            let status = inspect
+                .pointer("/State/Status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("unknown");
             return Err(SideError::refused(step, format!("container {} is not running (status {status}): only running containers are live-migrated", view.name)));
         }
         if view.paused {
@@ -187,8 +234,18 @@ impl SourceSide for LocalSource {
         let foreign: Vec<String> = view
             .mounts
             .iter()
-            .filter(|m| m.kind == "bind" || (m.kind == "volume" && m.driver.as_deref().unwrap_or("local") != "local"))
-            .map(|m| format!("{} {} -> {}", m.kind, m.name.clone().unwrap_or_else(|| m.source.clone()), m.destination))
+            .filter(|m| {
+                m.kind == "bind"
+                    || (m.kind == "volume" && m.driver.as_deref().unwrap_or("local") != "local")
+            })
+            .map(|m| {
+                format!(
+                    "{} {} -> {}",
+                    m.kind,
+                    m.name.clone().unwrap_or_else(|| m.source.clone()),
+                    m.destination
+                )
+            })
             .collect();
         if !foreign.is_empty() {
             return Err(SideError::refused(
@@ -199,7 +256,11 @@ impl SourceSide for LocalSource {
         if !has_cap_sys_resource() {
             let procs = foreign_uid_processes(view.pid);
             if !procs.is_empty() {
-                let list: Vec<String> = procs.iter().take(5).map(|(p, u, n)| format!("{n} (pid {p}, uid {u})")).collect();
+                let list: Vec<String> = procs
+                    .iter()
+                    .take(5)
+                    .map(|(p, u, n)| format!("{n} (pid {p}, uid {u})"))
+                    .collect();
                 return Err(SideError::refused(
                     step,
                     format!(
@@ -214,21 +275,44 @@ impl SourceSide for LocalSource {
             .mounts
             .iter()
             .filter(|m| m.kind == "volume")
-            .filter_map(|m| m.name.clone().map(|name| crate::volumes::VolumeRef { name, path: PathBuf::from(&m.source), baseline: None }))
+            .filter_map(|m| {
+                m.name.clone().map(|name| crate::volumes::VolumeRef {
+                    name,
+                    path: PathBuf::from(&m.source),
+                    baseline: None,
+                })
+            })
             .collect();
-        let handle = ferry_criu::discover_runc(view.pid, &view.id, self.env.runc.as_deref().unwrap_or("runc"))
-            .map_err(|e| SideError::refused(step, e.to_string()))?;
+        let handle = ferry_criu::discover_runc(
+            view.pid,
+            &view.id,
+            self.env.runc.as_deref().unwrap_or("runc"),
+        )
+        .map_err(|e| SideError::refused(step, e.to_string()))?;
         info!(runc = %handle.binary, root = %handle.root.display(), "runc discovered");
 
         let facts = self.env.facts(None).await;
         let cpuinfo = self.env.cpuinfo().await;
-        let body = ferry_docker::create_body_from_inspect(&inspect, Some(crate::FERRY_RUNTIME), self.docker.api_version())
-            .map_err(|e| side_err(step, e))?;
+        let body = ferry_docker::create_body_from_inspect(
+            &inspect,
+            Some(crate::FERRY_RUNTIME),
+            self.docker.api_version(),
+        )
+        .map_err(|e| side_err(step, e))?;
         let mut networks = Vec::new();
         let mut reports = Vec::new();
         for ep in &view.networks {
-            let net = self.docker.inspect_network(&ep.network).await.map_err(|e| side_err(step, e))?;
-            let driver = net.as_ref().and_then(|n| n.get("Driver")).and_then(|d| d.as_str()).unwrap_or("unknown").to_string();
+            let net = self
+                .docker
+                .inspect_network(&ep.network)
+                .await
+                .map_err(|e| side_err(step, e))?;
+            let driver = net
+                .as_ref()
+                .and_then(|n| n.get("Driver"))
+                .and_then(|d| d.as_str())
+                .unwrap_or("unknown")
+                .to_string();
             let subnet = net
                 .as_ref()
                 .and_then(|n| n.pointer("/IPAM/Config/0/Subnet"))
@@ -251,14 +335,21 @@ impl SourceSide for LocalSource {
                 external_connections_survive: l2,
                 note,
             });
-            networks.push(NetworkAttachment { network: ep.network.clone(), driver, ipv4: ep.ipv4.clone(), mac: ep.mac.clone(), subnet });
+            networks.push(NetworkAttachment {
+                network: ep.network.clone(),
+                driver,
+                ipv4: ep.ipv4.clone(),
+                mac: ep.mac.clone(),
+                subnet,
+            });
         }
         let prepare = PrepareRequest {
             migration_id: self.migration_id.clone(),
             strategy: Strategy::StopAndCopy,
             container_name: view.name.clone(),
             image_id: view.image_id.clone(),
-            image_ref: Some(view.image_ref.clone()).filter(|r| !r.is_empty() && *r != view.image_id),
+            image_ref: Some(view.image_ref.clone())
+                .filter(|r| !r.is_empty() && *r != view.image_id),
             create_body: body,
             networks,
             fault: self.fault,
@@ -266,29 +357,52 @@ impl SourceSide for LocalSource {
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
         };
         let mut warnings = vec![];
-        match (inspect.pointer("/GraphDriver/Name").and_then(|v| v.as_str()), inspect.pointer("/GraphDriver/Data/UpperDir").and_then(|v| v.as_str())) {
+        match (
+            inspect
+                .pointer("/GraphDriver/Name")
+                .and_then(|v| v.as_str()),
+            inspect
+                .pointer("/GraphDriver/Data/UpperDir")
+                .and_then(|v| v.as_str()),
+        ) {
             (Some("overlay2"), Some(upper)) => self.upper_dir = Some(PathBuf::from(upper)),
-            (driver, _) => warnings.push(format!("the writable layer is not carried for storage driver {}", driver.unwrap_or("unknown"))),
+            (driver, _) => warnings.push(format!(
+                "the writable layer is not carried for storage driver {}",
+                driver.unwrap_or("unknown")
+            )),
         }
         self.view = Some(view);
-        Ok(SourcePreflight { facts, cpuinfo, prepare, networks: reports, warnings })
+        Ok(SourcePreflight {
+            facts,
+            cpuinfo,
+            prepare,
+            networks: reports,
+            warnings,
+        })
     }
 
     async fn precopy(&mut self) -> Result<DumpedImages, SideError> {
         let dir = self.dir.join("precopy");
-        std::fs::create_dir_all(&dir).map_err(|e| side_err("precopy", format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| side_err("precopy", format!("{}: {e}", dir.display())))?;
         let mut files = Vec::new();
         for (i, v) in self.volumes.iter_mut().enumerate() {
             let name = crate::volumes::stream_name(i, 0);
             let out = dir.join(&name);
             let (path, out2) = (v.path.clone(), out.clone());
-            let baseline = tokio::task::spawn_blocking(move || crate::volumes::first_pass(&path, &out2))
-                .await
-                .map_err(|e| side_err("precopy", e))?
-                .map_err(|e| side_err("precopy", format!("volume {}: {e}", v.name)))?;
+            let baseline =
+                tokio::task::spawn_blocking(move || crate::volumes::first_pass(&path, &out2))
+                    .await
+                    .map_err(|e| side_err("precopy", e))?
+                    .map_err(|e| side_err("precopy", format!("volume {}: {e}", v.name)))?;
             v.baseline = Some(baseline);
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
-            files.push(ImageFile { rel: name, path: out, size, mode: 0o600 });
+            files.push(ImageFile {
+                rel: name,
+                path: out,
+                size,
+                mode: 0o600,
+            });
         }
         Ok(DumpedImages { dir, files })
     }
@@ -303,17 +417,26 @@ impl SourceSide for LocalSource {
             .update_restart_policy(&view.id, &serde_json::json!({"Name": "no"}))
             .await
             .map_err(|e| side_err(step, format!("setting restart policy to no: {e}")))?;
-        ferry_net::lock(view.pid).await.map_err(|e| side_err(step, e))?;
+        ferry_net::lock(view.pid)
+            .await
+            .map_err(|e| side_err(step, e))?;
         self.locked = true;
-        let ifaces = ferry_net::interfaces(view.pid).await.map_err(|e| side_err(step, e))?;
+        let ifaces = ferry_net::interfaces(view.pid)
+            .await
+            .map_err(|e| side_err(step, e))?;
         for i in ifaces.iter().filter(|i| !i.ipv4.is_empty()) {
-            ferry_net::set_arp(view.pid, &i.name, false).await.map_err(|e| side_err(step, format!("ARP off on {}: {e}", i.name)))?;
+            ferry_net::set_arp(view.pid, &i.name, false)
+                .await
+                .map_err(|e| side_err(step, format!("ARP off on {}: {e}", i.name)))?;
             self.arp_off.push(i.name.clone());
         }
         // A lazy dump must end the source itself once the pages are served, which a cgroup
         // frozen by Docker would prevent: CRIU freezes it instead.
         if strategy != Strategy::PostCopy {
-            self.docker.pause(&view.id).await.map_err(|e| side_err(step, format!("pausing: {e}")))?;
+            self.docker
+                .pause(&view.id)
+                .await
+                .map_err(|e| side_err(step, format!("pausing: {e}")))?;
             self.paused = true;
         }
         Ok(())
@@ -321,8 +444,12 @@ impl SourceSide for LocalSource {
 
     async fn dump(&mut self) -> Result<DumpedImages, SideError> {
         let view = self.view()?.clone();
-        let handle = ferry_criu::discover_runc(view.pid, &view.id, self.env.runc.as_deref().unwrap_or("runc"))
-            .map_err(|e| side_err("dump", e))?;
+        let handle = ferry_criu::discover_runc(
+            view.pid,
+            &view.id,
+            self.env.runc.as_deref().unwrap_or("runc"),
+        )
+        .map_err(|e| side_err("dump", e))?;
         let image_dir = self.dir.join("images");
         let opts = ferry_criu::CheckpointOptions {
             image_dir: image_dir.clone(),
@@ -332,9 +459,21 @@ impl SourceSide for LocalSource {
             timeout: self.dump_timeout,
         };
         if self.strategy == Strategy::PostCopy {
-            let port = free_loopback_port().map_err(|e| side_err("dump", format!("no free loopback port for the page server: {e}")))?;
+            let port = free_loopback_port().map_err(|e| {
+                side_err(
+                    "dump",
+                    format!("no free loopback port for the page server: {e}"),
+                )
+            })?;
             if let Ok(mut m) = self.pages.lock() {
-                m.insert(self.migration_id.clone(), PageServer { port, bytes: self.page_bytes.clone(), closed: self.page_tunnel_closed.clone() });
+                m.insert(
+                    self.migration_id.clone(),
+                    PageServer {
+                        port,
+                        bytes: self.page_bytes.clone(),
+                        closed: self.page_tunnel_closed.clone(),
+                    },
+                );
             }
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let lazy = ferry_criu::checkpoint_lazy(&handle, &opts, addr)
@@ -347,14 +486,25 @@ impl SourceSide for LocalSource {
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
         }
         for (i, v) in self.volumes.iter().enumerate() {
-            let Some(baseline) = v.baseline.clone() else { continue };
-            let (path, out) = (v.path.clone(), image_dir.join(crate::volumes::stream_name(i, 1)));
-            let digest = tokio::task::spawn_blocking(move || crate::volumes::final_pass(&path, &baseline, &out))
-                .await
-                .map_err(|e| side_err("dump: volumes", e))?
-                .map_err(|e| side_err("dump: volumes", format!("volume {}: {e}", v.name)))?;
+            let Some(baseline) = v.baseline.clone() else {
+                continue;
+            };
+            let (path, out) = (
+                v.path.clone(),
+                image_dir.join(crate::volumes::stream_name(i, 1)),
+            );
+            let digest = tokio::task::spawn_blocking(move || {
+                crate::volumes::final_pass(&path, &baseline, &out)
+            })
+            .await
+            .map_err(|e| side_err("dump: volumes", e))?
+            .map_err(|e| side_err("dump: volumes", format!("volume {}: {e}", v.name)))?;
             let note = serde_json::json!({"name": v.name, "digest": digest});
-            std::fs::write(image_dir.join(crate::volumes::digest_name(i)), note.to_string()).map_err(|e| side_err("dump: volumes", e))?;
+            std::fs::write(
+                image_dir.join(crate::volumes::digest_name(i)),
+                note.to_string(),
+            )
+            .map_err(|e| side_err("dump: volumes", e))?;
         }
         if let Some(upper) = self.upper_dir.clone() {
             let out = image_dir.join(ROOTFS_STREAM);
@@ -363,10 +513,19 @@ impl SourceSide for LocalSource {
                 .map_err(|e| side_err("dump: writable layer", e))?
                 .map_err(|e| side_err("dump: writable layer", e))?;
         }
-        let files = ferry_criu::checkpoint::image_files(&image_dir).map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
+        let files = ferry_criu::checkpoint::image_files(&image_dir)
+            .map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
         Ok(DumpedImages {
             dir: image_dir,
-            files: files.into_iter().map(|(rel, path, size, mode)| ImageFile { rel, path, size, mode }).collect(),
+            files: files
+                .into_iter()
+                .map(|(rel, path, size, mode)| ImageFile {
+                    rel,
+                    path,
+                    size,
+                    mode,
+                })
+                .collect(),
         })
     }
 
@@ -376,10 +535,15 @@ impl SourceSide for LocalSource {
         if let Some(lazy) = self.lazy.as_mut() {
             // Every page has reached the target when the target commits; CRIU then ends.
             if let Err(e) = lazy.wait_done(Duration::from_secs(60)).await {
-                warnings.push(format!("the source's page server did not end cleanly: {e} {}", e.log().join(" / ")));
+                warnings.push(format!(
+                    "the source's page server did not end cleanly: {e} {}",
+                    e.log().join(" / ")
+                ));
                 lazy.abort().await;
             }
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.page_tunnel_closed.notified()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), self.page_tunnel_closed.notified())
+                    .await;
             self.lazy = None;
             if let Ok(mut m) = self.pages.lock() {
                 m.remove(&self.migration_id);
@@ -399,13 +563,18 @@ impl SourceSide for LocalSource {
 
     async fn rollback(&mut self) -> Vec<SideError> {
         let mut errs = Vec::new();
-        let Some(view) = self.view.clone() else { return errs };
+        let Some(view) = self.view.clone() else {
+            return errs;
+        };
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort().await;
             // CRIU killed mid-dump leaves the sockets in repair mode: they would answer the
             // clients' next segments with resets.
             match ferry_net::repair_off(view.pid) {
-                Ok(n) => info!(sockets = n, "TCP repair mode turned off after the aborted dump"),
+                Ok(n) => info!(
+                    sockets = n,
+                    "TCP repair mode turned off after the aborted dump"
+                ),
                 Err(e) => errs.push(side_err("rollback: TCP repair off", e)),
             }
             if let Err(e) = thaw(view.pid) {
@@ -444,7 +613,10 @@ impl SourceSide for LocalSource {
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                errs.push(side_err("rollback: remove images", format!("{}: {e}", self.dir.display())));
+                errs.push(side_err(
+                    "rollback: remove images",
+                    format!("{}: {e}", self.dir.display()),
+                ));
             }
         }
         let _ = SideErrorKind::Failed;

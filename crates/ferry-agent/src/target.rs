@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_migrate::{DumpedImages, ProgressFn, SideError, SideErrorKind, TargetSide, Transport};
-use ferry_proto::{ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo, Strategy, TargetState, PROTOCOL_VERSION};
+use ferry_proto::{
+    ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo,
+    Strategy, TargetState, PROTOCOL_VERSION,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -17,6 +20,10 @@ use tracing::{info, warn};
 
 use crate::conn::{describe, Conn, ConnError};
 use crate::host::HostEnv;
+
+/// A post-copy fetch in progress: CRIU's lazy-pages daemon and the signal that its page
+/// channel to the source closed.
+type LazyFetch = (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>);
 
 /// How long the lazy-pages daemon may outlive its page channel before the target gives up.
 const PAGE_CHANNEL_GRACE: Duration = Duration::from_secs(3);
@@ -34,7 +41,11 @@ impl Drop for NotifyOnDrop {
 const CHUNK: usize = 1024 * 1024;
 
 fn err(step: &str, message: impl std::fmt::Display) -> ErrorInfo {
-    ErrorInfo { step: step.into(), message: message.to_string(), tool_log: vec![] }
+    ErrorInfo {
+        step: step.into(),
+        message: message.to_string(),
+        tool_log: vec![],
+    }
 }
 
 #[derive(Debug)]
@@ -56,7 +67,7 @@ pub struct Targets {
     env: HostEnv,
     map: Arc<Mutex<HashMap<String, TargetMigration>>>,
     /// Post-copy: the lazy-pages daemon of each restored migration, until all pages arrived.
-    lazy: Arc<Mutex<HashMap<String, (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>)>>>,
+    lazy: Arc<Mutex<HashMap<String, LazyFetch>>>,
     client_tls: Arc<rustls::ClientConfig>,
 }
 
@@ -64,11 +75,18 @@ pub struct Targets {
 pub fn safe_image_name(name: &str) -> bool {
     let p = Path::new(name);
     let mut comps = p.components();
-    matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None)) && !name.contains('/') && !name.contains('\0')
+    matches!(
+        (comps.next(), comps.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !name.contains('/')
+        && !name.contains('\0')
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<u8> = s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+    let parts: Vec<u8> = s
+        .split(':')
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
     if parts.len() == 6 && s.split(':').count() == 6 {
         let mut m = [0u8; 6];
         m.copy_from_slice(&parts);
@@ -80,25 +98,55 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 impl Targets {
     pub fn new(env: HostEnv, client_tls: Arc<rustls::ClientConfig>) -> Self {
-        Targets { env, map: Arc::default(), lazy: Arc::default(), client_tls }
+        Targets {
+            env,
+            map: Arc::default(),
+            lazy: Arc::default(),
+            client_tls,
+        }
     }
 
     /// Post-copy: starts CRIU's lazy-pages daemon against a loopback port whose one connection
     /// is tunnelled, over an authenticated channel, to the source's page server.
-    async fn start_lazy_pages(&self, id: &str, prepare: &PrepareRequest, images: &Path, work: &Path) -> Result<(), ErrorInfo> {
+    async fn start_lazy_pages(
+        &self,
+        id: &str,
+        prepare: &PrepareRequest,
+        images: &Path,
+        work: &Path,
+    ) -> Result<(), ErrorInfo> {
         let step = "restore (target): lazy pages";
-        let criu = self.env.criu.clone().ok_or_else(|| err(step, "criu not found"))?;
+        let criu = self
+            .env
+            .criu
+            .clone()
+            .ok_or_else(|| err(step, "criu not found"))?;
         let source: SocketAddr = prepare
             .source_agent
             .as_deref()
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| err(step, "the source did not say where its agent listens"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| err(step, format!("binding a loopback port: {e}")))?;
-        let local = listener.local_addr().map_err(|e| err(step, e))?;
-        let tunnel = dial(source, self.client_tls.clone(), Purpose::Pages { migration_id: id.to_string() }, Duration::from_secs(10))
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| err(step, format!("opening the page channel to the source agent {source}: {e}")))?;
-        let mut daemon = ferry_criu::LazyPagesDaemon::start(&criu, images, work, local).map_err(|e| err(step, e))?;
+            .map_err(|e| err(step, format!("binding a loopback port: {e}")))?;
+        let local = listener.local_addr().map_err(|e| err(step, e))?;
+        let tunnel = dial(
+            source,
+            self.client_tls.clone(),
+            Purpose::Pages {
+                migration_id: id.to_string(),
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| {
+            err(
+                step,
+                format!("opening the page channel to the source agent {source}: {e}"),
+            )
+        })?;
+        let mut daemon = ferry_criu::LazyPagesDaemon::start(&criu, images, work, local)
+            .map_err(|e| err(step, e))?;
         // The daemon dials the page server only once the restore attaches to it, so the tunnel
         // is joined in the background and a daemon that never dials is killed with the restore.
         let mid = id.to_string();
@@ -106,7 +154,8 @@ impl Targets {
         let closed = tunnel_closed.clone();
         tokio::spawn(async move {
             let _signal = NotifyOnDrop(closed);
-            let sock = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
+            let sock = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await
+            {
                 Ok(Ok((sock, _))) => sock,
                 Ok(Err(e)) => {
                     warn!(migration = %mid, "accepting the lazy-pages daemon: {e}");
@@ -119,32 +168,65 @@ impl Targets {
             };
             let _ = sock.set_nodelay(true);
             match crate::conn::bridge(tunnel, sock).await {
-                Ok((down, up)) => info!(migration = %mid, from_source = down, to_source = up, "page tunnel closed"),
+                Ok((down, up)) => {
+                    info!(migration = %mid, from_source = down, to_source = up, "page tunnel closed")
+                }
                 Err(e) => warn!(migration = %mid, "page tunnel: {e}"),
             }
         });
         if let Err(e) = daemon.wait_socket(Duration::from_secs(10)).await {
             daemon.kill().await;
-            return Err(ErrorInfo { step: step.into(), message: e.to_string(), tool_log: e.log().to_vec() });
+            return Err(ErrorInfo {
+                step: step.into(),
+                message: e.to_string(),
+                tool_log: e.log().to_vec(),
+            });
         }
-        self.lazy.lock().await.insert(id.to_string(), (daemon, tunnel_closed));
+        self.lazy
+            .lock()
+            .await
+            .insert(id.to_string(), (daemon, tunnel_closed));
         Ok(())
     }
 
     pub async fn state(&self, id: &str) -> TargetState {
-        self.map.lock().await.get(id).map(|m| m.state).unwrap_or(TargetState::Unknown)
+        self.map
+            .lock()
+            .await
+            .get(id)
+            .map(|m| m.state)
+            .unwrap_or(TargetState::Unknown)
     }
 
     pub async fn prepare(&self, req: PrepareRequest) -> Result<String, ErrorInfo> {
         let step = "prepare (target)";
         if req.migration_id.is_empty() || !safe_image_name(&req.migration_id) {
-            return Err(err(step, format!("invalid migration id {:?}", req.migration_id)));
+            return Err(err(
+                step,
+                format!("invalid migration id {:?}", req.migration_id),
+            ));
         }
         let docker = &self.env.docker;
-        if docker.inspect_container(&req.container_name).await.map_err(|e| err(step, e))?.is_some() {
-            return Err(err(step, format!("a container named {:?} already exists on target {}", req.container_name, self.env.name)));
+        if docker
+            .inspect_container(&req.container_name)
+            .await
+            .map_err(|e| err(step, e))?
+            .is_some()
+        {
+            return Err(err(
+                step,
+                format!(
+                    "a container named {:?} already exists on target {}",
+                    req.container_name, self.env.name
+                ),
+            ));
         }
-        if docker.inspect_image(&req.image_id).await.map_err(|e| err(step, e))?.is_none() {
+        if docker
+            .inspect_image(&req.image_id)
+            .await
+            .map_err(|e| err(step, e))?
+            .is_none()
+        {
             self.pull_image(&req).await?;
         }
         for n in &req.networks {
@@ -152,10 +234,24 @@ impl Targets {
                 .inspect_network(&n.network)
                 .await
                 .map_err(|e| err(step, e))?
-                .ok_or_else(|| err(step, format!("network {:?} does not exist on target {}", n.network, self.env.name)))?;
+                .ok_or_else(|| {
+                    err(
+                        step,
+                        format!(
+                            "network {:?} does not exist on target {}",
+                            n.network, self.env.name
+                        ),
+                    )
+                })?;
             let driver = net.get("Driver").and_then(|d| d.as_str()).unwrap_or("");
             if driver != n.driver {
-                return Err(err(step, format!("network {:?} is a {driver} network on the target but {} on the source", n.network, n.driver)));
+                return Err(err(
+                    step,
+                    format!(
+                        "network {:?} is a {driver} network on the target but {} on the source",
+                        n.network, n.driver
+                    ),
+                ));
             }
             if let Some(ip) = &n.ipv4 {
                 if let Some(containers) = net.get("Containers").and_then(|c| c.as_object()) {
@@ -174,7 +270,9 @@ impl Targets {
                 None => created_volumes.push(v.clone()),
                 Some(vol) => {
                     let mp = vol.get("Mountpoint").and_then(|m| m.as_str()).unwrap_or("");
-                    let has_content = std::fs::read_dir(mp).map(|mut d| d.next().is_some()).unwrap_or(true);
+                    let has_content = std::fs::read_dir(mp)
+                        .map(|mut d| d.next().is_some())
+                        .unwrap_or(true);
                     if has_content {
                         return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it or pick another target", self.env.name)));
                     }
@@ -183,7 +281,12 @@ impl Targets {
         }
         let mut body = req.create_body.clone();
         if let Some(r) = &req.image_ref {
-            let same = docker.inspect_image(r).await.ok().flatten().and_then(|i| i.get("Id").and_then(|v| v.as_str()).map(str::to_string));
+            let same = docker
+                .inspect_image(r)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|i| i.get("Id").and_then(|v| v.as_str()).map(str::to_string));
             if same.as_deref() == Some(req.image_id.as_str()) {
                 if let Some(cfg) = body.as_object_mut() {
                     cfg.insert("Image".into(), serde_json::Value::String(r.clone()));
@@ -191,11 +294,16 @@ impl Targets {
             }
         }
         if let Some(hc) = body.get_mut("HostConfig").and_then(|h| h.as_object_mut()) {
-            hc.insert("Runtime".into(), serde_json::Value::String(crate::FERRY_RUNTIME.into()));
+            hc.insert(
+                "Runtime".into(),
+                serde_json::Value::String(crate::FERRY_RUNTIME.into()),
+            );
         }
         let dir = self.env.state_dir.join("incoming").join(&req.migration_id);
-        std::fs::create_dir_all(dir.join("images")).map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
-        std::fs::create_dir_all(dir.join("work")).map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("images"))
+            .map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("work"))
+            .map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
         let mut map = self.map.lock().await;
         map.insert(
             req.migration_id.clone(),
@@ -211,7 +319,10 @@ impl Targets {
             },
         );
         drop(map);
-        let id = docker.create_container(&req.container_name, &body).await.map_err(|e| err(step, format!("creating the container: {e}")))?;
+        let id = docker
+            .create_container(&req.container_name, &body)
+            .await
+            .map_err(|e| err(step, format!("creating the container: {e}")))?;
         if let Some(m) = self.map.lock().await.get_mut(&req.migration_id) {
             m.container_id = Some(id.clone());
             m.created_volumes = created_volumes;
@@ -228,10 +339,25 @@ impl Targets {
             .source_agent
             .as_deref()
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| err(step, format!("image {} is not on target {} and the source agent's address is unknown", req.image_id, self.env.name)))?;
-        let mut conn = dial(source, self.client_tls.clone(), Purpose::Image { image_id: req.image_id.clone() }, Duration::from_secs(10))
-            .await
-            .map_err(|e| err(step, e))?;
+            .ok_or_else(|| {
+                err(
+                    step,
+                    format!(
+                        "image {} is not on target {} and the source agent's address is unknown",
+                        req.image_id, self.env.name
+                    ),
+                )
+            })?;
+        let mut conn = dial(
+            source,
+            self.client_tls.clone(),
+            Purpose::Image {
+                image_id: req.image_id.clone(),
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| err(step, e))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
         let docker = self.env.docker.clone();
         let load = tokio::spawn(async move { docker.load_image(rx).await });
@@ -250,7 +376,12 @@ impl Targets {
                 }
                 FrameKind::Control => match frame.into_message() {
                     Ok(Message::ImagesDone { bytes, .. }) if bytes == got => break Ok(()),
-                    Ok(Message::ImagesDone { bytes, .. }) => break Err(err(step, format!("source sent {bytes} bytes, {got} arrived"))),
+                    Ok(Message::ImagesDone { bytes, .. }) => {
+                        break Err(err(
+                            step,
+                            format!("source sent {bytes} bytes, {got} arrived"),
+                        ))
+                    }
                     Ok(Message::Error(e)) => break Err(e),
                     Ok(other) => break Err(err(step, format!("unexpected {}", describe(&other)))),
                     Err(e) => break Err(err(step, e)),
@@ -266,18 +397,34 @@ impl Targets {
                 info!(image = %req.image_id, bytes = got, "image pulled from the source");
                 Ok(())
             }
-            _ => Err(err(step, format!("after loading {got} bytes, image {} is still not present", req.image_id))),
+            _ => Err(err(
+                step,
+                format!(
+                    "after loading {got} bytes, image {} is still not present",
+                    req.image_id
+                ),
+            )),
         }
     }
 
     /// Receives one image set; every file is checked against the sender's SHA-256.
-    pub async fn receive_images<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, id: &str, timeout: Duration) -> Result<(u64, u64), ErrorInfo> {
+    pub async fn receive_images<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Conn<S>,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(u64, u64), ErrorInfo> {
         let step = "receive images";
         let dir = {
             let map = self.map.lock().await;
-            let m = map.get(id).ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
             if m.state != TargetState::Prepared {
-                return Err(err(step, format!("migration {id} is {:?}, not waiting for images", m.state)));
+                return Err(err(
+                    step,
+                    format!("migration {id} is {:?}, not waiting for images", m.state),
+                ));
             }
             m.dir.join("images")
         };
@@ -287,7 +434,10 @@ impl Targets {
             match msg {
                 Message::FileStart { path, size, mode } => {
                     if !safe_image_name(&path) {
-                        return Err(err(step, format!("refused image file name {path:?}: not a plain file name")));
+                        return Err(err(
+                            step,
+                            format!("refused image file name {path:?}: not a plain file name"),
+                        ));
                     }
                     let dest = dir.join(&path);
                     let mut f = tokio::fs::OpenOptions::new()
@@ -304,15 +454,32 @@ impl Targets {
                             FrameKind::Data => {
                                 got += frame.payload.len() as u64;
                                 if got > size {
-                                    return Err(err(step, format!("{path}: more data than the announced {size} bytes")));
+                                    return Err(err(
+                                        step,
+                                        format!(
+                                            "{path}: more data than the announced {size} bytes"
+                                        ),
+                                    ));
                                 }
                                 hasher.update(&frame.payload);
-                                f.write_all(&frame.payload).await.map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                                f.write_all(&frame.payload)
+                                    .await
+                                    .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
                             }
-                            FrameKind::Control => match frame.into_message().map_err(|e| err(step, e))? {
-                                Message::FileEnd { sha256 } => break sha256,
-                                other => return Err(err(step, format!("unexpected {} inside file {path}", describe(&other)))),
-                            },
+                            FrameKind::Control => {
+                                match frame.into_message().map_err(|e| err(step, e))? {
+                                    Message::FileEnd { sha256 } => break sha256,
+                                    other => {
+                                        return Err(err(
+                                            step,
+                                            format!(
+                                                "unexpected {} inside file {path}",
+                                                describe(&other)
+                                            ),
+                                        ))
+                                    }
+                                }
+                            }
                         }
                     };
                     f.flush().await.map_err(|e| err(step, e))?;
@@ -322,13 +489,19 @@ impl Targets {
                         return Err(err(step, format!("{path}: received {got} of {size} bytes, sha256 {have} where the source sent {want}")));
                     }
                     use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode & 0o777));
+                    let _ = std::fs::set_permissions(
+                        &dest,
+                        std::fs::Permissions::from_mode(mode & 0o777),
+                    );
                     files += 1;
                     bytes += size;
                 }
                 Message::ImagesDone { files: f, bytes: b } => {
                     if f != files || b != bytes {
-                        return Err(err(step, format!("source sent {f} files / {b} bytes, {files} / {bytes} arrived")));
+                        return Err(err(
+                            step,
+                            format!("source sent {f} files / {b} bytes, {files} / {bytes} arrived"),
+                        ));
                     }
                     if let Some(m) = self.map.lock().await.get_mut(id) {
                         m.images_complete = true;
@@ -344,11 +517,16 @@ impl Targets {
         let step = "restore (target)";
         let (container_id, dir, prepare) = {
             let map = self.map.lock().await;
-            let m = map.get(id).ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
             if !m.images_complete {
                 return Err(err(step, "the checkpoint images have not all arrived"));
             }
-            let cid = m.container_id.clone().ok_or_else(|| err(step, "no target container"))?;
+            let cid = m
+                .container_id
+                .clone()
+                .ok_or_else(|| err(step, "no target container"))?;
             (cid, m.dir.clone(), m.prepare.clone())
         };
         let images = dir.join("images");
@@ -377,57 +555,101 @@ impl Targets {
         let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
         if let Some(parent) = opath.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
         }
         let _ = std::fs::remove_file(&rpath);
-        std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default()).map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
+        std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default())
+            .map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
 
         let info = self.env.docker.info().await.map_err(|e| err(step, e))?;
-        let root = info.get("DockerRootDir").and_then(|v| v.as_str()).ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
+        let root = info
+            .get("DockerRootDir")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
         let cp_name = format!("ferry-{id}");
-        let cp_dir = Path::new(root).join("containers").join(&container_id).join("checkpoints").join(&cp_name);
-        std::fs::create_dir_all(&cp_dir).map_err(|e| err(step, format!("{}: {e}", cp_dir.display())))?;
+        let cp_dir = Path::new(root)
+            .join("containers")
+            .join(&container_id)
+            .join("checkpoints")
+            .join(&cp_name);
+        std::fs::create_dir_all(&cp_dir)
+            .map_err(|e| err(step, format!("{}: {e}", cp_dir.display())))?;
         // Docker insists on a checkpoint directory; the real images are handed to runc by the
         // runtime wrapper, so containerd copies only this note through its content store.
-        let _ = std::fs::write(cp_dir.join("FERRY"), format!("images for this restore are in {}\n", images.display()));
+        let _ = std::fs::write(
+            cp_dir.join("FERRY"),
+            format!("images for this restore are in {}\n", images.display()),
+        );
         if let Some(m) = self.map.lock().await.get_mut(id) {
             m.checkpoint_dir = Some(cp_dir.clone());
         }
 
         let started = Instant::now();
-        let start_res = tokio::time::timeout(timeout, self.env.docker.start_container(&container_id, Some(&cp_name))).await;
+        let start_res = tokio::time::timeout(
+            timeout,
+            self.env
+                .docker
+                .start_container(&container_id, Some(&cp_name)),
+        )
+        .await;
         let docker_start_ms = started.elapsed().as_millis() as u64;
-        let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(r) = &record {
             if let Some(m) = self.map.lock().await.get_mut(id) {
                 m.ctrd_copy = r.original_image_path.clone();
             }
         }
         let start_err = match start_res {
-            Err(_) => Some(format!("docker start from checkpoint did not finish within {} s", timeout.as_secs())),
+            Err(_) => Some(format!(
+                "docker start from checkpoint did not finish within {} s",
+                timeout.as_secs()
+            )),
             Ok(Err(e)) => Some(format!("docker start from checkpoint failed: {e}")),
             Ok(Ok(())) => None,
         };
         if let Some(message) = start_err {
             let mut tool_log = ferry_criu::quote_log(&work.join("restore.log"));
             if record.is_none() {
-                tool_log.push(format!("(the {} runtime wrapper was not called: is the container's runtime {}?)", crate::FERRY_RUNTIME, crate::FERRY_RUNTIME));
+                tool_log.push(format!(
+                    "(the {} runtime wrapper was not called: is the container's runtime {}?)",
+                    crate::FERRY_RUNTIME,
+                    crate::FERRY_RUNTIME
+                ));
             }
-            return Err(ErrorInfo { step: step.into(), message, tool_log });
+            return Err(ErrorInfo {
+                step: step.into(),
+                message,
+                tool_log,
+            });
         }
         let inspect = self
             .env
             .docker
             .wait_running(&container_id, Duration::from_secs(10))
             .await
-            .map_err(|e| ErrorInfo { step: step.into(), message: format!("restored container is not running: {e}"), tool_log: ferry_criu::quote_log(&work.join("restore.log")) })?;
-        let pid = inspect.pointer("/State/Pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+            .map_err(|e| ErrorInfo {
+                step: step.into(),
+                message: format!("restored container is not running: {e}"),
+                tool_log: ferry_criu::quote_log(&work.join("restore.log")),
+            })?;
+        let pid = inspect
+            .pointer("/State/Pid")
+            .and_then(|p| p.as_u64())
+            .unwrap_or(0) as u32;
         let garp_sent = self.announce(pid, &prepare).await;
         if let Some(m) = self.map.lock().await.get_mut(id) {
             m.state = TargetState::Restored;
         }
         info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
-        Ok(RestoreInfo { container_id, pid, docker_start_ms, garp_sent })
+        Ok(RestoreInfo {
+            container_id,
+            pid,
+            docker_start_ms,
+            garp_sent,
+        })
     }
 
     /// Applies both passes of every volume into the target's volume of the same name and checks
@@ -444,22 +666,44 @@ impl Targets {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .ok_or_else(|| err(step, format!("unreadable {}", note_path.display())))?;
-            let name = note.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
-            let want = note.get("digest").and_then(|n| n.as_str()).unwrap_or("").to_string();
-            let inspect = self.env.docker.inspect_container(container_id).await.map_err(|e| err(step, e))?.unwrap_or_default();
+            let name = note
+                .get("name")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_string();
+            let want = note
+                .get("digest")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_string();
+            let inspect = self
+                .env
+                .docker
+                .inspect_container(container_id)
+                .await
+                .map_err(|e| err(step, e))?
+                .unwrap_or_default();
             let dest = inspect
                 .get("Mounts")
                 .and_then(|m| m.as_array())
-                .and_then(|ms| ms.iter().find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str())))
+                .and_then(|ms| {
+                    ms.iter()
+                        .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
+                })
                 .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
                 .map(PathBuf::from)
                 .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
-            let streams: Vec<PathBuf> = (0..2u8).map(|p| images.join(crate::volumes::stream_name(index, p))).filter(|p| p.exists()).collect();
+            let streams: Vec<PathBuf> = (0..2u8)
+                .map(|p| images.join(crate::volumes::stream_name(index, p)))
+                .filter(|p| p.exists())
+                .collect();
             let (dest2, streams2, want2) = (dest.clone(), streams.clone(), want.clone());
-            tokio::task::spawn_blocking(move || crate::volumes::apply_passes(&streams2, &dest2, &want2))
-                .await
-                .map_err(|e| err(step, e))?
-                .map_err(|e| err(step, format!("volume {name:?}: {e}")))?;
+            tokio::task::spawn_blocking(move || {
+                crate::volumes::apply_passes(&streams2, &dest2, &want2)
+            })
+            .await
+            .map_err(|e| err(step, e))?
+            .map_err(|e| err(step, format!("volume {name:?}: {e}")))?;
             for p in streams.iter().chain(std::iter::once(&note_path)) {
                 let _ = std::fs::remove_file(p);
             }
@@ -470,20 +714,43 @@ impl Targets {
 
     /// Writes the source's writable layer into the new container's own upper dir before CRIU
     /// restores: files the processes hold open must be where they were.
-    async fn apply_layer(&self, container_id: &str, stream: &Path, dir: &Path) -> Result<(), ErrorInfo> {
+    async fn apply_layer(
+        &self,
+        container_id: &str,
+        stream: &Path,
+        dir: &Path,
+    ) -> Result<(), ErrorInfo> {
         let step = "restore (target): writable layer";
-        let inspect = self.env.docker.inspect_container(container_id).await.map_err(|e| err(step, e))?.ok_or_else(|| err(step, "target container vanished"))?;
+        let inspect = self
+            .env
+            .docker
+            .inspect_container(container_id)
+            .await
+            .map_err(|e| err(step, e))?
+            .ok_or_else(|| err(step, "target container vanished"))?;
         let upper = inspect
             .pointer("/GraphDriver/Data/UpperDir")
             .and_then(|v| v.as_str())
             .map(PathBuf::from)
-            .ok_or_else(|| err(step, "the target's storage driver is not overlay2: cannot place the writable layer"))?;
+            .ok_or_else(|| {
+                err(
+                    step,
+                    "the target's storage driver is not overlay2: cannot place the writable layer",
+                )
+            })?;
         let kept = dir.join(crate::source::ROOTFS_STREAM);
-        std::fs::rename(stream, &kept).map_err(|e| err(step, format!("{}: {e}", stream.display())))?;
+        std::fs::rename(stream, &kept)
+            .map_err(|e| err(step, format!("{}: {e}", stream.display())))?;
         tokio::task::spawn_blocking(move || -> Result<u64, String> {
             let f = std::fs::File::open(&kept).map_err(|e| format!("{}: {e}", kept.display()))?;
-            let r = ferry_fs::StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f)).map_err(|e| e.to_string())?;
-            let summary = r.apply_into(&upper, &ferry_fs::ApplyOptions::update(ferry_fs::TreeMode::OverlayUpper)).map_err(|e| e.to_string())?;
+            let r = ferry_fs::StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f))
+                .map_err(|e| e.to_string())?;
+            let summary = r
+                .apply_into(
+                    &upper,
+                    &ferry_fs::ApplyOptions::update(ferry_fs::TreeMode::OverlayUpper),
+                )
+                .map_err(|e| e.to_string())?;
             let _ = std::fs::remove_file(&kept);
             Ok(summary.counts.data_bytes)
         })
@@ -505,8 +772,15 @@ impl Targets {
             }
         };
         for n in &prepare.networks {
-            let (Some(ip), Some(mac)) = (n.ipv4.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()), n.mac.as_deref().and_then(parse_mac)) else { continue };
-            let Some(iface) = ifaces.iter().find(|i| i.ipv4.contains(&ip)) else { continue };
+            let (Some(ip), Some(mac)) = (
+                n.ipv4.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()),
+                n.mac.as_deref().and_then(parse_mac),
+            ) else {
+                continue;
+            };
+            let Some(iface) = ifaces.iter().find(|i| i.ipv4.contains(&ip)) else {
+                continue;
+            };
             match ferry_net::gratuitous_arp(pid, &iface.name, ip, mac, 3).await {
                 Ok(()) => sent.push(format!("{}:{ip}", iface.name)),
                 Err(e) => warn!("gratuitous ARP for {ip} on {}: {e}", iface.name),
@@ -518,7 +792,11 @@ impl Targets {
     fn cleanup_files(&self, m: &TargetMigration) -> Vec<String> {
         let mut problems = Vec::new();
         let mut rm = |p: &Path| {
-            let r = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
             if let Err(e) = r {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     problems.push(format!("{}: {e}", p.display()));
@@ -536,7 +814,10 @@ impl Targets {
             }
         }
         if let Some(cid) = &m.container_id {
-            rm(&ferry_criu::runtime::overrides_path(&self.env.state_dir, cid));
+            rm(&ferry_criu::runtime::overrides_path(
+                &self.env.state_dir,
+                cid,
+            ));
             rm(&ferry_criu::runtime::record_path(&self.env.state_dir, cid));
         }
         problems
@@ -573,22 +854,37 @@ impl Targets {
                     // A restored process missing pages would spin on its faults: stop it.
                     let killed = self.env.docker.kill(&cid, "KILL").await;
                     let running = match self.env.docker.inspect_container(&cid).await {
-                        Ok(Some(c)) => c.pointer("/State/Running").and_then(|r| r.as_bool()).unwrap_or(false),
+                        Ok(Some(c)) => c
+                            .pointer("/State/Running")
+                            .and_then(|r| r.as_bool())
+                            .unwrap_or(false),
                         _ => false,
                     };
                     match (killed, running) {
                         (_, false) => message.push_str("; the target container was stopped"),
-                        (Err(k), true) => message.push_str(&format!("; stopping the target container failed: {k}")),
-                        (Ok(()), true) => message.push_str("; the target container was killed but still shows as running"),
+                        (Err(k), true) => message
+                            .push_str(&format!("; stopping the target container failed: {k}")),
+                        (Ok(()), true) => message.push_str(
+                            "; the target container was killed but still shows as running",
+                        ),
                     }
                 }
-                return Err(ErrorInfo { step: "commit (target): fetch pages".into(), message, tool_log: daemon.log() });
+                return Err(ErrorInfo {
+                    step: "commit (target): fetch pages".into(),
+                    message,
+                    tool_log: daemon.log(),
+                });
             }
         }
         let mut map = self.map.lock().await;
-        let m = map.get_mut(id).ok_or_else(|| err("commit (target)", format!("no migration {id}")))?;
+        let m = map
+            .get_mut(id)
+            .ok_or_else(|| err("commit (target)", format!("no migration {id}")))?;
         if m.state != TargetState::Restored {
-            return Err(err("commit (target)", format!("migration {id} is {:?}, not restored", m.state)));
+            return Err(err(
+                "commit (target)",
+                format!("migration {id} is {:?}, not restored", m.state),
+            ));
         }
         m.state = TargetState::Committed;
         let problems = self.cleanup_files(m);
@@ -604,9 +900,16 @@ impl Targets {
     pub async fn rollback(&self, id: &str) -> Result<String, ErrorInfo> {
         let (container_id, name, snapshot) = {
             let map = self.map.lock().await;
-            let Some(m) = map.get(id) else { return Ok("nothing of this migration exists here".into()) };
+            let Some(m) = map.get(id) else {
+                return Ok("nothing of this migration exists here".into());
+            };
             match m.state {
-                TargetState::Committed => return Err(err("rollback (target)", format!("migration {id} is already committed"))),
+                TargetState::Committed => {
+                    return Err(err(
+                        "rollback (target)",
+                        format!("migration {id} is already committed"),
+                    ))
+                }
                 TargetState::RolledBack => return Ok("already rolled back".into()),
                 _ => {}
             }
@@ -635,7 +938,8 @@ impl Targets {
             }
         } else if let Ok(Some(c)) = self.env.docker.inspect_container(&name).await {
             // A create whose answer never came back: remove it only if it is ours (ferry runtime).
-            if c.pointer("/HostConfig/Runtime").and_then(|r| r.as_str()) == Some(crate::FERRY_RUNTIME)
+            if c.pointer("/HostConfig/Runtime").and_then(|r| r.as_str())
+                == Some(crate::FERRY_RUNTIME)
                 && c.pointer("/State/Status").and_then(|s| s.as_str()) == Some("created")
             {
                 if let Some(cid) = c.get("Id").and_then(|i| i.as_str()) {
@@ -650,8 +954,16 @@ impl Targets {
                 problems.push(format!("removing volume {v}: {e}"));
             }
         }
-        let latest = self.map.lock().await.get(id).and_then(|m| m.ctrd_copy.clone());
-        let snapshot = TargetMigration { ctrd_copy: latest.or(snapshot.ctrd_copy.clone()), ..snapshot };
+        let latest = self
+            .map
+            .lock()
+            .await
+            .get(id)
+            .and_then(|m| m.ctrd_copy.clone());
+        let snapshot = TargetMigration {
+            ctrd_copy: latest.or(snapshot.ctrd_copy.clone()),
+            ..snapshot
+        };
         problems.extend(self.cleanup_files(&snapshot));
         if problems.is_empty() {
             if let Some(m) = self.map.lock().await.get_mut(id) {
@@ -676,13 +988,21 @@ impl Targets {
                 None => return,
             }
         };
-        if matches!(state, TargetState::Committed | TargetState::RolledBack | TargetState::Unknown | TargetState::PagesLost) {
+        if matches!(
+            state,
+            TargetState::Committed
+                | TargetState::RolledBack
+                | TargetState::Unknown
+                | TargetState::PagesLost
+        ) {
             return;
         }
         if state == TargetState::Restored && strategy == Strategy::PostCopy {
             warn!(migration = %id, "control channel lost ({why}) after a post-copy restore: waiting for the remaining pages");
             match self.commit(id).await {
-                Ok(()) => info!(migration = %id, "every page arrived without the source agent: the container stays here"),
+                Ok(()) => {
+                    info!(migration = %id, "every page arrived without the source agent: the container stays here")
+                }
                 Err(e) => warn!(migration = %id, "{e}"),
             }
             return;
@@ -695,7 +1015,13 @@ impl Targets {
 
     /// Serves one control channel. A channel that ends before `Commit` rolls the migration back:
     /// the source resumes whenever it cannot reach us, so nothing may keep running here.
-    pub async fn serve_control<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: Conn<S>, id: String, idle: Duration, step_timeout: Duration) {
+    pub async fn serve_control<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut conn: Conn<S>,
+        id: String,
+        idle: Duration,
+        step_timeout: Duration,
+    ) {
         loop {
             let msg = match conn.recv(idle).await {
                 Ok(m) => m,
@@ -705,7 +1031,9 @@ impl Targets {
                 }
             };
             let reply = match msg {
-                Message::Check { cpuinfo } => Message::CheckReply(self.env.facts(cpuinfo.as_deref()).await),
+                Message::Check { cpuinfo } => {
+                    Message::CheckReply(self.env.facts(cpuinfo.as_deref()).await)
+                }
                 Message::Prepare(req) if req.migration_id == id => match self.prepare(req).await {
                     Ok(container_id) => Message::Prepared { container_id },
                     Err(e) => Message::Error(e),
@@ -722,7 +1050,9 @@ impl Targets {
                     Ok(detail) => Message::Aborted { detail },
                     Err(e) => Message::Error(e),
                 },
-                Message::Status { migration_id } => Message::StatusReply { state: self.state(&migration_id).await },
+                Message::Status { migration_id } => Message::StatusReply {
+                    state: self.state(&migration_id).await,
+                },
                 other => Message::Error(err("control", format!("unexpected {}", describe(&other)))),
             };
             if conn.send(&reply).await.is_err() {
@@ -744,8 +1074,15 @@ fn damage_pages(images: &Path) -> std::io::Result<()> {
 type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// Opens an authenticated connection to an agent and announces its purpose.
-pub async fn dial(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, purpose: Purpose, timeout: Duration) -> Result<Conn<ClientTls>, ConnError> {
-    let stream = ferry_tls::connect(addr, tls, timeout).await.map_err(|e| ConnError::Unexpected(format!("connecting to agent {addr}: {e}")))?;
+pub async fn dial(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    purpose: Purpose,
+    timeout: Duration,
+) -> Result<Conn<ClientTls>, ConnError> {
+    let stream = ferry_tls::connect(addr, tls, timeout)
+        .await
+        .map_err(|e| ConnError::Unexpected(format!("connecting to agent {addr}: {e}")))?;
     let mut conn = Conn::new(stream);
     match conn.call(&Message::Hello { protocol: PROTOCOL_VERSION, purpose }, timeout).await {
         Ok(Message::HelloOk { .. }) => Ok(conn),
@@ -766,20 +1103,48 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
-    pub fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, migration_id: String, step_timeout: Duration) -> Self {
-        RemoteTarget { addr, tls, migration_id, conn: None, step_timeout }
+    pub fn new(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        migration_id: String,
+        step_timeout: Duration,
+    ) -> Self {
+        RemoteTarget {
+            addr,
+            tls,
+            migration_id,
+            conn: None,
+            step_timeout,
+        }
     }
 
-    async fn call(&mut self, step: &str, m: Message, timeout: Duration) -> Result<Message, SideError> {
+    async fn call(
+        &mut self,
+        step: &str,
+        m: Message,
+        timeout: Duration,
+    ) -> Result<Message, SideError> {
         if self.conn.is_none() {
-            let purpose = Purpose::Control { migration_id: self.migration_id.clone() };
-            let conn = dial(self.addr, self.tls.clone(), purpose, self.step_timeout).await.map_err(|e| match e {
-                ConnError::Unexpected(m) => SideError::new(SideErrorKind::ConnectionLost, step, m),
-                other => other.into_side(step),
-            })?;
+            let purpose = Purpose::Control {
+                migration_id: self.migration_id.clone(),
+            };
+            let conn = dial(self.addr, self.tls.clone(), purpose, self.step_timeout)
+                .await
+                .map_err(|e| match e {
+                    ConnError::Unexpected(m) => {
+                        SideError::new(SideErrorKind::ConnectionLost, step, m)
+                    }
+                    other => other.into_side(step),
+                })?;
             self.conn = Some(conn);
         }
-        let Some(conn) = self.conn.as_mut() else { return Err(SideError::new(SideErrorKind::ConnectionLost, step, "no connection")) };
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(SideError::new(
+                SideErrorKind::ConnectionLost,
+                step,
+                "no connection",
+            ));
+        };
         match conn.call(&m, timeout).await {
             Ok(reply) => Ok(reply),
             Err(e) => {
@@ -799,7 +1164,10 @@ fn unexpected(step: &str, m: &Message) -> SideError {
 impl TargetSide for RemoteTarget {
     async fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> Result<HostFacts, SideError> {
         let step = "preflight (target)";
-        match self.call(step, Message::Check { cpuinfo }, self.step_timeout).await {
+        match self
+            .call(step, Message::Check { cpuinfo }, self.step_timeout)
+            .await
+        {
             Ok(Message::CheckReply(f)) => Ok(f),
             Ok(other) => Err(unexpected(step, &other)),
             Err(mut e) => {
@@ -812,32 +1180,46 @@ impl TargetSide for RemoteTarget {
         }
     }
     async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
-        match self.call("prepare", Message::Prepare(req.clone()), self.step_timeout).await? {
+        match self
+            .call("prepare", Message::Prepare(req.clone()), self.step_timeout)
+            .await?
+        {
             Message::Prepared { container_id } => Ok(container_id),
             other => Err(unexpected("prepare", &other)),
         }
     }
     async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
-        match self.call("restore", Message::Restore, self.step_timeout).await? {
+        match self
+            .call("restore", Message::Restore, self.step_timeout)
+            .await?
+        {
             Message::Restored(info) => Ok(info),
             other => Err(unexpected("restore", &other)),
         }
     }
     async fn commit(&mut self) -> Result<(), SideError> {
-        match self.call("commit", Message::Commit, self.step_timeout).await? {
+        match self
+            .call("commit", Message::Commit, self.step_timeout)
+            .await?
+        {
             Message::Committed => Ok(()),
             other => Err(unexpected("commit", &other)),
         }
     }
     async fn rollback(&mut self) -> Result<(), SideError> {
-        match self.call("rollback (target)", Message::Abort, self.step_timeout).await? {
+        match self
+            .call("rollback (target)", Message::Abort, self.step_timeout)
+            .await?
+        {
             Message::Aborted { .. } => Ok(()),
             other => Err(unexpected("rollback (target)", &other)),
         }
     }
     async fn status(&mut self) -> Result<TargetState, SideError> {
         self.conn = None;
-        let m = Message::Status { migration_id: self.migration_id.clone() };
+        let m = Message::Status {
+            migration_id: self.migration_id.clone(),
+        };
         match self.call("status (target)", m, self.step_timeout).await? {
             Message::StatusReply { state } => Ok(state),
             other => Err(unexpected("status (target)", &other)),
@@ -855,29 +1237,61 @@ pub struct ImagesChannel {
 }
 
 impl ImagesChannel {
-    pub fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, migration_id: String, timeout: Duration) -> Self {
-        ImagesChannel { addr, tls, migration_id, timeout }
+    pub fn new(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        migration_id: String,
+        timeout: Duration,
+    ) -> Self {
+        ImagesChannel {
+            addr,
+            tls,
+            migration_id,
+            timeout,
+        }
     }
 }
 
 impl Transport for ImagesChannel {
-    async fn send_images(&mut self, images: &DumpedImages, progress: &ProgressFn) -> Result<u64, SideError> {
+    async fn send_images(
+        &mut self,
+        images: &DumpedImages,
+        progress: &ProgressFn,
+    ) -> Result<u64, SideError> {
         let step = "transfer";
         let lost = |e: ConnError| e.into_side(step);
-        let mut conn = dial(self.addr, self.tls.clone(), Purpose::Images { migration_id: self.migration_id.clone() }, self.timeout)
-            .await
-            .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?;
+        let mut conn = dial(
+            self.addr,
+            self.tls.clone(),
+            Purpose::Images {
+                migration_id: self.migration_id.clone(),
+            },
+            self.timeout,
+        )
+        .await
+        .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?;
         let total = images.total_bytes();
         let mut done = 0u64;
         let mut wire = 0u64;
         for f in &images.files {
-            conn.send(&Message::FileStart { path: f.rel.clone(), size: f.size, mode: f.mode }).await.map_err(lost)?;
-            let mut file = tokio::fs::File::open(&f.path).await.map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
+            conn.send(&Message::FileStart {
+                path: f.rel.clone(),
+                size: f.size,
+                mode: f.mode,
+            })
+            .await
+            .map_err(lost)?;
+            let mut file = tokio::fs::File::open(&f.path)
+                .await
+                .map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
             let mut hasher = Sha256::new();
             let mut sent = 0u64;
             loop {
                 let mut buf = BytesMut::zeroed(CHUNK);
-                let n = file.read(&mut buf).await.map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
                 if n == 0 {
                     break;
                 }
@@ -890,12 +1304,33 @@ impl Transport for ImagesChannel {
                 progress(done, total);
             }
             if sent != f.size {
-                return Err(SideError::failed(step, format!("{} changed size while being sent ({} → {sent})", f.path.display(), f.size)));
+                return Err(SideError::failed(
+                    step,
+                    format!(
+                        "{} changed size while being sent ({} → {sent})",
+                        f.path.display(),
+                        f.size
+                    ),
+                ));
             }
-            conn.send(&Message::FileEnd { sha256: hex::encode(hasher.finalize()) }).await.map_err(lost)?;
+            conn.send(&Message::FileEnd {
+                sha256: hex::encode(hasher.finalize()),
+            })
+            .await
+            .map_err(lost)?;
         }
         let n = images.files.len() as u64;
-        match conn.call(&Message::ImagesDone { files: n, bytes: total }, self.timeout).await.map_err(lost)? {
+        match conn
+            .call(
+                &Message::ImagesDone {
+                    files: n,
+                    bytes: total,
+                },
+                self.timeout,
+            )
+            .await
+            .map_err(lost)?
+        {
             Message::ImagesReceived { .. } => Ok(wire),
             other => Err(unexpected(step, &other)),
         }
@@ -918,7 +1353,10 @@ mod tests {
 
     #[test]
     fn macs_parse() {
-        assert_eq!(parse_mac("02:42:c6:12:00:82"), Some([2, 0x42, 0xc6, 0x12, 0, 0x82]));
+        assert_eq!(
+            parse_mac("02:42:c6:12:00:82"),
+            Some([2, 0x42, 0xc6, 0x12, 0, 0x82])
+        );
         assert_eq!(parse_mac("02:42:c6:12:00"), None);
         assert_eq!(parse_mac("zz:42:c6:12:00:82"), None);
     }

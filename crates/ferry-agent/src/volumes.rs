@@ -30,13 +30,24 @@ pub fn tree_digest(m: &Manifest) -> String {
     let mut h = Sha256::new();
     for e in &m.entries {
         h.update(e.path.as_bytes());
-        h.update(format!("\0{:?}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{}\n", e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.rdev, e.xattrs_digest, e.opaque).as_bytes());
+        h.update(
+            format!(
+                "\0{:?}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{}\n",
+                e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.rdev, e.xattrs_digest, e.opaque
+            )
+            .as_bytes(),
+        );
         h.update(e.digest);
     }
     hex::encode(h.finalize())
 }
 
-fn write_with(out: &Path, f: impl FnOnce(&mut StreamWriter<std::io::BufWriter<std::fs::File>>) -> ferry_fs::Result<ferry_fs::WriteSummary>) -> Result<ferry_fs::WriteSummary, String> {
+fn write_with(
+    out: &Path,
+    f: impl FnOnce(
+        &mut StreamWriter<std::io::BufWriter<std::fs::File>>,
+    ) -> ferry_fs::Result<ferry_fs::WriteSummary>,
+) -> Result<ferry_fs::WriteSummary, String> {
     let file = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let summary = f(&mut w).map_err(|e| e.to_string())?;
@@ -63,12 +74,16 @@ pub fn final_pass(path: &Path, baseline: &Manifest, out: &Path) -> Result<String
 pub fn apply_passes(streams: &[PathBuf], dest: &Path, want: &str) -> Result<(), String> {
     for s in streams {
         let f = std::fs::File::open(s).map_err(|e| format!("{}: {e}", s.display()))?;
-        let r = ferry_fs::StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f)).map_err(|e| e.to_string())?;
-        r.apply_into(dest, &ferry_fs::ApplyOptions::update(TreeMode::Plain)).map_err(|e| format!("{}: {e}", s.display()))?;
+        let r = ferry_fs::StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f))
+            .map_err(|e| e.to_string())?;
+        r.apply_into(dest, &ferry_fs::ApplyOptions::update(TreeMode::Plain))
+            .map_err(|e| format!("{}: {e}", s.display()))?;
     }
     let got = tree_digest(&ferry_fs::manifest(dest, TreeMode::Plain).map_err(|e| e.to_string())?);
     if got != want {
-        return Err(format!("volume content differs from the source's after applying (digest {got}, source {want})"));
+        return Err(format!(
+            "volume content differs from the source's after applying (digest {got}, source {want})"
+        ));
     }
     Ok(())
 }

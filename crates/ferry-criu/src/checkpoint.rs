@@ -19,11 +19,17 @@ pub struct RuncHandle {
 }
 
 fn parse_ppid(status: &str) -> Option<u32> {
-    status.lines().find_map(|l| l.strip_prefix("PPid:").and_then(|v| v.trim().parse().ok()))
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").and_then(|v| v.trim().parse().ok()))
 }
 
 fn discovery_error(message: String) -> ToolError {
-    ToolError::Other { step: "discover runc".into(), message, log: vec![] }
+    ToolError::Other {
+        step: "discover runc".into(),
+        message,
+        log: vec![],
+    }
 }
 
 /// Finds the runc managing container `id` whose init process is `pid`: the init's parent is the
@@ -32,9 +38,13 @@ fn discovery_error(message: String) -> ToolError {
 pub fn discover_runc(pid: u32, id: &str, default_binary: &str) -> Result<RuncHandle, ToolError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| discovery_error(format!("container process {pid} is not visible: {e}")))?;
-    let shim = parse_ppid(&status).ok_or_else(|| discovery_error(format!("no PPid in /proc/{pid}/status")))?;
-    let bundle = std::fs::read_link(format!("/proc/{shim}/cwd"))
-        .map_err(|e| discovery_error(format!("cannot read the shim's ({shim}) working directory: {e}")))?;
+    let shim = parse_ppid(&status)
+        .ok_or_else(|| discovery_error(format!("no PPid in /proc/{pid}/status")))?;
+    let bundle = std::fs::read_link(format!("/proc/{shim}/cwd")).map_err(|e| {
+        discovery_error(format!(
+            "cannot read the shim's ({shim}) working directory: {e}"
+        ))
+    })?;
     if !bundle.join("config.json").exists() {
         return Err(discovery_error(format!(
             "the parent of process {pid} (pid {shim}, cwd {}) is not a containerd shim with an OCI bundle; is the agent in the same mount namespace as dockerd?",
@@ -45,18 +55,39 @@ pub fn discover_runc(pid: u32, id: &str, default_binary: &str) -> Result<RuncHan
         .parent()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| discovery_error(format!("bundle path {} has no namespace component", bundle.display())))?;
+        .ok_or_else(|| {
+            discovery_error(format!(
+                "bundle path {} has no namespace component",
+                bundle.display()
+            ))
+        })?;
     let (binary, root) = match std::fs::read(bundle.join("options.json")) {
         Ok(bytes) => {
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| discovery_error(format!("{}/options.json: {e}", bundle.display())))?;
-            let binary = v.get("binary_name").and_then(|b| b.as_str()).filter(|b| !b.is_empty()).unwrap_or(default_binary);
-            let root = v.get("root").and_then(|b| b.as_str()).filter(|b| !b.is_empty()).unwrap_or("/run/containerd/runc");
+            let binary = v
+                .get("binary_name")
+                .and_then(|b| b.as_str())
+                .filter(|b| !b.is_empty())
+                .unwrap_or(default_binary);
+            let root = v
+                .get("root")
+                .and_then(|b| b.as_str())
+                .filter(|b| !b.is_empty())
+                .unwrap_or("/run/containerd/runc");
             (binary.to_string(), PathBuf::from(root))
         }
-        Err(_) => (default_binary.to_string(), PathBuf::from("/run/containerd/runc")),
+        Err(_) => (
+            default_binary.to_string(),
+            PathBuf::from("/run/containerd/runc"),
+        ),
     };
-    Ok(RuncHandle { binary, root: root.join(namespace), bundle, id: id.to_string() })
+    Ok(RuncHandle {
+        binary,
+        root: root.join(namespace),
+        bundle,
+        id: id.to_string(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +113,15 @@ pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), Too
     let root = h.root.to_string_lossy().into_owned();
     let image = o.image_dir.to_string_lossy().into_owned();
     let work = o.work_dir.to_string_lossy().into_owned();
-    let mut args: Vec<&str> = vec!["--root", &root, "checkpoint", "--image-path", &image, "--work-path", &work];
+    let mut args: Vec<&str> = vec![
+        "--root",
+        &root,
+        "checkpoint",
+        "--image-path",
+        &image,
+        "--work-path",
+        &work,
+    ];
     if o.tcp_established {
         args.push("--tcp-established");
     }
@@ -90,12 +129,22 @@ pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), Too
         args.push("--leave-running");
     }
     args.push(&h.id);
-    let out = run("checkpoint", &h.binary, &args, o.timeout).await.map_err(|e| match e {
-        ToolError::Timeout { step, program, secs, .. } => {
-            ToolError::Timeout { step, program, secs, log: quote_log(&o.work_dir.join("dump.log")) }
-        }
-        other => other,
-    })?;
+    let out = run("checkpoint", &h.binary, &args, o.timeout)
+        .await
+        .map_err(|e| match e {
+            ToolError::Timeout {
+                step,
+                program,
+                secs,
+                ..
+            } => ToolError::Timeout {
+                step,
+                program,
+                secs,
+                log: quote_log(&o.work_dir.join("dump.log")),
+            },
+            other => other,
+        })?;
     if out.status != 0 {
         let mut log = quote_log(&o.work_dir.join("dump.log"));
         log.extend(quote_text(&out.stderr));
@@ -117,7 +166,12 @@ pub fn image_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, u64, u32
         let entry = entry?;
         let meta = entry.metadata()?;
         if meta.is_file() {
-            out.push((entry.file_name().to_string_lossy().into_owned(), entry.path(), meta.len(), meta.permissions().mode() & 0o7777));
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+                meta.len(),
+                meta.permissions().mode() & 0o7777,
+            ));
         }
     }
     out.sort();
@@ -142,7 +196,11 @@ impl LazyDump {
                 secs: timeout.as_secs(),
                 log: quote_log(&self.work_dir.join("dump.log")),
             }),
-            Ok(Err(e)) => Err(ToolError::Other { step: "serve pages".into(), message: e.to_string(), log: vec![] }),
+            Ok(Err(e)) => Err(ToolError::Other {
+                step: "serve pages".into(),
+                message: e.to_string(),
+                log: vec![],
+            }),
             Ok(Ok(st)) if st.success() => Ok(()),
             Ok(Ok(st)) => Err(ToolError::Failed {
                 step: "serve pages".into(),
@@ -170,24 +228,41 @@ impl LazyDump {
 
 /// Starts `runc checkpoint --lazy-pages --page-server ADDR` and returns once CRIU reports on the
 /// status fd that everything but the pages is dumped and the page server is listening.
-pub async fn checkpoint_lazy(h: &RuncHandle, o: &CheckpointOptions, page_server: std::net::SocketAddr) -> Result<LazyDump, ToolError> {
+pub async fn checkpoint_lazy(
+    h: &RuncHandle,
+    o: &CheckpointOptions,
+    page_server: std::net::SocketAddr,
+) -> Result<LazyDump, ToolError> {
     use std::os::fd::{AsRawFd, IntoRawFd};
-    let other = |message: String| ToolError::Other { step: "lazy checkpoint".into(), message, log: vec![] };
+    let other = |message: String| ToolError::Other {
+        step: "lazy checkpoint".into(),
+        message,
+        log: vec![],
+    };
     for d in [&o.image_dir, &o.work_dir] {
-        std::fs::create_dir_all(d).map_err(|e| other(format!("cannot create {}: {e}", d.display())))?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| other(format!("cannot create {}: {e}", d.display())))?;
     }
-    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| other(format!("pipe: {e}")))?;
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| other(format!("pipe: {e}")))?;
     let tx_fd = tx.as_raw_fd();
     let mut cmd = tokio::process::Command::new(&h.binary);
     cmd.arg("--root").arg(&h.root).arg("checkpoint");
-    cmd.arg("--image-path").arg(&o.image_dir).arg("--work-path").arg(&o.work_dir);
-    cmd.arg("--lazy-pages").arg("--page-server").arg(page_server.to_string());
+    cmd.arg("--image-path")
+        .arg(&o.image_dir)
+        .arg("--work-path")
+        .arg(&o.work_dir);
+    cmd.arg("--lazy-pages")
+        .arg("--page-server")
+        .arg(page_server.to_string());
     cmd.arg("--status-fd").arg(tx_fd.to_string());
     if o.tcp_established {
         cmd.arg("--tcp-established");
     }
     cmd.arg(&h.id);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     cmd.process_group(0).kill_on_drop(true);
     // SAFETY: only async-signal-safe fcntl between fork and exec, to let runc inherit the
     // status fd (everything else stays close-on-exec).
@@ -199,10 +274,18 @@ pub async fn checkpoint_lazy(h: &RuncHandle, o: &CheckpointOptions, page_server:
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| ToolError::Spawn { step: "lazy checkpoint".into(), program: h.binary.clone(), source })?;
+    let child = cmd.spawn().map_err(|source| ToolError::Spawn {
+        step: "lazy checkpoint".into(),
+        program: h.binary.clone(),
+        source,
+    })?;
     drop(tx);
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let mut dump = LazyDump { child, work_dir: o.work_dir.clone(), pgid };
+    let mut dump = LazyDump {
+        child,
+        work_dir: o.work_dir.clone(),
+        pgid,
+    };
     let raw = rx.into_raw_fd();
     let ready = tokio::task::spawn_blocking(move || {
         use std::io::Read;
@@ -225,7 +308,12 @@ pub async fn checkpoint_lazy(h: &RuncHandle, o: &CheckpointOptions, page_server:
         }
     };
     if !ok {
-        let status = dump.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+        let status = dump
+            .child
+            .wait()
+            .await
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         let mut log = quote_log(&o.work_dir.join("dump.log"));
         if let Some(mut e) = dump.child.stderr.take() {
             use tokio::io::AsyncReadExt;
@@ -233,7 +321,12 @@ pub async fn checkpoint_lazy(h: &RuncHandle, o: &CheckpointOptions, page_server:
             let _ = e.read_to_string(&mut s).await;
             log.extend(quote_text(&s));
         }
-        return Err(ToolError::Failed { step: "lazy checkpoint".into(), program: format!("{} checkpoint --lazy-pages", h.binary), status, log });
+        return Err(ToolError::Failed {
+            step: "lazy checkpoint".into(),
+            program: format!("{} checkpoint --lazy-pages", h.binary),
+            status,
+            log,
+        });
     }
     Ok(dump)
 }
@@ -247,7 +340,12 @@ pub struct LazyPagesDaemon {
 }
 
 impl LazyPagesDaemon {
-    pub fn start(criu: &str, image_dir: &Path, work_dir: &Path, page_server: std::net::SocketAddr) -> Result<LazyPagesDaemon, ToolError> {
+    pub fn start(
+        criu: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+        page_server: std::net::SocketAddr,
+    ) -> Result<LazyPagesDaemon, ToolError> {
         std::fs::create_dir_all(work_dir).map_err(|e| ToolError::Other {
             step: "lazy-pages".into(),
             message: format!("cannot create {}: {e}", work_dir.display()),
@@ -255,13 +353,28 @@ impl LazyPagesDaemon {
         })?;
         let mut cmd = tokio::process::Command::new(criu);
         cmd.arg("lazy-pages").arg("--page-server");
-        cmd.arg("--address").arg(page_server.ip().to_string()).arg("--port").arg(page_server.port().to_string());
-        cmd.arg("--images-dir").arg(image_dir).arg("--work-dir").arg(work_dir);
+        cmd.arg("--address")
+            .arg(page_server.ip().to_string())
+            .arg("--port")
+            .arg(page_server.port().to_string());
+        cmd.arg("--images-dir")
+            .arg(image_dir)
+            .arg("--work-dir")
+            .arg(work_dir);
         cmd.arg("-v4").arg("--log-file").arg("lazy-pages.log");
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         cmd.kill_on_drop(true);
-        let child = cmd.spawn().map_err(|source| ToolError::Spawn { step: "lazy-pages".into(), program: criu.into(), source })?;
-        Ok(LazyPagesDaemon { child, work_dir: work_dir.to_path_buf() })
+        let child = cmd.spawn().map_err(|source| ToolError::Spawn {
+            step: "lazy-pages".into(),
+            program: criu.into(),
+            source,
+        })?;
+        Ok(LazyPagesDaemon {
+            child,
+            work_dir: work_dir.to_path_buf(),
+        })
     }
 
     /// Waits until the daemon's socket for the restore exists (it appears once the daemon is
@@ -274,10 +387,20 @@ impl LazyPagesDaemon {
                 return Ok(());
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(ToolError::Failed { step: "lazy-pages".into(), program: "criu lazy-pages".into(), status: st.to_string(), log: self.log() });
+                return Err(ToolError::Failed {
+                    step: "lazy-pages".into(),
+                    program: "criu lazy-pages".into(),
+                    status: st.to_string(),
+                    log: self.log(),
+                });
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ToolError::Timeout { step: "lazy-pages".into(), program: "criu lazy-pages".into(), secs: timeout.as_secs(), log: self.log() });
+                return Err(ToolError::Timeout {
+                    step: "lazy-pages".into(),
+                    program: "criu lazy-pages".into(),
+                    secs: timeout.as_secs(),
+                    log: self.log(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -286,10 +409,24 @@ impl LazyPagesDaemon {
     /// Waits for every page to have arrived (the daemon exits 0 then).
     pub async fn wait_done(&mut self, timeout: Duration) -> Result<(), ToolError> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
-            Err(_) => Err(ToolError::Timeout { step: "fetch pages".into(), program: "criu lazy-pages".into(), secs: timeout.as_secs(), log: self.log() }),
-            Ok(Err(e)) => Err(ToolError::Other { step: "fetch pages".into(), message: e.to_string(), log: vec![] }),
+            Err(_) => Err(ToolError::Timeout {
+                step: "fetch pages".into(),
+                program: "criu lazy-pages".into(),
+                secs: timeout.as_secs(),
+                log: self.log(),
+            }),
+            Ok(Err(e)) => Err(ToolError::Other {
+                step: "fetch pages".into(),
+                message: e.to_string(),
+                log: vec![],
+            }),
             Ok(Ok(st)) if st.success() => Ok(()),
-            Ok(Ok(st)) => Err(ToolError::Failed { step: "fetch pages".into(), program: "criu lazy-pages".into(), status: st.to_string(), log: self.log() }),
+            Ok(Ok(st)) => Err(ToolError::Failed {
+                step: "fetch pages".into(),
+                program: "criu lazy-pages".into(),
+                status: st.to_string(),
+                log: self.log(),
+            }),
         }
     }
 
@@ -308,7 +445,10 @@ mod tests {
 
     #[test]
     fn ppid_parses() {
-        assert_eq!(parse_ppid("Name:\tredis\nPPid:\t1234\nTracerPid:\t0\n"), Some(1234));
+        assert_eq!(
+            parse_ppid("Name:\tredis\nPPid:\t1234\nTracerPid:\t0\n"),
+            Some(1234)
+        );
         assert_eq!(parse_ppid("Name:\tx\n"), None);
     }
 

@@ -17,12 +17,20 @@ pub struct CriuFacts {
 
 /// Parses `criu --version` ("Version: 4.2.1" on its own line).
 pub fn parse_criu_version(stdout: &str) -> Option<String> {
-    stdout.lines().find_map(|l| l.trim().strip_prefix("Version:").map(|v| v.trim().to_string()))
+    stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("Version:")
+            .map(|v| v.trim().to_string())
+    })
 }
 
 /// Parses `runc --version` ("runc version 1.1.5+ds1").
 pub fn parse_runc_version(stdout: &str) -> Option<String> {
-    stdout.lines().find_map(|l| l.trim().strip_prefix("runc version").map(|v| v.trim().to_string()))
+    stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("runc version")
+            .map(|v| v.trim().to_string())
+    })
 }
 
 /// Version and the features a migration needs. `criu check` without a feature exercises TCP
@@ -36,13 +44,23 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
         log: quote_text(&out.stdout),
     })?;
     let basic = run("criu check", criu, &["check"], PROBE_TIMEOUT).await?;
-    let mut facts = CriuFacts { version, ..Default::default() };
+    let mut facts = CriuFacts {
+        version,
+        ..Default::default()
+    };
     facts.features.tcp_established = basic.status == 0;
     if basic.status != 0 {
         facts.check_log = quote_text(&format!("{}\n{}", basic.stdout, basic.stderr));
     }
     let feature = |name: &'static str| async move {
-        run("criu check --feature", criu, &["check", "--feature", name], PROBE_TIMEOUT).await.map(|o| o.status == 0)
+        run(
+            "criu check --feature",
+            criu,
+            &["check", "--feature", name],
+            PROBE_TIMEOUT,
+        )
+        .await
+        .map(|o| o.status == 0)
     };
     facts.features.uffd = feature("uffd").await?;
     facts.features.uffd_noncoop = feature("uffd-noncoop").await?;
@@ -51,7 +69,9 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
 }
 
 pub async fn runc_version(runc: &str) -> Result<String, ToolError> {
-    let out = run("runc --version", runc, &["--version"], PROBE_TIMEOUT).await?.ok_or("runc --version", runc)?;
+    let out = run("runc --version", runc, &["--version"], PROBE_TIMEOUT)
+        .await?
+        .ok_or("runc --version", runc)?;
     parse_runc_version(&out.stdout).ok_or_else(|| ToolError::Other {
         step: "runc --version".into(),
         message: format!("unrecognised output from {runc} --version"),
@@ -67,9 +87,14 @@ pub async fn cpuinfo_dump(criu: &str, scratch: &Path) -> Result<Vec<u8>, ToolErr
         message: format!("cannot create {dir}: {e}"),
         log: vec![],
     })?;
-    run("criu cpuinfo dump", criu, &["cpuinfo", "dump", "-D", &dir], PROBE_TIMEOUT)
-        .await?
-        .ok_or("criu cpuinfo dump", criu)?;
+    run(
+        "criu cpuinfo dump",
+        criu,
+        &["cpuinfo", "dump", "-D", &dir],
+        PROBE_TIMEOUT,
+    )
+    .await?
+    .ok_or("criu cpuinfo dump", criu)?;
     std::fs::read(scratch.join("cpuinfo.img")).map_err(|e| ToolError::Other {
         step: "criu cpuinfo dump".into(),
         message: format!("no cpuinfo.img in {dir}: {e}"),
@@ -79,12 +104,26 @@ pub async fn cpuinfo_dump(criu: &str, scratch: &Path) -> Result<Vec<u8>, ToolErr
 
 /// `criu cpuinfo check` of a peer's CPU image against this host: `Ok(Ok(()))` when compatible,
 /// `Ok(Err(lines))` with CRIU's reasons when not.
-pub async fn cpuinfo_check(criu: &str, scratch: &Path, image: &[u8]) -> Result<Result<(), Vec<String>>, ToolError> {
+pub async fn cpuinfo_check(
+    criu: &str,
+    scratch: &Path,
+    image: &[u8],
+) -> Result<Result<(), Vec<String>>, ToolError> {
     let dir = scratch.to_string_lossy().into_owned();
-    let io = |e: std::io::Error| ToolError::Other { step: "criu cpuinfo check".into(), message: format!("{dir}: {e}"), log: vec![] };
+    let io = |e: std::io::Error| ToolError::Other {
+        step: "criu cpuinfo check".into(),
+        message: format!("{dir}: {e}"),
+        log: vec![],
+    };
     std::fs::create_dir_all(scratch).map_err(io)?;
     std::fs::write(scratch.join("cpuinfo.img"), image).map_err(io)?;
-    let out = run("criu cpuinfo check", criu, &["cpuinfo", "check", "-D", &dir], PROBE_TIMEOUT).await?;
+    let out = run(
+        "criu cpuinfo check",
+        criu,
+        &["cpuinfo", "check", "-D", &dir],
+        PROBE_TIMEOUT,
+    )
+    .await?;
     if out.status == 0 {
         Ok(Ok(()))
     } else {
@@ -98,9 +137,18 @@ mod tests {
 
     #[test]
     fn versions_parse() {
-        assert_eq!(parse_criu_version("Version: 4.2.1\n").as_deref(), Some("4.2.1"));
-        assert_eq!(parse_criu_version("Version: 3.17.1\nGitID: v3.17\n").as_deref(), Some("3.17.1"));
+        assert_eq!(
+            parse_criu_version("Version: 4.2.1\n").as_deref(),
+            Some("4.2.1")
+        );
+        assert_eq!(
+            parse_criu_version("Version: 3.17.1\nGitID: v3.17\n").as_deref(),
+            Some("3.17.1")
+        );
         assert_eq!(parse_criu_version("nothing"), None);
-        assert_eq!(parse_runc_version("runc version 1.1.5+ds1\ncommit: x\n").as_deref(), Some("1.1.5+ds1"));
+        assert_eq!(
+            parse_runc_version("runc version 1.1.5+ds1\ncommit: x\n").as_deref(),
+            Some("1.1.5+ds1")
+        );
     }
 }

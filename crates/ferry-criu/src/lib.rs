@@ -10,6 +10,9 @@ pub mod facts;
 pub mod proc;
 pub mod runtime;
 
-pub use checkpoint::{checkpoint, checkpoint_lazy, discover_runc, CheckpointOptions, LazyDump, LazyPagesDaemon, RuncHandle};
+pub use checkpoint::{
+    checkpoint, checkpoint_lazy, discover_runc, CheckpointOptions, LazyDump, LazyPagesDaemon,
+    RuncHandle,
+};
 pub use facts::{cpuinfo_check, cpuinfo_dump, criu_facts, runc_version, CriuFacts};
 pub use proc::{quote_log, run, CmdOutput, ToolError};

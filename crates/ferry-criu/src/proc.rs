@@ -7,20 +7,40 @@ use tokio::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("{step}: cannot start {program}: {source}")]
-    Spawn { step: String, program: String, source: std::io::Error },
+    Spawn {
+        step: String,
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{step}: {program} did not finish within {secs} s and was killed")]
-    Timeout { step: String, program: String, secs: u64, log: Vec<String> },
+    Timeout {
+        step: String,
+        program: String,
+        secs: u64,
+        log: Vec<String>,
+    },
     #[error("{step}: {program} failed ({status})")]
-    Failed { step: String, program: String, status: String, log: Vec<String> },
+    Failed {
+        step: String,
+        program: String,
+        status: String,
+        log: Vec<String>,
+    },
     #[error("{step}: {message}")]
-    Other { step: String, message: String, log: Vec<String> },
+    Other {
+        step: String,
+        message: String,
+        log: Vec<String>,
+    },
 }
 
 impl ToolError {
     /// The tool's own lines explaining the failure, for the operator.
     pub fn log(&self) -> &[String] {
         match self {
-            ToolError::Timeout { log, .. } | ToolError::Failed { log, .. } | ToolError::Other { log, .. } => log,
+            ToolError::Timeout { log, .. }
+            | ToolError::Failed { log, .. }
+            | ToolError::Other { log, .. } => log,
             ToolError::Spawn { .. } => &[],
         }
     }
@@ -44,21 +64,41 @@ pub struct CmdOutput {
 /// Runs `program args` with null stdin, captured output, and a hard timeout (killed and reaped
 /// on expiry). A non-zero exit is returned as `Ok` so callers that probe can read it; use
 /// [`CmdOutput::ok_or`] to turn it into an error.
-pub async fn run(step: &str, program: &str, args: &[&str], timeout: Duration) -> Result<CmdOutput, ToolError> {
+pub async fn run(
+    step: &str,
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<CmdOutput, ToolError> {
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .map_err(|source| ToolError::Spawn { step: step.into(), program: program.into(), source })?;
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|source| ToolError::Spawn {
+        step: step.into(),
+        program: program.into(),
+        source,
+    })?;
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => Ok(CmdOutput {
             status: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }),
-        Ok(Err(source)) => Err(ToolError::Spawn { step: step.into(), program: program.into(), source }),
+        Ok(Err(source)) => Err(ToolError::Spawn {
+            step: step.into(),
+            program: program.into(),
+            source,
+        }),
         // kill_on_drop kills the child; tokio reaps it in the background.
-        Err(_) => Err(ToolError::Timeout { step: step.into(), program: program.into(), secs: timeout.as_secs(), log: vec![] }),
+        Err(_) => Err(ToolError::Timeout {
+            step: step.into(),
+            program: program.into(),
+            secs: timeout.as_secs(),
+            log: vec![],
+        }),
     }
 }
 
@@ -71,7 +111,12 @@ impl CmdOutput {
         if log.is_empty() {
             log = quote_text(&self.stdout);
         }
-        Err(ToolError::Failed { step: step.into(), program: program.into(), status: format!("exit {}", self.status), log })
+        Err(ToolError::Failed {
+            step: step.into(),
+            program: program.into(),
+            status: format!("exit {}", self.status),
+            log,
+        })
     }
 }
 
@@ -97,7 +142,11 @@ pub fn quote_text(text: &str) -> Vec<String> {
                 continue;
             }
         }
-        if l.contains("Error (") || l.starts_with("Error") || l.contains("FAILED") || l.starts_with("criu failed") {
+        if l.contains("Error (")
+            || l.starts_with("Error")
+            || l.contains("FAILED")
+            || l.starts_with("criu failed")
+        {
             picked.push(l.to_string());
         }
     }
@@ -130,25 +179,40 @@ mod tests {
         let log = "(00.001) Version: 4.2.1\n(00.010) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted\n(00.011) Dumping FAILED.\n";
         assert_eq!(
             quote_text(log),
-            vec!["(00.010) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted", "(00.011) Dumping FAILED."]
+            vec![
+                "(00.010) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted",
+                "(00.011) Dumping FAILED."
+            ]
         );
     }
 
     #[test]
     fn runc_json_errors_are_quoted() {
         let log = "{\"level\":\"info\",\"msg\":\"x\"}\n{\"level\":\"error\",\"msg\":\"criu failed: type NOTIFY errno 0\\nlog file: /x/restore.log\",\"time\":\"t\"}\n";
-        assert_eq!(quote_text(log), vec!["criu failed: type NOTIFY errno 0\nlog file: /x/restore.log"]);
+        assert_eq!(
+            quote_text(log),
+            vec!["criu failed: type NOTIFY errno 0\nlog file: /x/restore.log"]
+        );
     }
 
     #[test]
     fn without_error_lines_the_tail_is_quoted() {
-        let log = (1..=9).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
-        assert_eq!(quote_text(&log), vec!["line 5", "line 6", "line 7", "line 8", "line 9"]);
+        let log = (1..=9)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            quote_text(&log),
+            vec!["line 5", "line 6", "line 7", "line 8", "line 9"]
+        );
     }
 
     #[test]
     fn quoting_is_bounded() {
-        let log = (0..100).map(|i| format!("Error (x.c:{i}): y")).collect::<Vec<_>>().join("\n");
+        let log = (0..100)
+            .map(|i| format!("Error (x.c:{i}): y"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let q = quote_text(&log);
         assert_eq!(q.len(), MAX_QUOTED);
         assert!(q[MAX_QUOTED - 1].contains(":99)"));
@@ -156,13 +220,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_hanging_tool_is_killed_at_its_timeout() {
-        let err = run("probe", "sleep", &["30"], Duration::from_millis(200)).await.unwrap_err();
+        let err = run("probe", "sleep", &["30"], Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ToolError::Timeout { .. }), "{err}");
     }
 
     #[tokio::test]
     async fn a_missing_tool_is_named() {
-        let err = run("probe", "/nonexistent/criu", &[], Duration::from_secs(1)).await.unwrap_err();
+        let err = run("probe", "/nonexistent/criu", &[], Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/criu"), "{err}");
     }
 }

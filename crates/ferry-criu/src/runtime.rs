@@ -68,7 +68,11 @@ pub fn subcommand_index(args: &[String]) -> Option<usize> {
 
 /// Rewrites a `restore` invocation with the overrides; returns the new args and the image path
 /// containerd had given.
-pub fn rewrite_restore(args: &[String], sub: usize, o: &RestoreOverrides) -> (Vec<String>, Option<String>) {
+pub fn rewrite_restore(
+    args: &[String],
+    sub: usize,
+    o: &RestoreOverrides,
+) -> (Vec<String>, Option<String>) {
     let mut out: Vec<String> = args[..=sub].to_vec();
     out.extend(o.extra_args.iter().cloned());
     let mut original = None;
@@ -127,7 +131,12 @@ pub fn rewrite_restore(args: &[String], sub: usize, o: &RestoreOverrides) -> (Ve
 }
 
 fn find_runc() -> String {
-    for p in ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc", "/usr/local/bin/runc"] {
+    for p in [
+        "/usr/sbin/runc",
+        "/usr/bin/runc",
+        "/usr/local/sbin/runc",
+        "/usr/local/bin/runc",
+    ] {
         if Path::new(p).exists() {
             return p.to_string();
         }
@@ -144,7 +153,9 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
     let restore = sub.filter(|&i| args[i] == "restore");
     let overrides = restore.and_then(|_| args.last()).and_then(|id| {
         let bytes = std::fs::read(overrides_path(state_dir, id)).ok()?;
-        serde_json::from_slice::<RestoreOverrides>(&bytes).ok().map(|o| (id.clone(), o))
+        serde_json::from_slice::<RestoreOverrides>(&bytes)
+            .ok()
+            .map(|o| (id.clone(), o))
     });
     let (Some(sub), Some((id, o))) = (restore, overrides) else {
         let err = std::process::Command::new(&runc).args(&args).exec();
@@ -152,8 +163,16 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         return 127;
     };
     let (new_args, original) = rewrite_restore(&args, sub, &o);
-    let code = run_with_deadline(&runc, &new_args, std::time::Duration::from_secs(o.timeout_s.max(1)));
-    let record = RestoreRecord { original_image_path: original, args: new_args, exit_code: code };
+    let code = run_with_deadline(
+        &runc,
+        &new_args,
+        std::time::Duration::from_secs(o.timeout_s.max(1)),
+    );
+    let record = RestoreRecord {
+        original_image_path: original,
+        args: new_args,
+        exit_code: code,
+    };
     if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
         let path = record_path(state_dir, &id);
         let tmp = path.with_extension("tmp");
@@ -167,7 +186,11 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
 /// Runs runc in its own process group (CRIU included) and kills the whole group at the deadline.
 fn run_with_deadline(runc: &str, args: &[String], limit: std::time::Duration) -> i32 {
     use std::os::unix::process::CommandExt;
-    let mut child = match std::process::Command::new(runc).args(args).process_group(0).spawn() {
+    let mut child = match std::process::Command::new(runc)
+        .args(args)
+        .process_group(0)
+        .spawn()
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferry runtime: cannot run {runc}: {e}");
@@ -185,7 +208,10 @@ fn run_with_deadline(runc: &str, args: &[String], limit: std::time::Duration) ->
                     libc::kill(-pgid, libc::SIGKILL);
                 }
                 let _ = child.wait();
-                eprintln!("ferry runtime: runc restore did not finish within {} s and was killed", limit.as_secs());
+                eprintln!(
+                    "ferry runtime: runc restore did not finish within {} s and was killed",
+                    limit.as_secs()
+                );
                 return 124;
             }
             Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
@@ -207,8 +233,23 @@ mod tests {
 
     #[test]
     fn subcommand_is_found_after_global_flags() {
-        assert_eq!(subcommand_index(&s(&["--root", "/r", "--log", "/l", "--log-format", "json", "restore", "x"])), Some(6));
-        assert_eq!(subcommand_index(&s(&["--systemd-cgroup", "state", "x"])), Some(1));
+        assert_eq!(
+            subcommand_index(&s(&[
+                "--root",
+                "/r",
+                "--log",
+                "/l",
+                "--log-format",
+                "json",
+                "restore",
+                "x"
+            ])),
+            Some(6)
+        );
+        assert_eq!(
+            subcommand_index(&s(&["--systemd-cgroup", "state", "x"])),
+            Some(1)
+        );
         assert_eq!(subcommand_index(&s(&["--root"])), None);
     }
 
@@ -221,21 +262,64 @@ mod tests {
             extra_args: vec![],
             timeout_s: 90,
         };
-        let args = s(&["--root", "/r", "restore", "--image-path", "/tmp/ctrd-checkpoint1", "--work-path", "/tmp/w", "--bundle", "/b", "--detach", "cid"]);
+        let args = s(&[
+            "--root",
+            "/r",
+            "restore",
+            "--image-path",
+            "/tmp/ctrd-checkpoint1",
+            "--work-path",
+            "/tmp/w",
+            "--bundle",
+            "/b",
+            "--detach",
+            "cid",
+        ]);
         let (new, orig) = rewrite_restore(&args, 2, &o);
         assert_eq!(orig.as_deref(), Some("/tmp/ctrd-checkpoint1"));
         assert_eq!(
             new,
-            s(&["--root", "/r", "restore", "--image-path", "/ferry/img", "--work-path", "/ferry/work", "--bundle", "/b", "--detach", "--tcp-established", "cid"])
+            s(&[
+                "--root",
+                "/r",
+                "restore",
+                "--image-path",
+                "/ferry/img",
+                "--work-path",
+                "/ferry/work",
+                "--bundle",
+                "/b",
+                "--detach",
+                "--tcp-established",
+                "cid"
+            ])
         );
     }
 
     #[test]
     fn inline_values_and_missing_flags_are_handled() {
-        let o = RestoreOverrides { image_path: "/i".into(), work_path: "/w".into(), tcp_established: false, extra_args: vec!["--lazy-pages".into()], timeout_s: 90 };
+        let o = RestoreOverrides {
+            image_path: "/i".into(),
+            work_path: "/w".into(),
+            tcp_established: false,
+            extra_args: vec!["--lazy-pages".into()],
+            timeout_s: 90,
+        };
         let args = s(&["restore", "--image-path=/tmp/c", "--tcp-established", "cid"]);
         let (new, orig) = rewrite_restore(&args, 0, &o);
         assert_eq!(orig.as_deref(), Some("/tmp/c"));
-        assert_eq!(new, s(&["restore", "--lazy-pages", "--image-path", "/i", "--tcp-established", "--work-path", "/w", "cid"]));
+        assert_eq!(
+            new,
+            s(&[
+                "restore",
+                "--lazy-pages",
+                "--image-path",
+                "/i",
+                "--tcp-established",
+                "--work-path",
+                "/w",
+                "cid"
+            ])
+        );
     }
 }

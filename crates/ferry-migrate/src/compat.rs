@@ -32,7 +32,10 @@ pub fn compat_problems(source: &HostFacts, target: &HostFacts) -> Vec<String> {
         }
     }
     if !source.arch.is_empty() && !target.arch.is_empty() && source.arch != target.arch {
-        out.push(format!("architectures differ: source {} is {}, target {} is {}", source.agent, source.arch, target.agent, target.arch));
+        out.push(format!(
+            "architectures differ: source {} is {}, target {} is {}",
+            source.agent, source.arch, target.agent, target.arch
+        ));
     }
     if let (Some(sv), Some(tv)) = (&source.criu_version, &target.criu_version) {
         match (version_tuple(sv), version_tuple(tv)) {
@@ -40,15 +43,23 @@ pub fn compat_problems(source: &HostFacts, target: &HostFacts) -> Vec<String> {
                 "target {} runs CRIU {tv}, older than the source's {sv}: images may not restore",
                 target.agent
             )),
-            (None, _) | (_, None) => out.push(format!("cannot compare CRIU versions {sv:?} and {tv:?}")),
+            (None, _) | (_, None) => {
+                out.push(format!("cannot compare CRIU versions {sv:?} and {tv:?}"))
+            }
             _ => {}
         }
     }
     if !source.criu_features.tcp_established {
-        out.push(format!("source {}: CRIU cannot dump established TCP connections", source.agent));
+        out.push(format!(
+            "source {}: CRIU cannot dump established TCP connections",
+            source.agent
+        ));
     }
     if !target.criu_features.tcp_established {
-        out.push(format!("target {}: CRIU cannot restore established TCP connections", target.agent));
+        out.push(format!(
+            "target {}: CRIU cannot restore established TCP connections",
+            target.agent
+        ));
     }
     if !target.docker_experimental {
         out.push(format!(
@@ -63,15 +74,26 @@ pub fn compat_problems(source: &HostFacts, target: &HostFacts) -> Vec<String> {
         ));
     }
     if target.cpu_compatible == Some(false) {
-        let why = if target.cpu_check_log.is_empty() { String::new() } else { format!(": {}", target.cpu_check_log.join(" / ")) };
-        out.push(format!("target {}: CPU is not compatible with the source's (criu cpuinfo check){why}", target.agent));
+        let why = if target.cpu_check_log.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", target.cpu_check_log.join(" / "))
+        };
+        out.push(format!(
+            "target {}: CPU is not compatible with the source's (criu cpuinfo check){why}",
+            target.agent
+        ));
     }
     out
 }
 
 /// Picks the strategy: the requested one if both hosts support it, or for `auto` the best one
 /// both support among those this build implements. The reason is shown to the operator.
-pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFacts) -> Result<StrategyChoice, String> {
+pub fn choose_strategy(
+    requested: Strategy,
+    source: &HostFacts,
+    target: &HostFacts,
+) -> Result<StrategyChoice, String> {
     let post_copy_ok = target.criu_features.uffd && target.criu_features.uffd_noncoop;
     // CRIU's page server tees pages through 4 MiB pipes: without CAP_SYS_RESOURCE the source
     // needs fs.pipe-max-size at least that big (`ferry agent --tune-host` raises it).
@@ -79,7 +101,10 @@ pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFac
     let pre_copy_ok = source.criu_features.mem_dirty_track;
     let supported = |s: Strategy| -> Result<(), String> {
         if !IMPLEMENTED.contains(&s) {
-            return Err(format!("strategy {s} is not implemented in this build (available: {})", names(IMPLEMENTED)));
+            return Err(format!(
+                "strategy {s} is not implemented in this build (available: {})",
+                names(IMPLEMENTED)
+            ));
         }
         match s {
             Strategy::PostCopy if !post_copy_ok => Err(format!("post-copy needs userfaultfd on target {}", target.agent)),
@@ -99,17 +124,29 @@ pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFac
     };
     if requested != Strategy::Auto {
         supported(requested)?;
-        return Ok(StrategyChoice { strategy: requested, reason: "requested by the operator".into() });
+        return Ok(StrategyChoice {
+            strategy: requested,
+            reason: "requested by the operator".into(),
+        });
     }
     let mut passed_over = Vec::new();
-    for candidate in [Strategy::Hybrid, Strategy::PostCopy, Strategy::PreCopy, Strategy::StopAndCopy] {
+    for candidate in [
+        Strategy::Hybrid,
+        Strategy::PostCopy,
+        Strategy::PreCopy,
+        Strategy::StopAndCopy,
+    ] {
         match supported(candidate) {
             Ok(()) => {
-                let mut reason = format!("auto: {candidate} is the best strategy both hosts support");
+                let mut reason =
+                    format!("auto: {candidate} is the best strategy both hosts support");
                 if !passed_over.is_empty() {
                     reason.push_str(&format!(" ({})", passed_over.join("; ")));
                 }
-                return Ok(StrategyChoice { strategy: candidate, reason });
+                return Ok(StrategyChoice {
+                    strategy: candidate,
+                    reason,
+                });
             }
             Err(why) => passed_over.push(why),
         }
@@ -118,7 +155,10 @@ pub fn choose_strategy(requested: Strategy, source: &HostFacts, target: &HostFac
 }
 
 fn names(list: &[Strategy]) -> String {
-    list.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    list.iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -131,7 +171,12 @@ mod tests {
             agent: name.into(),
             arch: "x86_64".into(),
             criu_version: Some("4.2.1".into()),
-            criu_features: CriuFeatures { tcp_established: true, uffd: true, uffd_noncoop: true, mem_dirty_track: false },
+            criu_features: CriuFeatures {
+                tcp_established: true,
+                uffd: true,
+                uffd_noncoop: true,
+                mem_dirty_track: false,
+            },
             docker_experimental: true,
             ferry_runtime: true,
             cpu_compatible: Some(true),
@@ -150,19 +195,34 @@ mod tests {
         type Edit = fn(&mut HostFacts, &mut HostFacts);
         let cases: Vec<(&str, Edit)> = vec![
             ("architectures differ", |_, t| t.arch = "aarch64".into()),
-            ("older than the source", |_, t| t.criu_version = Some("3.17".into())),
-            ("not in experimental mode", |_, t| t.docker_experimental = false),
+            ("older than the source", |_, t| {
+                t.criu_version = Some("3.17".into())
+            }),
+            ("not in experimental mode", |_, t| {
+                t.docker_experimental = false
+            }),
             ("no \"ferry\" runtime", |_, t| t.ferry_runtime = false),
-            ("CPU is not compatible", |_, t| t.cpu_compatible = Some(false)),
-            ("cannot dump established TCP", |s, _| s.criu_features.tcp_established = false),
-            ("source a: criu not found", |s, _| s.problems.push("criu not found".into())),
-            ("cannot compare CRIU versions", |_, t| t.criu_version = Some("garbage".into())),
+            ("CPU is not compatible", |_, t| {
+                t.cpu_compatible = Some(false)
+            }),
+            ("cannot dump established TCP", |s, _| {
+                s.criu_features.tcp_established = false
+            }),
+            ("source a: criu not found", |s, _| {
+                s.problems.push("criu not found".into())
+            }),
+            ("cannot compare CRIU versions", |_, t| {
+                t.criu_version = Some("garbage".into())
+            }),
         ];
         for (needle, edit) in cases {
             let (mut s, mut t) = (host("a"), host("b"));
             edit(&mut s, &mut t);
             let problems = compat_problems(&s, &t);
-            assert!(problems.iter().any(|p| p.contains(needle)), "{needle}: {problems:?}");
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
         }
     }
 

@@ -39,7 +39,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { step_timeout: Duration::from_secs(120), transfer_timeout: Duration::from_secs(1800) }
+        EngineOptions {
+            step_timeout: Duration::from_secs(120),
+            transfer_timeout: Duration::from_secs(1800),
+        }
     }
 }
 
@@ -70,7 +73,15 @@ struct Failure {
 
 impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
     pub fn new(source: S, target: T, transport: X, opts: EngineOptions) -> Self {
-        Engine { source, target, transport, opts, events: None, cancel: CancellationToken::new(), phases: BTreeMap::new() }
+        Engine {
+            source,
+            target,
+            transport,
+            opts,
+            events: None,
+            cancel: CancellationToken::new(),
+            phases: BTreeMap::new(),
+        }
     }
 
     pub fn with_events(mut self, tx: UnboundedSender<Event>) -> Self {
@@ -140,43 +151,71 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         .await
     }
 
-    async fn forward(&mut self, plan: &MigrationPlan, report: &mut Report, frozen_at: &mut Option<Instant>) -> Result<(), Failure> {
+    async fn forward(
+        &mut self,
+        plan: &MigrationPlan,
+        report: &mut Report,
+        frozen_at: &mut Option<Instant>,
+    ) -> Result<(), Failure> {
         let step_to = self.opts.step_timeout;
         let fail = |reached| move |error| Failure { error, reached };
 
         // Preflight: both sides inspected, nothing changed yet.
         let sp = {
-            step!(self, Phase::Preflight, step_to, self.source.preflight()).map_err(fail(Reached::Nothing))?
+            step!(self, Phase::Preflight, step_to, self.source.preflight())
+                .map_err(fail(Reached::Nothing))?
         };
         let tf = {
             let cpuinfo = sp.cpuinfo.clone();
-            step!(self, Phase::Preflight, step_to, self.target.preflight(cpuinfo)).map_err(fail(Reached::Nothing))?
+            step!(
+                self,
+                Phase::Preflight,
+                step_to,
+                self.target.preflight(cpuinfo)
+            )
+            .map_err(fail(Reached::Nothing))?
         };
         report.networks = sp.networks.clone();
         report.warnings.extend(sp.warnings.iter().cloned());
-        report.warnings.extend(tf.warnings.iter().map(|w| format!("target {}: {w}", tf.agent)));
+        report.warnings.extend(
+            tf.warnings
+                .iter()
+                .map(|w| format!("target {}: {w}", tf.agent)),
+        );
         let problems = compat_problems(&sp.facts, &tf);
         if !problems.is_empty() {
             return Err(Failure {
-                error: SideError::refused("preflight", format!("hosts cannot migrate this container: {}", problems.join("; "))),
+                error: SideError::refused(
+                    "preflight",
+                    format!(
+                        "hosts cannot migrate this container: {}",
+                        problems.join("; ")
+                    ),
+                ),
                 reached: Reached::Nothing,
             });
         }
-        let choice = choose_strategy(plan.strategy, &sp.facts, &tf)
-            .map_err(|why| Failure { error: SideError::refused("preflight", why), reached: Reached::Nothing })?;
+        let choice = choose_strategy(plan.strategy, &sp.facts, &tf).map_err(|why| Failure {
+            error: SideError::refused("preflight", why),
+            reached: Reached::Nothing,
+        })?;
         report.strategy = choice.strategy;
         report.strategy_reason = choice.reason;
-        self.emit(Event::Note { message: format!("strategy {}: {}", report.strategy, report.strategy_reason) });
+        self.emit(Event::Note {
+            message: format!("strategy {}: {}", report.strategy, report.strategy_reason),
+        });
 
         let mut prepare = sp.prepare.clone();
         prepare.migration_id = plan.migration_id.clone();
         prepare.strategy = report.strategy;
         {
             // A prepare whose answer was lost may have created the container: roll it back too.
-            step!(self, Phase::Prepare, step_to, self.target.prepare(&prepare)).map_err(fail(Reached::TargetPrepared))?;
+            step!(self, Phase::Prepare, step_to, self.target.prepare(&prepare))
+                .map_err(fail(Reached::TargetPrepared))?;
         }
 
-        let pre = step!(self, Phase::Precopy, step_to, self.source.precopy()).map_err(fail(Reached::TargetPrepared))?;
+        let pre = step!(self, Phase::Precopy, step_to, self.source.precopy())
+            .map_err(fail(Reached::TargetPrepared))?;
         if !pre.files.is_empty() {
             let limit = self.opts.transfer_timeout;
             let (cancel, events) = (self.cancel.clone(), self.events.clone());
@@ -188,18 +227,33 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         }
         {
             *frozen_at = Some(Instant::now());
-            step!(self, Phase::Freeze, step_to, self.source.freeze(report.strategy)).map_err(fail(Reached::SourceFrozen))?;
+            step!(
+                self,
+                Phase::Freeze,
+                step_to,
+                self.source.freeze(report.strategy)
+            )
+            .map_err(fail(Reached::SourceFrozen))?;
         }
         let images = {
-            step!(self, Phase::Dump, step_to, self.source.dump()).map_err(fail(Reached::SourceFrozen))?
+            step!(self, Phase::Dump, step_to, self.source.dump())
+                .map_err(fail(Reached::SourceFrozen))?
         };
         let total = images.total_bytes();
-        self.emit(Event::Progress { phase: Phase::Transfer, done: 0, total });
+        self.emit(Event::Progress {
+            phase: Phase::Transfer,
+            done: 0,
+            total,
+        });
         {
             let events = self.events.clone();
             let progress = move |done: u64, total: u64| {
                 if let Some(tx) = &events {
-                    let _ = tx.send(Event::Progress { phase: Phase::Transfer, done, total });
+                    let _ = tx.send(Event::Progress {
+                        phase: Phase::Transfer,
+                        done,
+                        total,
+                    });
                 }
             };
             let limit = self.opts.transfer_timeout;
@@ -211,25 +265,29 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             report.bytes_sent += sent;
         }
         let restored = {
-            step!(self, Phase::Restore, step_to, self.target.restore()).map_err(fail(Reached::SourceFrozen))?
+            step!(self, Phase::Restore, step_to, self.target.restore())
+                .map_err(fail(Reached::SourceFrozen))?
         };
         if let Some(t) = frozen_at {
             report.downtime_ms = t.elapsed().as_millis() as u64;
         }
         if restored.garp_sent.is_empty() {
-            report.warnings.push("target sent no gratuitous ARP (no L2 address to announce)".into());
+            report
+                .warnings
+                .push("target sent no gratuitous ARP (no L2 address to announce)".into());
         }
 
         {
-            step!(self, Phase::Commit, step_to, self.target.commit()).map_err(fail(Reached::CommitRequested))?;
+            step!(self, Phase::Commit, step_to, self.target.commit())
+                .map_err(fail(Reached::CommitRequested))?;
         }
-        let source_commit = {
-            step!(self, Phase::Commit, step_to, self.source.commit())
-        };
+        let source_commit = { step!(self, Phase::Commit, step_to, self.source.commit()) };
         report.bytes_sent += self.source.extra_bytes_sent();
         match source_commit {
             Ok(w) => report.warnings.extend(w),
-            Err(e) => report.warnings.push(format!("migrated, but the source could not clean up: {e}")),
+            Err(e) => report
+                .warnings
+                .push(format!("migrated, but the source could not clean up: {e}")),
         }
         Ok(())
     }
@@ -240,7 +298,9 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         if failure.reached == Reached::Nothing {
             return Outcome::RolledBack;
         }
-        self.emit(Event::PhaseStarted { phase: Phase::Rollback });
+        self.emit(Event::PhaseStarted {
+            phase: Phase::Rollback,
+        });
         let started = Instant::now();
         let step_to = self.opts.step_timeout;
         let outcome = async {
@@ -308,7 +368,10 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         .await;
         let ms = started.elapsed().as_millis() as u64;
         self.phases.insert(Phase::Rollback.as_str().into(), ms);
-        self.emit(Event::PhaseFinished { phase: Phase::Rollback, ms });
+        self.emit(Event::PhaseFinished {
+            phase: Phase::Rollback,
+            ms,
+        });
         outcome
     }
 }

@@ -30,7 +30,12 @@ pub struct SideError {
 
 impl SideError {
     pub fn new(kind: SideErrorKind, step: impl Into<String>, message: impl Into<String>) -> Self {
-        SideError { kind, step: step.into(), message: message.into(), tool_log: Vec::new() }
+        SideError {
+            kind,
+            step: step.into(),
+            message: message.into(),
+            tool_log: Vec::new(),
+        }
     }
     pub fn failed(step: impl Into<String>, message: impl Into<String>) -> Self {
         Self::new(SideErrorKind::Failed, step, message)
@@ -44,13 +49,25 @@ impl SideError {
     }
     /// Whether the remote side may or may not have done the step.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self.kind, SideErrorKind::Timeout | SideErrorKind::ConnectionLost | SideErrorKind::Cancelled)
+        matches!(
+            self.kind,
+            SideErrorKind::Timeout | SideErrorKind::ConnectionLost | SideErrorKind::Cancelled
+        )
     }
     pub fn info(&self) -> ErrorInfo {
-        ErrorInfo { step: self.step.clone(), message: self.message.clone(), tool_log: self.tool_log.clone() }
+        ErrorInfo {
+            step: self.step.clone(),
+            message: self.message.clone(),
+            tool_log: self.tool_log.clone(),
+        }
     }
     pub fn from_info(kind: SideErrorKind, info: ErrorInfo) -> Self {
-        SideError { kind, step: info.step, message: info.message, tool_log: info.tool_log }
+        SideError {
+            kind,
+            step: info.step,
+            message: info.message,
+            tool_log: info.tool_log,
+        }
     }
 }
 
@@ -100,7 +117,10 @@ pub trait SourceSide: Send {
     }
     /// Stops the container's processes and its network without losing anything; undone by
     /// `rollback`.
-    fn freeze(&mut self, strategy: ferry_proto::Strategy) -> impl Future<Output = Result<(), SideError>> + Send;
+    fn freeze(
+        &mut self,
+        strategy: ferry_proto::Strategy,
+    ) -> impl Future<Output = Result<(), SideError>> + Send;
     fn dump(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send;
     /// The container now runs on the target: remove it here. Failures are warnings, since the
     /// migration itself has succeeded.
@@ -116,8 +136,14 @@ pub trait SourceSide: Send {
 
 /// The host the container goes to.
 pub trait TargetSide: Send {
-    fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> impl Future<Output = Result<HostFacts, SideError>> + Send;
-    fn prepare(&mut self, req: &PrepareRequest) -> impl Future<Output = Result<String, SideError>> + Send;
+    fn preflight(
+        &mut self,
+        cpuinfo: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<HostFacts, SideError>> + Send;
+    fn prepare(
+        &mut self,
+        req: &PrepareRequest,
+    ) -> impl Future<Output = Result<String, SideError>> + Send;
     fn restore(&mut self) -> impl Future<Output = Result<RestoreInfo, SideError>> + Send;
     fn commit(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
     /// Removes the half-made container and every received file; Ok only when the target

@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::{CriuFeatures, HostFacts, Outcome, PrepareRequest, RestoreInfo, Strategy, TargetState};
+use ferry_proto::{
+    CriuFeatures, HostFacts, Outcome, PrepareRequest, RestoreInfo, Strategy, TargetState,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::*;
@@ -37,7 +39,12 @@ fn facts(name: &str) -> HostFacts {
         agent: name.into(),
         arch: "x86_64".into(),
         criu_version: Some("4.2.1".into()),
-        criu_features: CriuFeatures { tcp_established: true, uffd: true, uffd_noncoop: true, mem_dirty_track: false },
+        criu_features: CriuFeatures {
+            tcp_established: true,
+            uffd: true,
+            uffd_noncoop: true,
+            mem_dirty_track: false,
+        },
         docker_experimental: true,
         ferry_runtime: true,
         pipe_max_size: crate::compat::PIPE_NEEDED,
@@ -86,11 +93,17 @@ impl SourceSide for FakeSource {
     async fn dump(&mut self) -> Result<DumpedImages, SideError> {
         push(&self.log, "source.dump");
         if self.at == At::Dump {
-            return Err(SideError::failed("dump", "criu failed").with_log(vec!["Error (criu/cr-dump.c:1): x".into()]));
+            return Err(SideError::failed("dump", "criu failed")
+                .with_log(vec!["Error (criu/cr-dump.c:1): x".into()]));
         }
         Ok(DumpedImages {
             dir: "/nonexistent".into(),
-            files: vec![ImageFile { rel: "pages-1.img".into(), path: "/nonexistent/pages-1.img".into(), size: 4096, mode: 0o600 }],
+            files: vec![ImageFile {
+                rel: "pages-1.img".into(),
+                path: "/nonexistent/pages-1.img".into(),
+                size: 4096,
+                mode: 0o600,
+            }],
         })
     }
     async fn commit(&mut self) -> Result<Vec<String>, SideError> {
@@ -99,7 +112,9 @@ impl SourceSide for FakeSource {
     }
     async fn rollback(&mut self) -> Vec<SideError> {
         push(&self.log, "source.rollback");
-        (0..self.rollback_errors).map(|i| SideError::failed(format!("rollback step {i}"), "could not")).collect()
+        (0..self.rollback_errors)
+            .map(|i| SideError::failed(format!("rollback step {i}"), "could not"))
+            .collect()
     }
 }
 
@@ -112,7 +127,11 @@ struct FakeTarget {
 impl TargetSide for FakeTarget {
     async fn preflight(&mut self, cpuinfo: Option<Vec<u8>>) -> Result<HostFacts, SideError> {
         push(&self.log, "target.preflight");
-        assert_eq!(cpuinfo, Some(vec![1]), "the source's cpuinfo reaches the target");
+        assert_eq!(
+            cpuinfo,
+            Some(vec![1]),
+            "the source's cpuinfo reaches the target"
+        );
         let mut f = facts("b");
         if self.incompatible {
             f.docker_experimental = false;
@@ -130,24 +149,38 @@ impl TargetSide for FakeTarget {
     async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
         push(&self.log, "target.restore");
         match self.at {
-            At::Restore => Err(SideError::failed("restore", "criu restore failed").with_log(vec!["Error (criu/cr-restore.c:1)".into()])),
+            At::Restore => Err(SideError::failed("restore", "criu restore failed")
+                .with_log(vec!["Error (criu/cr-restore.c:1)".into()])),
             At::RestoreHang => std::future::pending().await,
-            _ => Ok(RestoreInfo { container_id: "cid".into(), pid: 42, docker_start_ms: 1, garp_sent: vec!["eth0".into()] }),
+            _ => Ok(RestoreInfo {
+                container_id: "cid".into(),
+                pid: 42,
+                docker_start_ms: 1,
+                garp_sent: vec!["eth0".into()],
+            }),
         }
     }
     async fn commit(&mut self) -> Result<(), SideError> {
         push(&self.log, "target.commit");
         match self.at {
-            At::CommitLostThenCommitted | At::CommitLostThenUnreachable | At::CommitLostThenRolledBack => {
-                Err(SideError::new(SideErrorKind::ConnectionLost, "commit", "connection reset"))
-            }
+            At::CommitLostThenCommitted
+            | At::CommitLostThenUnreachable
+            | At::CommitLostThenRolledBack => Err(SideError::new(
+                SideErrorKind::ConnectionLost,
+                "commit",
+                "connection reset",
+            )),
             _ => Ok(()),
         }
     }
     async fn rollback(&mut self) -> Result<(), SideError> {
         push(&self.log, "target.rollback");
         if self.at == At::CommitLostThenUnreachable {
-            return Err(SideError::new(SideErrorKind::ConnectionLost, "rollback", "unreachable"));
+            return Err(SideError::new(
+                SideErrorKind::ConnectionLost,
+                "rollback",
+                "unreachable",
+            ));
         }
         Ok(())
     }
@@ -156,7 +189,11 @@ impl TargetSide for FakeTarget {
         match self.at {
             At::CommitLostThenCommitted => Ok(TargetState::Committed),
             At::CommitLostThenRolledBack => Ok(TargetState::RolledBack),
-            _ => Err(SideError::new(SideErrorKind::ConnectionLost, "status", "unreachable")),
+            _ => Err(SideError::new(
+                SideErrorKind::ConnectionLost,
+                "status",
+                "unreachable",
+            )),
         }
     }
 }
@@ -167,10 +204,18 @@ struct FakeTransport {
 }
 
 impl Transport for FakeTransport {
-    async fn send_images(&mut self, images: &DumpedImages, progress: &ProgressFn) -> Result<u64, SideError> {
+    async fn send_images(
+        &mut self,
+        images: &DumpedImages,
+        progress: &ProgressFn,
+    ) -> Result<u64, SideError> {
         push(&self.log, "transport.send");
         match self.at {
-            At::Transfer => Err(SideError::new(SideErrorKind::ConnectionLost, "transfer", "broken pipe")),
+            At::Transfer => Err(SideError::new(
+                SideErrorKind::ConnectionLost,
+                "transfer",
+                "broken pipe",
+            )),
             At::TransferHang => std::future::pending().await,
             _ => {
                 progress(images.total_bytes(), images.total_bytes());
@@ -180,13 +225,31 @@ impl Transport for FakeTransport {
     }
 }
 
-async fn run_with(at: At, rollback_errors: usize, cancel: Option<CancellationToken>) -> (ferry_proto::Report, Vec<String>) {
+async fn run_with(
+    at: At,
+    rollback_errors: usize,
+    cancel: Option<CancellationToken>,
+) -> (ferry_proto::Report, Vec<String>) {
     let log: Log = Arc::default();
     let engine = Engine::new(
-        FakeSource { log: log.clone(), at, rollback_errors },
-        FakeTarget { log: log.clone(), at, incompatible: at == At::Incompatible },
-        FakeTransport { log: log.clone(), at },
-        EngineOptions { step_timeout: Duration::from_secs(5), transfer_timeout: Duration::from_secs(5) },
+        FakeSource {
+            log: log.clone(),
+            at,
+            rollback_errors,
+        },
+        FakeTarget {
+            log: log.clone(),
+            at,
+            incompatible: at == At::Incompatible,
+        },
+        FakeTransport {
+            log: log.clone(),
+            at,
+        },
+        EngineOptions {
+            step_timeout: Duration::from_secs(5),
+            transfer_timeout: Duration::from_secs(5),
+        },
     );
     let engine = match cancel {
         Some(c) => engine.with_cancel(c),
@@ -209,7 +272,15 @@ fn calls(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-const FORWARD: &[&str] = &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.restore"];
+const FORWARD: &[&str] = &[
+    "source.preflight",
+    "target.preflight",
+    "target.prepare",
+    "source.freeze",
+    "source.dump",
+    "transport.send",
+    "target.restore",
+];
 
 #[tokio::test]
 async fn happy_path_walks_every_phase_in_order() {
@@ -221,8 +292,20 @@ async fn happy_path_walks_every_phase_in_order() {
     assert_eq!(report.bytes_sent, 4096);
     assert_eq!(report.strategy, Strategy::PostCopy);
     assert!(report.strategy_reason.starts_with("auto:"));
-    for p in ["preflight", "prepare", "freeze", "dump", "transfer", "restore", "commit"] {
-        assert!(report.phases_ms.contains_key(p), "{p} missing from {:?}", report.phases_ms);
+    for p in [
+        "preflight",
+        "prepare",
+        "freeze",
+        "dump",
+        "transfer",
+        "restore",
+        "commit",
+    ] {
+        assert!(
+            report.phases_ms.contains_key(p),
+            "{p} missing from {:?}",
+            report.phases_ms
+        );
     }
     assert!(report.error.is_none());
 }
@@ -231,12 +314,75 @@ async fn happy_path_walks_every_phase_in_order() {
 async fn failures_roll_back_exactly_what_was_done() {
     let cases: &[(At, &[&str], &str)] = &[
         (At::SourcePreflight, &["source.preflight"], "preflight"),
-        (At::Incompatible, &["source.preflight", "target.preflight"], "preflight"),
-        (At::Prepare, &["source.preflight", "target.preflight", "target.prepare", "target.rollback"], "prepare"),
-        (At::Freeze, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "target.rollback", "source.rollback"], "freeze"),
-        (At::Dump, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "target.rollback", "source.rollback"], "dump"),
-        (At::Transfer, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.rollback", "source.rollback"], "transfer"),
-        (At::Restore, &["source.preflight", "target.preflight", "target.prepare", "source.freeze", "source.dump", "transport.send", "target.restore", "target.rollback", "source.rollback"], "restore"),
+        (
+            At::Incompatible,
+            &["source.preflight", "target.preflight"],
+            "preflight",
+        ),
+        (
+            At::Prepare,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "target.rollback",
+            ],
+            "prepare",
+        ),
+        (
+            At::Freeze,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "source.freeze",
+                "target.rollback",
+                "source.rollback",
+            ],
+            "freeze",
+        ),
+        (
+            At::Dump,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "source.freeze",
+                "source.dump",
+                "target.rollback",
+                "source.rollback",
+            ],
+            "dump",
+        ),
+        (
+            At::Transfer,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "source.freeze",
+                "source.dump",
+                "transport.send",
+                "target.rollback",
+                "source.rollback",
+            ],
+            "transfer",
+        ),
+        (
+            At::Restore,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "source.freeze",
+                "source.dump",
+                "transport.send",
+                "target.restore",
+                "target.rollback",
+                "source.rollback",
+            ],
+            "restore",
+        ),
     ];
     for (at, want, step) in cases {
         let (report, log) = run_with(*at, 0, None).await;
@@ -250,7 +396,10 @@ async fn failures_roll_back_exactly_what_was_done() {
 #[tokio::test]
 async fn tool_log_lines_reach_the_report() {
     let (report, _) = run_with(At::Restore, 0, None).await;
-    assert_eq!(report.error.unwrap().tool_log, vec!["Error (criu/cr-restore.c:1)".to_string()]);
+    assert_eq!(
+        report.error.unwrap().tool_log,
+        vec!["Error (criu/cr-restore.c:1)".to_string()]
+    );
 }
 
 #[tokio::test]
@@ -265,7 +414,10 @@ async fn lost_commit_answer_with_committed_target_finishes_the_migration() {
     let (report, log) = run_with(At::CommitLostThenCommitted, 0, None).await;
     assert_eq!(report.outcome, Outcome::Migrated);
     assert!(report.error.is_none());
-    assert_eq!(&log[log.len() - 3..], &calls(&["target.commit", "target.status", "source.commit"])[..]);
+    assert_eq!(
+        &log[log.len() - 3..],
+        &calls(&["target.commit", "target.status", "source.commit"])[..]
+    );
 }
 
 #[tokio::test]
@@ -280,7 +432,10 @@ async fn lost_commit_answer_with_unreachable_target_keeps_the_source_frozen() {
 async fn lost_commit_answer_with_rolled_back_target_resumes_the_source() {
     let (report, log) = run_with(At::CommitLostThenRolledBack, 0, None).await;
     assert_eq!(report.outcome, Outcome::RolledBack);
-    assert_eq!(&log[log.len() - 3..], &calls(&["target.status", "target.rollback", "source.rollback"])[..]);
+    assert_eq!(
+        &log[log.len() - 3..],
+        &calls(&["target.status", "target.rollback", "source.rollback"])[..]
+    );
 }
 
 #[tokio::test]
@@ -307,6 +462,10 @@ async fn cancellation_mid_transfer_rolls_back() {
 async fn a_restore_that_never_answers_times_out_and_rolls_back() {
     let (report, log) = run_with(At::RestoreHang, 0, None).await;
     assert_eq!(report.outcome, Outcome::RolledBack);
-    assert!(log.ends_with(&calls(&["target.restore", "target.rollback", "source.rollback"])));
+    assert!(log.ends_with(&calls(&[
+        "target.restore",
+        "target.rollback",
+        "source.rollback"
+    ])));
     assert!(report.error.unwrap().message.contains("no answer within"));
 }

@@ -43,11 +43,20 @@ pub fn build_garp_frame(ip: Ipv4Addr, mac: [u8; 6]) -> [u8; 42] {
 /// Interface names go straight into `ip` argv and `if_nametoindex`; reject what the kernel
 /// would never accept so the error says so instead of a confusing tool message.
 fn check_iface(name: &str) -> Result<(), NetError> {
-    let invalid = |reason| Err(NetError::InvalidInterface { name: name.to_string(), reason });
+    let invalid = |reason| {
+        Err(NetError::InvalidInterface {
+            name: name.to_string(),
+            reason,
+        })
+    };
     if name.is_empty() || name.len() > 15 {
         return invalid("must be 1 to 15 bytes");
     }
-    if name.starts_with('-') || name.bytes().any(|b| b == b'/' || b == b':' || b <= b' ' || b == 0x7f) {
+    if name.starts_with('-')
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b <= b' ' || b == 0x7f)
+    {
         return invalid("contains '/', ':', whitespace or a control character, or starts with '-'");
     }
     Ok(())
@@ -61,7 +70,15 @@ pub async fn set_arp(pid: u32, iface: &str, on: bool) -> Result<(), NetError> {
     check_iface(iface)?;
     let state = if on { "on" } else { "off" };
     let step = format!("turning ARP {state} for {iface} of pid {pid}");
-    tool::in_netns(&step, pid, "ip", &["link", "set", "dev", iface, "arp", state], None).await.map(drop)
+    tool::in_netns(
+        &step,
+        pid,
+        "ip",
+        &["link", "set", "dev", iface, "arp", state],
+        None,
+    )
+    .await
+    .map(drop)
 }
 
 /// Announces `ip` at `mac` from inside the namespace of `pid`, `count` times [`GARP_INTERVAL`]
@@ -70,7 +87,13 @@ pub async fn set_arp(pid: u32, iface: &str, on: bool) -> Result<(), NetError> {
 /// `setns` changes only the calling thread, so the work runs on a dedicated thread that exits
 /// afterwards: doing it on a tokio worker (or a reused blocking-pool thread) would silently move
 /// unrelated tasks into the container's network namespace.
-pub async fn gratuitous_arp(pid: u32, iface: &str, ip: Ipv4Addr, mac: [u8; 6], count: u32) -> Result<(), NetError> {
+pub async fn gratuitous_arp(
+    pid: u32,
+    iface: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    count: u32,
+) -> Result<(), NetError> {
     check_iface(iface)?;
     if count == 0 {
         return Ok(());
@@ -84,15 +107,28 @@ pub async fn gratuitous_arp(pid: u32, iface: &str, ip: Ipv4Addr, mac: [u8; 6], c
         .spawn(move || {
             let _ = tx.send(send_garps(&thread_step, pid, &iface, ip, mac, count));
         })
-        .map_err(|cause| NetError::Io { step: format!("{step}: starting a thread"), cause })?;
+        .map_err(|cause| NetError::Io {
+            step: format!("{step}: starting a thread"),
+            cause,
+        })?;
     rx.await.map_err(|_| NetError::Io {
         step: step.clone(),
         cause: std::io::Error::other("the announcing thread ended without a result"),
     })?
 }
 
-fn send_garps(step: &str, pid: u32, iface: &str, ip: Ipv4Addr, mac: [u8; 6], count: u32) -> Result<(), NetError> {
-    let io_err = |what: &str, cause: std::io::Error| NetError::Io { step: format!("{step}: {what}"), cause };
+fn send_garps(
+    step: &str,
+    pid: u32,
+    iface: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    count: u32,
+) -> Result<(), NetError> {
+    let io_err = |what: &str, cause: std::io::Error| NetError::Io {
+        step: format!("{step}: {what}"),
+        cause,
+    };
     let ns_path = format!("/proc/{pid}/ns/net");
     let ns = File::open(&ns_path).map_err(|e| io_err(&format!("opening {ns_path}"), e))?;
     nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
@@ -101,23 +137,38 @@ fn send_garps(step: &str, pid: u32, iface: &str, ip: Ipv4Addr, mac: [u8; 6], cou
     let ifindex = match nix::net::if_::if_nametoindex(iface) {
         Ok(index) => index,
         Err(nix::errno::Errno::ENODEV) => {
-            return Err(NetError::NoSuchInterface { step: step.to_string(), pid, iface: iface.to_string() })
+            return Err(NetError::NoSuchInterface {
+                step: step.to_string(),
+                pid,
+                iface: iface.to_string(),
+            })
         }
         Err(e) => return Err(io_err(&format!("looking up {iface}"), e.into())),
     };
 
-    let socket = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))))
-        .map_err(|e| io_err("opening a packet socket", e))?;
-    socket.bind(&link_addr(ifindex)?).map_err(|e| io_err(&format!("binding to {iface}"), e))?;
+    let socket = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))),
+    )
+    .map_err(|e| io_err("opening a packet socket", e))?;
+    socket
+        .bind(&link_addr(ifindex)?)
+        .map_err(|e| io_err(&format!("binding to {iface}"), e))?;
 
     let frame = build_garp_frame(ip, mac);
     for n in 0..count {
         if n > 0 {
             std::thread::sleep(GARP_INTERVAL);
         }
-        let sent = socket.send(&frame).map_err(|e| io_err(&format!("sending announcement {}", n + 1), e))?;
+        let sent = socket
+            .send(&frame)
+            .map_err(|e| io_err(&format!("sending announcement {}", n + 1), e))?;
         if sent != frame.len() {
-            return Err(io_err("sending", std::io::Error::other(format!("sent {sent} of {} bytes", frame.len()))));
+            return Err(io_err(
+                "sending",
+                std::io::Error::other(format!("sent {sent} of {} bytes", frame.len())),
+            ));
         }
     }
     Ok(())
@@ -136,7 +187,10 @@ fn link_addr(ifindex: u32) -> Result<SockAddr, NetError> {
         ll.sll_family = libc::AF_PACKET as libc::sa_family_t;
         ll.sll_protocol = ETH_P_ARP.to_be();
         ll.sll_ifindex = index;
-        Ok(SockAddr::new(storage, mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t))
+        Ok(SockAddr::new(
+            storage,
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        ))
     }
 }
 
@@ -146,7 +200,10 @@ mod tests {
 
     #[test]
     fn garp_frame_bytes() {
-        let frame = build_garp_frame(Ipv4Addr::new(198, 18, 0, 1), [0x02, 0x42, 0xc6, 0x12, 0x00, 0x01]);
+        let frame = build_garp_frame(
+            Ipv4Addr::new(198, 18, 0, 1),
+            [0x02, 0x42, 0xc6, 0x12, 0x00, 0x01],
+        );
         #[rustfmt::skip]
         let want: [u8; 42] = [
             0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // destination: broadcast

@@ -6,23 +6,47 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{step}: cannot run `{command}`: {cause}")]
-    Spawn { step: String, command: String, cause: io::Error },
+    Spawn {
+        step: String,
+        command: String,
+        cause: io::Error,
+    },
 
     /// The tool ran and failed; `stderr` holds its own lines, which say why.
-    #[error("{step}: `{command}` failed ({status}); stderr: {}", quote_lines(stderr))]
-    Tool { step: String, command: String, status: String, stderr: Vec<String> },
+    #[error(
+        "{step}: `{command}` failed ({status}); stderr: {}",
+        quote_lines(stderr)
+    )]
+    Tool {
+        step: String,
+        command: String,
+        status: String,
+        stderr: Vec<String>,
+    },
 
     #[error("{step}: `{command}` did not finish within {after:?} and was killed")]
-    Timeout { step: String, command: String, after: Duration },
+    Timeout {
+        step: String,
+        command: String,
+        after: Duration,
+    },
 
     #[error("{step}: cannot understand the output of `{command}`: {reason}")]
-    Parse { step: String, command: String, reason: String },
+    Parse {
+        step: String,
+        command: String,
+        reason: String,
+    },
 
     #[error("invalid interface name {name:?}: {reason}")]
     InvalidInterface { name: String, reason: &'static str },
 
     #[error("{step}: interface {iface:?} does not exist in the network namespace of pid {pid}")]
-    NoSuchInterface { step: String, pid: u32, iface: String },
+    NoSuchInterface {
+        step: String,
+        pid: u32,
+        iface: String,
+    },
 
     #[error("{step}: {cause}")]
     Io { step: String, cause: io::Error },

@@ -50,17 +50,31 @@ pub fn parse_ip_addr_json(json: &str) -> Result<Vec<Iface>, String> {
     let mut out = Vec::new();
     for link in links {
         let Some(name) = link.ifname else { continue };
-        if link.link_type.as_deref() == Some("loopback") || link.flags.iter().any(|f| f == "LOOPBACK") {
+        if link.link_type.as_deref() == Some("loopback")
+            || link.flags.iter().any(|f| f == "LOOPBACK")
+        {
             continue;
         }
         let mac = match (link.link_type.as_deref(), link.address.as_deref()) {
-            (Some("ether"), Some(addr)) => Some(parse_mac(addr).ok_or_else(|| format!("{name}: bad MAC {addr:?}"))?),
+            (Some("ether"), Some(addr)) => {
+                Some(parse_mac(addr).ok_or_else(|| format!("{name}: bad MAC {addr:?}"))?)
+            }
             _ => None,
         };
         let mut ipv4 = Vec::new();
-        for addr in link.addr_info.iter().filter(|a| a.family.as_deref() == Some("inet")) {
-            let Some(local) = addr.local.as_deref() else { continue };
-            ipv4.push(local.parse().map_err(|_| format!("{name}: bad IPv4 address {local:?}"))?);
+        for addr in link
+            .addr_info
+            .iter()
+            .filter(|a| a.family.as_deref() == Some("inet"))
+        {
+            let Some(local) = addr.local.as_deref() else {
+                continue;
+            };
+            ipv4.push(
+                local
+                    .parse()
+                    .map_err(|_| format!("{name}: bad IPv4 address {local:?}"))?,
+            );
         }
         out.push(Iface { name, mac, ipv4 });
     }
@@ -94,7 +108,11 @@ mod tests {
         assert_eq!(
             ifaces,
             vec![
-                Iface { name: "tunl0".into(), mac: None, ipv4: vec![] },
+                Iface {
+                    name: "tunl0".into(),
+                    mac: None,
+                    ipv4: vec![]
+                },
                 Iface {
                     name: "eth0".into(),
                     mac: Some([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
@@ -107,19 +125,38 @@ mod tests {
     #[test]
     fn empty_objects_are_skipped() {
         let ifaces = parse_ip_addr_json(FILTERED).unwrap();
-        assert_eq!(ifaces, vec![Iface { name: "eth0".into(), mac: Some([0x0a, 0, 0, 0, 0, 1]), ipv4: vec![] }]);
+        assert_eq!(
+            ifaces,
+            vec![Iface {
+                name: "eth0".into(),
+                mac: Some([0x0a, 0, 0, 0, 0, 1]),
+                ipv4: vec![]
+            }]
+        );
     }
 
     #[test]
     fn garbage_is_an_error() {
         assert!(parse_ip_addr_json("Device \"x\" does not exist.").is_err());
-        assert!(parse_ip_addr_json(r#"[{"ifname":"e","link_type":"ether","address":"zz:00:00:00:00:00"}]"#).is_err());
+        assert!(parse_ip_addr_json(
+            r#"[{"ifname":"e","link_type":"ether","address":"zz:00:00:00:00:00"}]"#
+        )
+        .is_err());
     }
 
     #[test]
     fn macs() {
-        assert_eq!(parse_mac("02:42:AC:11:00:02"), Some([0x02, 0x42, 0xac, 0x11, 0, 2]));
-        for bad in ["", "02:42:ac:11:00", "02:42:ac:11:00:02:03", "2:42:ac:11:00:02", "0g:42:ac:11:00:02"] {
+        assert_eq!(
+            parse_mac("02:42:AC:11:00:02"),
+            Some([0x02, 0x42, 0xac, 0x11, 0, 2])
+        );
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:02:03",
+            "2:42:ac:11:00:02",
+            "0g:42:ac:11:00:02",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }

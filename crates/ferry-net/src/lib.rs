@@ -19,5 +19,8 @@ mod tool;
 pub use arp::{build_garp_frame, gratuitous_arp, set_arp, GARP_INTERVAL};
 pub use error::NetError;
 pub use iface::{interfaces, parse_ip_addr_json, parse_mac, Iface};
+pub use lock::{
+    is_locked, lock, parse_iptables_save, remove_criu_lock, unlock, FilterTable, CRIU_CHAIN,
+    LOCK_CHAIN,
+};
 pub use repair::repair_off;
-pub use lock::{is_locked, lock, parse_iptables_save, remove_criu_lock, unlock, FilterTable, CRIU_CHAIN, LOCK_CHAIN};

@@ -61,19 +61,29 @@ impl FilterTable {
     }
 
     fn rules_of<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.rules.iter().filter(move |(c, _)| c == chain).map(|(_, r)| r.as_str())
+        self.rules
+            .iter()
+            .filter(move |(c, _)| c == chain)
+            .map(|(_, r)| r.as_str())
     }
 
     /// Every rule, in any chain but `target` itself, that jumps or goes to `target`.
-    fn references_to<'a>(&'a self, target: &'a str) -> impl Iterator<Item = &'a (String, String)> + 'a {
-        self.rules.iter().filter(move |(chain, spec)| chain != target && jumps_to(spec, target))
+    fn references_to<'a>(
+        &'a self,
+        target: &'a str,
+    ) -> impl Iterator<Item = &'a (String, String)> + 'a {
+        self.rules
+            .iter()
+            .filter(move |(chain, spec)| chain != target && jumps_to(spec, target))
     }
 
     /// In force only when every builtin chain sends packets to our chain first and it drops.
     pub fn is_locked(&self) -> bool {
         self.has_chain(LOCK_CHAIN)
             && self.rules_of(LOCK_CHAIN).eq(["-j DROP"])
-            && BUILTIN_CHAINS.iter().all(|chain| self.rules_of(chain).next() == Some(lock_jump().as_str()))
+            && BUILTIN_CHAINS
+                .iter()
+                .all(|chain| self.rules_of(chain).next() == Some(lock_jump().as_str()))
     }
 }
 
@@ -83,7 +93,9 @@ fn lock_jump() -> String {
 
 fn jumps_to(spec: &str, target: &str) -> bool {
     let words: Vec<&str> = spec.split_whitespace().collect();
-    words.windows(2).any(|w| matches!(w[0], "-j" | "--jump" | "-g" | "--goto") && w[1] == target)
+    words
+        .windows(2)
+        .any(|w| matches!(w[0], "-j" | "--jump" | "-g" | "--goto") && w[1] == target)
 }
 
 /// Parses the `*filter` section of `iptables-save` output; an absent section is an empty table.
@@ -105,11 +117,16 @@ pub fn parse_iptables_save(dump: &str) -> Result<FilterTable, String> {
         if line == "COMMIT" {
             in_filter = false;
         } else if let Some(decl) = line.strip_prefix(':') {
-            let chain = decl.split_whitespace().next().ok_or_else(|| format!("line {}: empty chain", n + 1))?;
+            let chain = decl
+                .split_whitespace()
+                .next()
+                .ok_or_else(|| format!("line {}: empty chain", n + 1))?;
             table.chains.push(chain.to_string());
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-            table.rules.push((chain.to_string(), spec.trim().to_string()));
+            table
+                .rules
+                .push((chain.to_string(), spec.trim().to_string()));
         } else {
             return Err(format!("line {}: unexpected {line:?}", n + 1));
         }
@@ -161,7 +178,15 @@ async fn read_table(step: &str, pid: u32, family: Family) -> Result<FilterTable,
 
 async fn apply(step: &str, pid: u32, family: Family, script: &str) -> Result<(), NetError> {
     tracing::debug!(pid, ?family, script, "{step}");
-    tool::in_netns(step, pid, family.restore(), &["-w", "5", "--noflush"], Some(script.as_bytes())).await.map(drop)
+    tool::in_netns(
+        step,
+        pid,
+        family.restore(),
+        &["-w", "5", "--noflush"],
+        Some(script.as_bytes()),
+    )
+    .await
+    .map(drop)
 }
 
 /// Holds the network of a frozen source silent from freeze until commit or rollback.
@@ -179,7 +204,9 @@ pub async fn lock(pid: u32) -> Result<(), NetError> {
             if table.is_locked() {
                 return Ok(false);
             }
-            apply(&step, pid, family, &lock_script(&table)).await.map(|()| true)
+            apply(&step, pid, family, &lock_script(&table))
+                .await
+                .map(|()| true)
         }
         .await;
         match result {
@@ -289,7 +316,10 @@ COMMIT
         let t = parse_iptables_save(LOCKED).unwrap();
         assert_eq!(t.chains, ["INPUT", "FORWARD", "OUTPUT", "FERRY-LOCK"]);
         assert_eq!(t.rules.len(), 5);
-        assert_eq!(t.rules[1].1, "-p tcp -m tcp --dport 22 -m comment --comment \"keep me\" -j ACCEPT");
+        assert_eq!(
+            t.rules[1].1,
+            "-p tcp -m tcp --dport 22 -m comment --comment \"keep me\" -j ACCEPT"
+        );
         assert!(t.is_locked());
         assert_eq!(parse_iptables_save("").unwrap(), FilterTable::default());
         assert!(parse_iptables_save("*filter\nbogus\nCOMMIT\n").is_err());
@@ -298,8 +328,12 @@ COMMIT
     #[test]
     fn lock_state() {
         assert!(!parse_iptables_save(CRIU).unwrap().is_locked());
-        let not_first = LOCKED.replace("-A INPUT -j FERRY-LOCK\n-A INPUT -p tcp", "-A INPUT -p tcp");
-        let not_first = not_first.replace("COMMIT\n# Completed", "-A INPUT -j FERRY-LOCK\nCOMMIT\n# Completed");
+        let not_first =
+            LOCKED.replace("-A INPUT -j FERRY-LOCK\n-A INPUT -p tcp", "-A INPUT -p tcp");
+        let not_first = not_first.replace(
+            "COMMIT\n# Completed",
+            "-A INPUT -j FERRY-LOCK\nCOMMIT\n# Completed",
+        );
         assert!(!parse_iptables_save(&not_first).unwrap().is_locked());
         let no_drop = LOCKED.replace("-A FERRY-LOCK -j DROP\n", "");
         assert!(!parse_iptables_save(&no_drop).unwrap().is_locked());

@@ -34,15 +34,26 @@ pub(crate) async fn run(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String, NetError> {
-    let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|cause| NetError::Spawn { step: step.to_string(), command: command.clone(), cause })?;
+        .map_err(|cause| NetError::Spawn {
+            step: step.to_string(),
+            command: command.clone(),
+            cause,
+        })?;
 
     let mut child_stdin = child.stdin.take();
     let mut child_stdout = child.stdout.take();
@@ -56,8 +67,12 @@ pub(crate) async fn run(
                 let _ = pipe.write_all(input).await;
             }
         };
-        let (_, out, err, status) =
-            tokio::join!(write, read_all(child_stdout.as_mut()), read_all(child_stderr.as_mut()), child.wait());
+        let (_, out, err, status) = tokio::join!(
+            write,
+            read_all(child_stdout.as_mut()),
+            read_all(child_stderr.as_mut()),
+            child.wait()
+        );
         (out, err, status)
     })
     .await;
@@ -67,12 +82,25 @@ pub(crate) async fn run(
         Err(_) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            return Err(NetError::Timeout { step: step.to_string(), command, after: timeout });
+            return Err(NetError::Timeout {
+                step: step.to_string(),
+                command,
+                after: timeout,
+            });
         }
     };
-    let status = status.map_err(|cause| NetError::Io { step: format!("{step}: waiting for `{command}`"), cause })?;
-    let stdout = out.map_err(|cause| NetError::Io { step: format!("{step}: reading stdout of `{command}`"), cause })?;
-    let stderr = err.map_err(|cause| NetError::Io { step: format!("{step}: reading stderr of `{command}`"), cause })?;
+    let status = status.map_err(|cause| NetError::Io {
+        step: format!("{step}: waiting for `{command}`"),
+        cause,
+    })?;
+    let stdout = out.map_err(|cause| NetError::Io {
+        step: format!("{step}: reading stdout of `{command}`"),
+        cause,
+    })?;
+    let stderr = err.map_err(|cause| NetError::Io {
+        step: format!("{step}: reading stderr of `{command}`"),
+        cause,
+    })?;
 
     if !status.success() {
         let stderr = String::from_utf8_lossy(&stderr)
@@ -81,7 +109,12 @@ pub(crate) async fn run(
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect();
-        return Err(NetError::Tool { step: step.to_string(), command, status: status.to_string(), stderr });
+        return Err(NetError::Tool {
+            step: step.to_string(),
+            command,
+            status: status.to_string(),
+            stderr,
+        });
     }
     String::from_utf8(stdout).map_err(|_| NetError::Parse {
         step: step.to_string(),
@@ -90,7 +123,9 @@ pub(crate) async fn run(
     })
 }
 
-async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<&mut R>) -> std::io::Result<Vec<u8>> {
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(
+    pipe: Option<&mut R>,
+) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     if let Some(pipe) = pipe {
         pipe.read_to_end(&mut buf).await?;
@@ -104,31 +139,52 @@ mod tests {
 
     #[tokio::test]
     async fn stdout_and_stdin() {
-        let out = run("echo", "cat", &[], Some(b"hi\n"), TOOL_TIMEOUT).await.unwrap();
+        let out = run("echo", "cat", &[], Some(b"hi\n"), TOOL_TIMEOUT)
+            .await
+            .unwrap();
         assert_eq!(out, "hi\n");
     }
 
     #[tokio::test]
     async fn failure_quotes_stderr() {
-        let err = run("testing", "sh", &["-c", "echo first >&2; echo second >&2; exit 3"], None, TOOL_TIMEOUT)
-            .await
-            .unwrap_err();
+        let err = run(
+            "testing",
+            "sh",
+            &["-c", "echo first >&2; echo second >&2; exit 3"],
+            None,
+            TOOL_TIMEOUT,
+        )
+        .await
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("testing: `sh -c"), "{msg}");
-        assert!(msg.contains("exit status: 3") && msg.ends_with("stderr: first | second"), "{msg}");
+        assert!(
+            msg.contains("exit status: 3") && msg.ends_with("stderr: first | second"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]
     async fn timeout_kills_and_reaps() {
         let start = std::time::Instant::now();
-        let err = run("waiting", "sleep", &["30"], None, Duration::from_millis(200)).await.unwrap_err();
+        let err = run(
+            "waiting",
+            "sleep",
+            &["30"],
+            None,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, NetError::Timeout { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
     async fn missing_program() {
-        let err = run("x", "/nonexistent/tool", &[], None, TOOL_TIMEOUT).await.unwrap_err();
+        let err = run("x", "/nonexistent/tool", &[], None, TOOL_TIMEOUT)
+            .await
+            .unwrap_err();
         assert!(matches!(err, NetError::Spawn { .. }), "{err}");
     }
 }

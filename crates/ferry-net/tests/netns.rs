@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_net::{
-    build_garp_frame, gratuitous_arp, interfaces, is_locked, lock, remove_criu_lock, set_arp, unlock, Iface, NetError,
+    build_garp_frame, gratuitous_arp, interfaces, is_locked, lock, remove_criu_lock, set_arp,
+    unlock, Iface, NetError,
 };
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -33,13 +34,22 @@ impl TestNet {
             return None;
         }
         let base = format!("ferrytest-net-{}-{tag}", std::process::id());
-        let mut net = TestNet { a: format!("{base}-a"), b: format!("{base}-b"), sleeper: None };
+        let mut net = TestNet {
+            a: format!("{base}-a"),
+            b: format!("{base}-b"),
+            sleeper: None,
+        };
         for ns in [&net.a, &net.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             sh(&["ip", "netns", "add", ns]);
         }
         let (a, b) = (net.a.clone(), net.b.clone());
-        sh(&["ip", "-n", &a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &b]);
+        sh(&[
+            "ip", "-n", &a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &b,
+        ]);
         sh(&["ip", "-n", &a, "link", "set", "va", "address", A_MAC_STR]);
         sh(&["ip", "-n", &a, "addr", "add", "198.18.0.1/24", "dev", "va"]);
         sh(&["ip", "-n", &b, "addr", "add", "198.18.0.2/24", "dev", "vb"]);
@@ -59,7 +69,11 @@ impl TestNet {
         // `ip netns exec` enters the namespace before exec'ing sleep; wait until it has.
         let want = std::fs::metadata(format!("/run/netns/{a}")).unwrap().ino();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() != Some(want) {
+        while std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map(|m| m.ino())
+            .ok()
+            != Some(want)
+        {
             assert!(Instant::now() < deadline, "sleep never entered {a}");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -77,13 +91,28 @@ impl TestNet {
     /// A TCP handshake from `b` to `a`: needs ARP and IP in both directions.
     fn connect_from_b(&self, port: u16, timeout: Duration) -> std::io::Result<()> {
         let addr = SocketAddr::from((A_IP, port));
-        in_ns(&self.b, move || TcpStream::connect_timeout(&addr, timeout).map(drop))
+        in_ns(&self.b, move || {
+            TcpStream::connect_timeout(&addr, timeout).map(drop)
+        })
     }
 
     fn neigh_in_b(&self) -> serde_json::Value {
-        let out = sh(&["ip", "-n", &self.b, "-j", "neigh", "show", "198.18.0.1", "dev", "vb"]);
+        let out = sh(&[
+            "ip",
+            "-n",
+            &self.b,
+            "-j",
+            "neigh",
+            "show",
+            "198.18.0.1",
+            "dev",
+            "vb",
+        ]);
         let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        entries.into_iter().next().unwrap_or(serde_json::Value::Null)
+        entries
+            .into_iter()
+            .next()
+            .unwrap_or(serde_json::Value::Null)
     }
 
     fn save_in_a(&self, tool: &str) -> String {
@@ -104,15 +133,32 @@ impl Drop for TestNet {
 }
 
 fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().unwrap();
-    assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn sh_stdin(argv: &[&str], input: &str) {
     use std::io::Write;
-    let mut child = Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "{argv:?}");
 }
 
@@ -134,18 +180,32 @@ fn thread_netns() -> u64 {
 
 #[tokio::test]
 async fn interfaces_of_the_namespace() {
-    let Some(net) = TestNet::new("ifaces") else { return };
+    let Some(net) = TestNet::new("ifaces") else {
+        return;
+    };
     let ifaces = interfaces(net.pid()).await.unwrap();
-    assert_eq!(ifaces, vec![Iface { name: "va".into(), mac: Some(A_MAC), ipv4: vec![A_IP] }]);
+    assert_eq!(
+        ifaces,
+        vec![Iface {
+            name: "va".into(),
+            mac: Some(A_MAC),
+            ipv4: vec![A_IP]
+        }]
+    );
 }
 
 #[tokio::test]
 async fn lock_silences_and_unlock_restores() {
-    let Some(net) = TestNet::new("lock") else { return };
+    let Some(net) = TestNet::new("lock") else {
+        return;
+    };
     let pid = net.pid();
     let listener = net.listen_in_a();
     let port = listener.local_addr().unwrap().port();
-    sh(&["ip", "netns", "exec", &net.a, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"]);
+    sh(&[
+        "ip", "netns", "exec", &net.a, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9",
+        "-j", "ACCEPT",
+    ]);
 
     net.connect_from_b(port, Duration::from_secs(3)).unwrap();
     assert!(!is_locked(pid).await.unwrap());
@@ -155,10 +215,17 @@ async fn lock_silences_and_unlock_restores() {
     assert!(is_locked(pid).await.unwrap());
     let v4 = net.save_in_a("iptables-save");
     assert_eq!(v4.matches("-j FERRY-LOCK").count(), 3, "{v4}");
-    assert!(v4.contains("-A INPUT -j FERRY-LOCK\n-A INPUT -p tcp"), "jump must come first:\n{v4}");
-    assert!(net.save_in_a("ip6tables-save").contains("-A OUTPUT -j FERRY-LOCK"));
+    assert!(
+        v4.contains("-A INPUT -j FERRY-LOCK\n-A INPUT -p tcp"),
+        "jump must come first:\n{v4}"
+    );
+    assert!(net
+        .save_in_a("ip6tables-save")
+        .contains("-A OUTPUT -j FERRY-LOCK"));
 
-    let err = net.connect_from_b(port, Duration::from_secs(1)).unwrap_err();
+    let err = net
+        .connect_from_b(port, Duration::from_secs(1))
+        .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
 
     unlock(pid).await.unwrap();
@@ -166,14 +233,19 @@ async fn lock_silences_and_unlock_restores() {
     assert!(!is_locked(pid).await.unwrap());
     let v4 = net.save_in_a("iptables-save");
     assert!(!v4.contains("FERRY-LOCK"), "{v4}");
-    assert!(v4.contains("-A INPUT -p tcp -m tcp --dport 9 -j ACCEPT"), "unrelated rule lost:\n{v4}");
+    assert!(
+        v4.contains("-A INPUT -p tcp -m tcp --dport 9 -j ACCEPT"),
+        "unrelated rule lost:\n{v4}"
+    );
     assert!(!net.save_in_a("ip6tables-save").contains("FERRY-LOCK"));
     net.connect_from_b(port, Duration::from_secs(3)).unwrap();
 }
 
 #[tokio::test]
 async fn leftover_criu_lock_is_removed() {
-    let Some(net) = TestNet::new("criu") else { return };
+    let Some(net) = TestNet::new("criu") else {
+        return;
+    };
     let pid = net.pid();
     let listener = net.listen_in_a();
     let port = listener.local_addr().unwrap().port();
@@ -183,9 +255,13 @@ async fn leftover_criu_lock_is_removed() {
     let criu = "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n\
                 -A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
     for tool in ["iptables-restore", "ip6tables-restore"] {
-        sh_stdin(&["ip", "netns", "exec", &net.a, tool, "-w", "--noflush"], criu);
+        sh_stdin(
+            &["ip", "netns", "exec", &net.a, tool, "-w", "--noflush"],
+            criu,
+        );
     }
-    net.connect_from_b(port, Duration::from_secs(1)).unwrap_err();
+    net.connect_from_b(port, Duration::from_secs(1))
+        .unwrap_err();
 
     assert!(remove_criu_lock(pid).await.unwrap());
     assert!(!remove_criu_lock(pid).await.unwrap());
@@ -196,7 +272,9 @@ async fn leftover_criu_lock_is_removed() {
 
 #[tokio::test]
 async fn arp_off_stops_replies() {
-    let Some(net) = TestNet::new("arp") else { return };
+    let Some(net) = TestNet::new("arp") else {
+        return;
+    };
     let pid = net.pid();
     let listener = net.listen_in_a();
     let port = listener.local_addr().unwrap().port();
@@ -205,9 +283,13 @@ async fn arp_off_stops_replies() {
 
     set_arp(pid, "va", false).await.unwrap();
     sh(&["ip", "-n", &net.b, "neigh", "flush", "dev", "vb"]);
-    net.connect_from_b(port, Duration::from_secs(2)).unwrap_err();
+    net.connect_from_b(port, Duration::from_secs(2))
+        .unwrap_err();
     let neigh = net.neigh_in_b();
-    assert!(neigh.get("lladdr").is_none(), "a is still resolvable: {neigh}");
+    assert!(
+        neigh.get("lladdr").is_none(),
+        "a is still resolvable: {neigh}"
+    );
 
     set_arp(pid, "va", true).await.unwrap();
     net.connect_from_b(port, Duration::from_secs(5)).unwrap();
@@ -216,10 +298,16 @@ async fn arp_off_stops_replies() {
 
 #[tokio::test]
 async fn gratuitous_arp_reaches_and_updates_the_peer() {
-    let Some(net) = TestNet::new("garp") else { return };
+    let Some(net) = TestNet::new("garp") else {
+        return;
+    };
     let pid = net.pid();
     let listener = net.listen_in_a();
-    net.connect_from_b(listener.local_addr().unwrap().port(), Duration::from_secs(3)).unwrap();
+    net.connect_from_b(
+        listener.local_addr().unwrap().port(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert_eq!(net.neigh_in_b()["lladdr"], A_MAC_STR);
 
     let new_mac = [0x02, 0x00, 0xc6, 0x12, 0xbe, 0xef];
@@ -228,15 +316,21 @@ async fn gratuitous_arp_reaches_and_updates_the_peer() {
     let capture = std::thread::spawn(move || {
         in_ns(&b, move || {
             let proto = socket2::Protocol::from(i32::from(0x0806u16.to_be()));
-            let sock = socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(proto)).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let sock =
+                socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(proto))
+                    .unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             ready_tx.send(()).unwrap();
             let mut frames = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(5);
             while frames.len() < 3 && Instant::now() < deadline {
                 let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1600];
                 if let Ok(n) = sock.recv(&mut buf) {
-                    let frame: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                    let frame: Vec<u8> = buf[..n]
+                        .iter()
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
                     if frame.get(6..12) == Some(&new_mac[..]) {
                         frames.push(frame);
                     }
@@ -249,7 +343,11 @@ async fn gratuitous_arp_reaches_and_updates_the_peer() {
 
     let before = thread_netns();
     gratuitous_arp(pid, "va", A_IP, new_mac, 3).await.unwrap();
-    assert_eq!(thread_netns(), before, "the caller's thread must stay in its namespace");
+    assert_eq!(
+        thread_netns(),
+        before,
+        "the caller's thread must stay in its namespace"
+    );
 
     let frames = capture.join().unwrap();
     assert_eq!(frames.len(), 3, "expected three announcements");
@@ -262,7 +360,9 @@ async fn gratuitous_arp_reaches_and_updates_the_peer() {
 
 #[tokio::test]
 async fn errors_say_what_and_why() {
-    let Some(net) = TestNet::new("err") else { return };
+    let Some(net) = TestNet::new("err") else {
+        return;
+    };
     let pid = net.pid();
 
     let err = interfaces(999_999_999).await.unwrap_err();
@@ -270,11 +370,21 @@ async fn errors_say_what_and_why() {
     assert!(err.to_string().contains("/proc/999999999/ns/net"), "{err}");
 
     let err = set_arp(pid, "nope0", false).await.unwrap_err();
-    assert!(err.to_string().ends_with("stderr: Cannot find device \"nope0\""), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("stderr: Cannot find device \"nope0\""),
+        "{err}"
+    );
 
-    let err = gratuitous_arp(pid, "nope0", A_IP, A_MAC, 1).await.unwrap_err();
+    let err = gratuitous_arp(pid, "nope0", A_IP, A_MAC, 1)
+        .await
+        .unwrap_err();
     assert!(matches!(err, NetError::NoSuchInterface { .. }), "{err}");
 
     let err = lock(999_999_999).await.unwrap_err();
-    assert!(err.to_string().starts_with("locking the network of pid 999999999"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("locking the network of pid 999999999"),
+        "{err}"
+    );
 }

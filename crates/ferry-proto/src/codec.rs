@@ -39,17 +39,25 @@ pub struct Frame {
 impl Frame {
     pub fn control(msg: &crate::msg::Message) -> Result<Frame, ProtoError> {
         let payload = serde_json::to_vec(msg).map_err(|e| ProtoError::Json(e.to_string()))?;
-        Ok(Frame { kind: FrameKind::Control, payload: Bytes::from(payload) })
+        Ok(Frame {
+            kind: FrameKind::Control,
+            payload: Bytes::from(payload),
+        })
     }
 
     pub fn data(payload: Bytes) -> Frame {
-        Frame { kind: FrameKind::Data, payload }
+        Frame {
+            kind: FrameKind::Data,
+            payload,
+        }
     }
 
     /// Parses a control frame's JSON; a data frame where a message was expected is an error.
     pub fn into_message(self) -> Result<crate::msg::Message, ProtoError> {
         match self.kind {
-            FrameKind::Control => serde_json::from_slice(&self.payload).map_err(|e| ProtoError::Json(e.to_string())),
+            FrameKind::Control => {
+                serde_json::from_slice(&self.payload).map_err(|e| ProtoError::Json(e.to_string()))
+            }
             FrameKind::Data => Err(ProtoError::UnexpectedData),
         }
     }
@@ -203,7 +211,10 @@ mod tests {
     fn encoding_oversized_payload_is_refused() {
         let frame = Frame::data(Bytes::from(vec![0u8; MAX_FRAME_PAYLOAD + 1]));
         let mut buf = BytesMut::new();
-        assert_eq!(encode(&frame, &mut buf), Err(ProtoError::TooLarge(MAX_FRAME_PAYLOAD + 1)));
+        assert_eq!(
+            encode(&frame, &mut buf),
+            Err(ProtoError::TooLarge(MAX_FRAME_PAYLOAD + 1))
+        );
         assert!(buf.is_empty());
     }
 }

@@ -8,13 +8,21 @@ use crate::report::{Event, Report};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    Hello { protocol: u32, purpose: Purpose },
-    HelloOk { protocol: u32, agent: String },
+    Hello {
+        protocol: u32,
+        purpose: Purpose,
+    },
+    HelloOk {
+        protocol: u32,
+        agent: String,
+    },
     Error(ErrorInfo),
 
     /// Ask an agent about its host. `cpuinfo` is the peer's `criu cpuinfo dump` image: when
     /// given, the agent also checks that a checkpoint from that CPU can run on its own.
-    Check { cpuinfo: Option<Vec<u8>> },
+    Check {
+        cpuinfo: Option<Vec<u8>>,
+    },
     CheckReply(HostFacts),
 
     /// CLI → source agent: start a migration; answered by `Event`s and one final `Report`.
@@ -26,36 +34,64 @@ pub enum Message {
 
     /// Source agent → target agent on a `Control` channel.
     Prepare(PrepareRequest),
-    Prepared { container_id: String },
+    Prepared {
+        container_id: String,
+    },
     Restore,
     Restored(RestoreInfo),
     Commit,
     Committed,
     Abort,
-    Aborted { detail: String },
+    Aborted {
+        detail: String,
+    },
     /// Asked on a fresh connection when a control channel broke at an uncertain moment.
-    Status { migration_id: String },
-    StatusReply { state: TargetState },
+    Status {
+        migration_id: String,
+    },
+    StatusReply {
+        state: TargetState,
+    },
 
     /// On an `Images` channel: a file follows as `Data` frames, closed by `FileEnd`.
-    FileStart { path: String, size: u64, mode: u32 },
-    FileEnd { sha256: String },
-    ImagesDone { files: u64, bytes: u64 },
-    ImagesReceived { files: u64, bytes: u64 },
+    FileStart {
+        path: String,
+        size: u64,
+        mode: u32,
+    },
+    FileEnd {
+        sha256: String,
+    },
+    ImagesDone {
+        files: u64,
+        bytes: u64,
+    },
+    ImagesReceived {
+        files: u64,
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Purpose {
     Cli,
-    Control { migration_id: String },
-    Images { migration_id: String },
+    Control {
+        migration_id: String,
+    },
+    Images {
+        migration_id: String,
+    },
     /// Post-copy: a byte tunnel from the target's CRIU lazy-pages daemon to the source's CRIU
     /// page server, which itself only ever listens on the source's loopback.
-    Pages { migration_id: String },
+    Pages {
+        migration_id: String,
+    },
     /// The target pulls an image it lacks from the source (`docker save` streamed as `Data`
     /// frames, closed by `ImagesDone`).
-    Image { image_id: String },
+    Image {
+        image_id: String,
+    },
 }
 
 /// A failure as it crosses the wire: which step, what happened, and the failing tool's own log
@@ -224,8 +260,15 @@ mod tests {
     #[test]
     fn messages_round_trip_through_frames() {
         let msgs = vec![
-            Message::Hello { protocol: 1, purpose: Purpose::Images { migration_id: "m1".into() } },
-            Message::Check { cpuinfo: Some(vec![1, 2, 3]) },
+            Message::Hello {
+                protocol: 1,
+                purpose: Purpose::Images {
+                    migration_id: "m1".into(),
+                },
+            },
+            Message::Check {
+                cpuinfo: Some(vec![1, 2, 3]),
+            },
             Message::Migrate(MigrateRequest {
                 container: "redis".into(),
                 target: "198.18.0.2:7070".into(),
@@ -233,8 +276,14 @@ mod tests {
                 step_timeout_s: 60,
                 fault: Some(Fault::TargetRestore),
             }),
-            Message::Error(ErrorInfo { step: "restore".into(), message: "x".into(), tool_log: vec!["Error (criu)".into()] }),
-            Message::StatusReply { state: TargetState::Restored },
+            Message::Error(ErrorInfo {
+                step: "restore".into(),
+                message: "x".into(),
+                tool_log: vec!["Error (criu)".into()],
+            }),
+            Message::StatusReply {
+                state: TargetState::Restored,
+            },
         ];
         for m in msgs {
             let f = Frame::control(&m).unwrap();
@@ -244,7 +293,10 @@ mod tests {
 
     #[test]
     fn strategy_names_are_kebab_case() {
-        assert_eq!(serde_json::to_string(&Strategy::StopAndCopy).unwrap(), "\"stop-and-copy\"");
+        assert_eq!(
+            serde_json::to_string(&Strategy::StopAndCopy).unwrap(),
+            "\"stop-and-copy\""
+        );
         assert_eq!(Strategy::PostCopy.as_str(), "post-copy");
     }
 }

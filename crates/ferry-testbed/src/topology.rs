@@ -110,7 +110,17 @@ pub(crate) async fn create_shared() -> Result<(), TestbedError> {
         step,
         // Short MAC ageing: a test that starts a container again on the host it left, with the
         // same MAC and no frame sent yet, must not wait minutes for the switch to forget.
-        &["-n", BRIDGE_NETNS, "link", "add", "br0", "type", "bridge", "ageing_time", "200"],
+        &[
+            "-n",
+            BRIDGE_NETNS,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "200",
+        ],
     )
     .await?;
     ip(step, &["-n", BRIDGE_NETNS, "link", "set", "br0", "up"]).await?;

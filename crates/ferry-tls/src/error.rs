@@ -14,7 +14,11 @@ pub enum TlsError {
     DuplicateName(String),
 
     #[error("{step} {}: {cause}", path.display())]
-    Io { step: &'static str, path: PathBuf, cause: io::Error },
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        cause: io::Error,
+    },
 
     /// A file exists but its content is unusable; `reason` says what is wrong with it.
     #[error("{}: {reason}", path.display())]
@@ -24,7 +28,10 @@ pub enum TlsError {
     Generate { step: String, cause: rcgen::Error },
 
     #[error("{step}: {cause}")]
-    Rustls { step: &'static str, cause: rustls::Error },
+    Rustls {
+        step: &'static str,
+        cause: rustls::Error,
+    },
 
     #[error("building the client-certificate verifier: {0}")]
     Verifier(rustls::server::VerifierBuilderError),
@@ -39,7 +46,11 @@ pub enum TlsError {
     Handshake { peer: SocketAddr, cause: io::Error },
 
     #[error("{step} with {peer} timed out after {after:?}")]
-    Timeout { step: &'static str, peer: SocketAddr, after: Duration },
+    Timeout {
+        step: &'static str,
+        peer: SocketAddr,
+        after: Duration,
+    },
 
     #[error("peer {peer} presented an unusable certificate: {reason}")]
     PeerIdentity { peer: SocketAddr, reason: String },
@@ -47,14 +58,24 @@ pub enum TlsError {
 
 impl TlsError {
     pub(crate) fn io(step: &'static str, path: impl Into<PathBuf>, cause: io::Error) -> Self {
-        TlsError::Io { step, path: path.into(), cause }
+        TlsError::Io {
+            step,
+            path: path.into(),
+            cause,
+        }
     }
 
     pub(crate) fn bad(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        TlsError::BadFile { path: path.into(), reason: reason.into() }
+        TlsError::BadFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn generate(step: impl Into<String>, cause: rcgen::Error) -> Self {
-        TlsError::Generate { step: step.into(), cause }
+        TlsError::Generate {
+            step: step.into(),
+            cause,
+        }
     }
 }

@@ -106,18 +106,33 @@ pub fn load_identity(tls_dir: &Path) -> Result<TlsIdentity, TlsError> {
         .map_err(|e| TlsError::bad(&key_path, format!("no usable private key: {e}")))?;
 
     let provider = provider();
-    CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
-        .map_err(|e| TlsError::bad(&key_path, format!("does not match {}: {e}", cert_path.display())))?;
+    CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(|e| {
+        TlsError::bad(
+            &key_path,
+            format!("does not match {}: {e}", cert_path.display()),
+        )
+    })?;
 
     let store = root_store(&roots).map_err(|reason| TlsError::bad(&ca_path, reason))?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider).build().map_err(TlsError::Verifier)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+        .build()
+        .map_err(TlsError::Verifier)?;
     verifier
         .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-        .map_err(|e| TlsError::bad(&cert_path, format!("not accepted under {}: {e}", ca_path.display())))?;
+        .map_err(|e| {
+            TlsError::bad(
+                &cert_path,
+                format!("not accepted under {}: {e}", ca_path.display()),
+            )
+        })?;
 
     let common_name = common_name(&chain[0]).map_err(|reason| TlsError::bad(&cert_path, reason))?;
-    Ok(TlsIdentity { roots, chain, key, common_name })
+    Ok(TlsIdentity {
+        roots,
+        chain,
+        key,
+        common_name,
+    })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -134,42 +149,69 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     for cert in roots {
-        store.add(cert.clone()).map_err(|e| format!("not a usable CA certificate: {e}"))?;
+        store
+            .add(cert.clone())
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
     }
     Ok(store)
 }
 
 fn common_name(der: &CertificateDer<'_>) -> Result<String, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unparsable certificate: {e}"))?;
-    let cn = cert.subject().iter_common_name().next().ok_or("certificate has no common name")?;
-    cn.as_str().map(str::to_owned).map_err(|e| format!("common name is not a string: {e}"))
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or("certificate has no common name")?;
+    cn.as_str()
+        .map(str::to_owned)
+        .map_err(|e| format!("common name is not a string: {e}"))
 }
 
 /// Agent side: requires a client certificate issued by the project CA.
 pub fn server_config(id: &TlsIdentity) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let store = root_store(&id.roots).map_err(|reason| TlsError::BadFile { path: "ca.pem".into(), reason })?;
+    let store = root_store(&id.roots).map_err(|reason| TlsError::BadFile {
+        path: "ca.pem".into(),
+        reason,
+    })?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|cause| TlsError::Rustls { step: "selecting TLS 1.3", cause })?
+        .map_err(|cause| TlsError::Rustls {
+            step: "selecting TLS 1.3",
+            cause,
+        })?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|cause| TlsError::Rustls { step: "installing the server certificate", cause })?;
+        .map_err(|cause| TlsError::Rustls {
+            step: "installing the server certificate",
+            cause,
+        })?;
     Ok(Arc::new(config))
 }
 
 /// Dialing side (CLI, or an agent calling another): trusts only the project CA.
 pub fn client_config(id: &TlsIdentity) -> Result<Arc<ClientConfig>, TlsError> {
-    let store = root_store(&id.roots).map_err(|reason| TlsError::BadFile { path: "ca.pem".into(), reason })?;
+    let store = root_store(&id.roots).map_err(|reason| TlsError::BadFile {
+        path: "ca.pem".into(),
+        reason,
+    })?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|cause| TlsError::Rustls { step: "selecting TLS 1.3", cause })?
+        .map_err(|cause| TlsError::Rustls {
+            step: "selecting TLS 1.3",
+            cause,
+        })?
         .with_root_certificates(store)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|cause| TlsError::Rustls { step: "installing the client certificate", cause })?;
+        .map_err(|cause| TlsError::Rustls {
+            step: "installing the client certificate",
+            cause,
+        })?;
     Ok(Arc::new(config))
 }
 
@@ -184,19 +226,27 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
     let deadline = Instant::now() + timeout;
-    let timed_out = |step| TlsError::Timeout { step, peer: addr, after: timeout };
+    let timed_out = |step| TlsError::Timeout {
+        step,
+        peer: addr,
+        after: timeout,
+    };
 
     let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| timed_out("TCP connect"))?
         .map_err(|cause| TlsError::Connect { addr, cause })?;
-    tcp.set_nodelay(true).map_err(|cause| TlsError::Connect { addr, cause })?;
+    tcp.set_nodelay(true)
+        .map_err(|cause| TlsError::Connect { addr, cause })?;
 
     let name = ServerName::IpAddress(addr.ip().into());
-    tokio::time::timeout_at(deadline, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
-        .await
-        .map_err(|_| timed_out("TLS handshake"))?
-        .map_err(|cause| TlsError::Handshake { peer: addr, cause })
+    tokio::time::timeout_at(
+        deadline,
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| timed_out("TLS handshake"))?
+    .map_err(|cause| TlsError::Handshake { peer: addr, cause })
 }
 
 /// Completes the server side of the handshake on an accepted socket and reports who the
@@ -207,26 +257,40 @@ pub async fn accept(
     timeout: Duration,
 ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), TlsError> {
     let peer = tcp.peer_addr().map_err(TlsError::PeerAddr)?;
-    tcp.set_nodelay(true).map_err(|cause| TlsError::Handshake { peer, cause })?;
+    tcp.set_nodelay(true)
+        .map_err(|cause| TlsError::Handshake { peer, cause })?;
     let stream = tokio::time::timeout(timeout, acceptor.accept(tcp))
         .await
-        .map_err(|_| TlsError::Timeout { step: "TLS handshake", peer, after: timeout })?
+        .map_err(|_| TlsError::Timeout {
+            step: "TLS handshake",
+            peer,
+            after: timeout,
+        })?
         .map_err(|cause| TlsError::Handshake { peer, cause })?;
     let identity = peer_identity(stream.get_ref().1.peer_certificates(), peer)?;
     Ok((stream, identity))
 }
 
 /// Who answered a [`connect`]; agents use it to log which peer they reached.
-pub fn server_identity(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Result<PeerIdentity, TlsError> {
+pub fn server_identity(
+    stream: &tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<PeerIdentity, TlsError> {
     let (tcp, conn) = stream.get_ref();
     let peer = tcp.peer_addr().map_err(TlsError::PeerAddr)?;
     peer_identity(conn.peer_certificates(), peer)
 }
 
-fn peer_identity(certs: Option<&[CertificateDer<'static>]>, peer: SocketAddr) -> Result<PeerIdentity, TlsError> {
+fn peer_identity(
+    certs: Option<&[CertificateDer<'static>]>,
+    peer: SocketAddr,
+) -> Result<PeerIdentity, TlsError> {
     let leaf = certs
         .and_then(|c| c.first())
-        .ok_or_else(|| TlsError::PeerIdentity { peer, reason: "no certificate".into() })?;
-    let common_name = common_name(leaf).map_err(|reason| TlsError::PeerIdentity { peer, reason })?;
+        .ok_or_else(|| TlsError::PeerIdentity {
+            peer,
+            reason: "no certificate".into(),
+        })?;
+    let common_name =
+        common_name(leaf).map_err(|reason| TlsError::PeerIdentity { peer, reason })?;
     Ok(PeerIdentity { common_name })
 }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -53,7 +53,12 @@ pub fn init_pki(dir: &Path, agents: &[(String, IpAddr)]) -> Result<PkiSummary, T
     fs::create_dir_all(dir).map_err(|e| TlsError::io("creating", dir, e))?;
 
     let (ca, ca_created) = load_or_create_ca(dir)?;
-    let mut summary = PkiSummary { dir: dir.to_path_buf(), ca_created, created: Vec::new(), kept: Vec::new() };
+    let mut summary = PkiSummary {
+        dir: dir.to_path_buf(),
+        ca_created,
+        created: Vec::new(),
+        kept: Vec::new(),
+    };
 
     for (name, ip) in agents {
         let leaf = LeafSpec::Agent { name, ip: *ip };
@@ -85,7 +90,12 @@ fn validate_names(agents: &[(String, IpAddr)]) -> Result<(), TlsError> {
 /// Names become directory names, certificate CNs and DNS SANs, so they are held to the
 /// intersection of what all three accept.
 fn validate_name(name: &str) -> Result<(), TlsError> {
-    let invalid = |reason| Err(TlsError::InvalidName { name: name.to_string(), reason });
+    let invalid = |reason| {
+        Err(TlsError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return invalid("empty");
     }
@@ -98,7 +108,10 @@ fn validate_name(name: &str) -> Result<(), TlsError> {
     if name == CA_DIR || name == CLIENT_NAME {
         return invalid("reserved (\"ca\" and \"client\" name the CA and the CLI identity)");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
         return invalid("only ASCII letters, digits, '-' and '.' are allowed");
     }
     if name.starts_with(['-', '.']) || name.ends_with(['-', '.']) || name.contains("..") {
@@ -128,11 +141,21 @@ fn load_or_create_ca(dir: &Path) -> Result<(Ca, bool), TlsError> {
         let (_, parsed) = X509Certificate::from_der(&cert_der)
             .map_err(|e| TlsError::bad(&cert_path, format!("unparsable certificate: {e}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(TlsError::bad(&key_path, format!("does not belong to {}", cert_path.display())));
+            return Err(TlsError::bad(
+                &key_path,
+                format!("does not belong to {}", cert_path.display()),
+            ));
         }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| TlsError::bad(&cert_path, format!("not usable as an issuer: {e}")))?;
-        return Ok((Ca { cert_pem, cert_der, issuer }, false));
+        return Ok((
+            Ca {
+                cert_pem,
+                cert_der,
+                issuer,
+            },
+            false,
+        ));
     }
     if ca_dir.exists() {
         return Err(TlsError::bad(
@@ -145,19 +168,35 @@ fn load_or_create_ca(dir: &Path) -> Result<(Ca, bool), TlsError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(&ca_common_name(&key));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     set_validity(&mut params, CA_VALID_YEARS);
-    let cert = params.self_signed(&key).map_err(|e| TlsError::generate("signing the CA certificate", e))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsError::generate("signing the CA certificate", e))?;
     let cert_pem = cert.pem();
     let key_pem = key.serialize_pem();
 
     write_identity_dir(
         dir,
         CA_DIR,
-        &[("ca.pem", cert_pem.as_bytes(), 0o644), ("ca-key.pem", key_pem.as_bytes(), 0o600)],
+        &[
+            ("ca.pem", cert_pem.as_bytes(), 0o644),
+            ("ca-key.pem", key_pem.as_bytes(), 0o600),
+        ],
     )?;
     let cert_der = cert.der().clone();
-    Ok((Ca { cert_pem, cert_der, issuer: Issuer::new(params, key) }, true))
+    Ok((
+        Ca {
+            cert_pem,
+            cert_der,
+            issuer: Issuer::new(params, key),
+        },
+        true,
+    ))
 }
 
 enum LeafSpec<'a> {
@@ -182,8 +221,8 @@ fn ensure_leaf(dir: &Path, ca: &Ca, leaf: &LeafSpec<'_>) -> Result<bool, TlsErro
         return Ok(false);
     }
 
-    let key =
-        KeyPair::generate().map_err(|e| TlsError::generate(format!("generating the key for {}", leaf.name()), e))?;
+    let key = KeyPair::generate()
+        .map_err(|e| TlsError::generate(format!("generating the key for {}", leaf.name()), e))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(leaf.name());
     params.is_ca = IsCa::ExplicitNoCa;
@@ -197,15 +236,18 @@ fn ensure_leaf(dir: &Path, ca: &Ca, leaf: &LeafSpec<'_>) -> Result<bool, TlsErro
                 .try_into()
                 .map_err(|e| TlsError::generate(format!("using {name:?} as a DNS name"), e))?;
             params.subject_alt_names = vec![SanType::IpAddress(*ip), SanType::DnsName(dns)];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
         }
         LeafSpec::Client => {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
     }
-    let cert = params
-        .signed_by(&key, &ca.issuer)
-        .map_err(|e| TlsError::generate(format!("signing the certificate for {}", leaf.name()), e))?;
+    let cert = params.signed_by(&key, &ca.issuer).map_err(|e| {
+        TlsError::generate(format!("signing the certificate for {}", leaf.name()), e)
+    })?;
 
     write_identity_dir(
         dir,
@@ -225,7 +267,10 @@ fn check_existing_leaf(leaf_dir: &Path, ca: &Ca, leaf: &LeafSpec<'_>) -> Result<
         if !path.exists() {
             return Err(TlsError::bad(
                 &path,
-                format!("missing from an existing identity; remove {} to reissue it", leaf_dir.display()),
+                format!(
+                    "missing from an existing identity; remove {} to reissue it",
+                    leaf_dir.display()
+                ),
             ));
         }
     }
@@ -236,7 +281,10 @@ fn check_existing_leaf(leaf_dir: &Path, ca: &Ca, leaf: &LeafSpec<'_>) -> Result<
     if leaf_ca != ca.cert_der {
         return Err(TlsError::bad(
             &ca_path,
-            format!("is not the current CA; remove {} to reissue it", leaf_dir.display()),
+            format!(
+                "is not the current CA; remove {} to reissue it",
+                leaf_dir.display()
+            ),
         ));
     }
 
@@ -259,14 +307,21 @@ fn check_existing_leaf(leaf_dir: &Path, ca: &Ca, leaf: &LeafSpec<'_>) -> Result<
 }
 
 fn certificate_ips(der: &CertificateDer<'_>) -> Result<Vec<IpAddr>, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unparsable certificate: {e}"))?;
-    let san = cert.subject_alternative_name().map_err(|e| format!("bad subjectAltName: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?;
     let mut ips = Vec::new();
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
         if let GeneralName::IPAddress(bytes) = name {
             match bytes.len() {
-                4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*bytes).map_err(|_| "bad IPv4 SAN")?)),
-                16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*bytes).map_err(|_| "bad IPv6 SAN")?)),
+                4 => ips.push(IpAddr::from(
+                    <[u8; 4]>::try_from(*bytes).map_err(|_| "bad IPv4 SAN")?,
+                )),
+                16 => ips.push(IpAddr::from(
+                    <[u8; 16]>::try_from(*bytes).map_err(|_| "bad IPv6 SAN")?,
+                )),
                 _ => return Err(format!("IP SAN of {} bytes", bytes.len())),
             }
         }
@@ -277,7 +332,13 @@ fn certificate_ips(der: &CertificateDer<'_>) -> Result<Vec<IpAddr>, String> {
 /// Two ferry CAs with the same subject would make a foreign certificate fail as "bad
 /// signature" instead of "unknown issuer"; a key-derived suffix keeps the diagnosis right.
 fn ca_common_name(key: &KeyPair) -> String {
-    let suffix: String = key.public_key_raw().iter().skip(1).take(6).map(|b| format!("{b:02x}")).collect();
+    let suffix: String = key
+        .public_key_raw()
+        .iter()
+        .skip(1)
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("ferry CA {suffix}")
 }
 
@@ -290,24 +351,38 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 
 /// Starts validity a year back so hosts with a lagging clock still accept fresh certificates.
 fn set_validity(params: &mut CertificateParams, years: i32) {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let year = 1970 + (secs / 31_556_952) as i32;
     params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
     params.not_after = rcgen::date_time_ymd(year + years, 1, 1);
 }
 
-fn write_identity_dir(dir: &Path, name: &str, files: &[(&str, &[u8], u32)]) -> Result<(), TlsError> {
+fn write_identity_dir(
+    dir: &Path,
+    name: &str,
+    files: &[(&str, &[u8], u32)],
+) -> Result<(), TlsError> {
     let final_dir = dir.join(name);
     let tmp_dir = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp_dir.exists() {
-        fs::remove_dir_all(&tmp_dir).map_err(|e| TlsError::io("removing the leftover", &tmp_dir, e))?;
+        fs::remove_dir_all(&tmp_dir)
+            .map_err(|e| TlsError::io("removing the leftover", &tmp_dir, e))?;
     }
-    fs::DirBuilder::new().mode(0o700).create(&tmp_dir).map_err(|e| TlsError::io("creating", &tmp_dir, e))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp_dir)
+        .map_err(|e| TlsError::io("creating", &tmp_dir, e))?;
 
     let result = files
         .iter()
         .try_for_each(|(file, contents, mode)| write_new_file(&tmp_dir.join(file), contents, *mode))
-        .and_then(|()| fs::rename(&tmp_dir, &final_dir).map_err(|e| TlsError::io("moving into place", &final_dir, e)));
+        .and_then(|()| {
+            fs::rename(&tmp_dir, &final_dir)
+                .map_err(|e| TlsError::io("moving into place", &final_dir, e))
+        });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp_dir);
     }
@@ -321,8 +396,10 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsErro
         .mode(mode)
         .open(path)
         .map_err(|e| TlsError::io("creating", path, e))?;
-    file.write_all(contents).map_err(|e| TlsError::io("writing", path, e))?;
-    file.sync_all().map_err(|e| TlsError::io("syncing", path, e))
+    file.write_all(contents)
+        .map_err(|e| TlsError::io("writing", path, e))?;
+    file.sync_all()
+        .map_err(|e| TlsError::io("syncing", path, e))
 }
 
 pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
@@ -338,7 +415,20 @@ mod tests {
         for ok in ["a", "agent-1", "host.example", "A9"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a/b", "ca", "client", "-a", "a-", ".a", "a..b", "a b", "a_b", "ü", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "a/b",
+            "ca",
+            "client",
+            "-a",
+            "a-",
+            ".a",
+            "a..b",
+            "a b",
+            "a_b",
+            "ü",
+            &"x".repeat(64),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -346,7 +436,8 @@ mod tests {
     #[test]
     fn duplicates_rejected() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let err = validate_names(&[("a".into(), ip), ("b".into(), ip), ("a".into(), ip)]).unwrap_err();
+        let err =
+            validate_names(&[("a".into(), ip), ("b".into(), ip), ("a".into(), ip)]).unwrap_err();
         assert!(matches!(err, TlsError::DuplicateName(n) if n == "a"));
     }
 }

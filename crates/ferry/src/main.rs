@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Live-migrate running Docker containers between hosts")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live-migrate running Docker containers between hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

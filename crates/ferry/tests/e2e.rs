@@ -35,7 +35,10 @@ fn workload() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
 }
 
@@ -45,14 +48,29 @@ fn text(b: &[u8]) -> String {
 
 fn bed() -> &'static Value {
     BED.get_or_init(|| {
-        let out = run(Command::new(ferry()).args(["testbed", "up", "--with-incompatible-host", "--json"]));
-        assert!(out.status.success(), "testbed up failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        let out = run(Command::new(ferry()).args([
+            "testbed",
+            "up",
+            "--with-incompatible-host",
+            "--json",
+        ]));
+        assert!(
+            out.status.success(),
+            "testbed up failed:\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("testbed up --json prints its description")
     })
 }
 
 fn host(name: &str) -> &'static Value {
-    bed()["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name).unwrap_or_else(|| panic!("no host {name}"))
+    bed()["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name}"))
 }
 
 fn addr(h: &str) -> String {
@@ -64,12 +82,19 @@ fn client_tls() -> String {
 }
 
 fn docker(h: &str, args: &[&str]) -> Output {
-    run(Command::new("/usr/bin/docker").arg("-H").arg(host(h)["docker_host"].as_str().unwrap()).args(args))
+    run(Command::new("/usr/bin/docker")
+        .arg("-H")
+        .arg(host(h)["docker_host"].as_str().unwrap())
+        .args(args))
 }
 
 fn docker_ok(h: &str, args: &[&str]) -> String {
     let out = docker(h, args);
-    assert!(out.status.success(), "docker {args:?} on {h} failed: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker {args:?} on {h} failed: {}",
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 
@@ -91,7 +116,17 @@ fn remove_everywhere(name: &str) {
 /// `ferry migrate ... --json`: exit status, the report (if one was printed) and stderr.
 fn migrate(name: &str, from: &str, to: &str, extra: &[&str]) -> (bool, Option<Value>, String) {
     let tls = client_tls();
-    let mut args = vec!["migrate", name, "--from", from, "--to", to, "--tls-dir", &tls, "--json"];
+    let mut args = vec![
+        "migrate",
+        name,
+        "--from",
+        from,
+        "--to",
+        to,
+        "--tls-dir",
+        &tls,
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let out = run(Command::new(ferry()).args(&args));
     let report = serde_json::from_slice(&out.stdout).ok();
@@ -113,7 +148,15 @@ impl Client {
         let child = Command::new("ip")
             .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
             .arg(workload())
-            .args([kind, "--addr", target, "--interval-ms", "5", "--duration-s", "600"])
+            .args([
+                kind,
+                "--addr",
+                target,
+                "--interval-ms",
+                "5",
+                "--duration-s",
+                "600",
+            ])
             .arg("--stop-file")
             .arg(&stop)
             .arg("--out")
@@ -135,15 +178,24 @@ impl Client {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let v: Value = serde_json::from_slice(&std::fs::read(&self.out).expect("client wrote a summary")).expect("summary is JSON");
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(&self.out).expect("client wrote a summary"))
+                .expect("summary is JSON");
         let _ = std::fs::remove_dir_all(self.out.parent().unwrap());
         v
     }
 }
 
 fn in_client_ns(args: &[&str]) -> String {
-    let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(args));
-    assert!(out.status.success(), "ferry-workload {args:?}: {}", text(&out.stderr));
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
+        .arg(workload())
+        .args(args));
+    assert!(
+        out.status.success(),
+        "ferry-workload {args:?}: {}",
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 
@@ -164,23 +216,41 @@ fn settle() {
 
 fn record_metrics(name: &str, v: Value) {
     let path = ferry().with_file_name("e2e-metrics.json");
-    let mut all: Value = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_else(|| serde_json::json!({}));
+    let mut all: Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
     all[name] = v;
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&all).unwrap());
 }
 
 fn lock_rules(pid: u64) -> String {
     let out = run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables-save"]));
-    text(&out.stdout).lines().filter(|l| l.contains("FERRY") || l.contains("CRIU")).collect::<Vec<_>>().join("\n")
+    text(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("FERRY") || l.contains("CRIU"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn assert_running_untouched(h: &str, name: &str, restart: &str) -> Value {
     let c = inspect(h, name).unwrap_or_else(|| panic!("{name} is gone from {h}"));
-    assert_eq!(c["State"]["Running"], true, "{name} on {h} is not running: {}", c["State"]);
+    assert_eq!(
+        c["State"]["Running"], true,
+        "{name} on {h} is not running: {}",
+        c["State"]
+    );
     assert_eq!(c["State"]["Paused"], false, "{name} on {h} was left paused");
-    assert_eq!(c["HostConfig"]["RestartPolicy"]["Name"], restart, "restart policy on {h} was not restored");
+    assert_eq!(
+        c["HostConfig"]["RestartPolicy"]["Name"], restart,
+        "restart policy on {h} was not restored"
+    );
     let pid = c["State"]["Pid"].as_u64().unwrap();
-    assert_eq!(lock_rules(pid), "", "network-lock rules left in {name}'s namespace");
+    assert_eq!(
+        lock_rules(pid),
+        "",
+        "network-lock rules left in {name}'s namespace"
+    );
     c
 }
 
@@ -193,17 +263,52 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     let (name, ip) = ("e2e-counter", "198.18.0.131");
     remove_everywhere(name);
     let image = bed()["workload_image"].as_str().unwrap();
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "unless-stopped", "-l", "app=counter", "-e", "MODE=demo", image]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "--restart",
+            "unless-stopped",
+            "-l",
+            "app=counter",
+            "-e",
+            "MODE=demo",
+            image,
+        ],
+    );
     let before = inspect("a", name).unwrap();
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
     assert_eq!(report["outcome"], "migrated");
     assert_eq!(report["strategy"], "stop-and-copy");
-    for p in ["preflight", "prepare", "freeze", "dump", "transfer", "restore", "commit"] {
-        assert!(report["phases_ms"][p].is_u64(), "phase {p} missing: {report}");
+    for p in [
+        "preflight",
+        "prepare",
+        "freeze",
+        "dump",
+        "transfer",
+        "restore",
+        "commit",
+    ] {
+        assert!(
+            report["phases_ms"][p].is_u64(),
+            "phase {p} missing: {report}"
+        );
     }
     assert!(report["bytes_sent"].as_u64().unwrap() > 0);
     settle();
@@ -211,22 +316,42 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     assert_eq!(summary["ok"], true, "client: {summary}");
     assert_eq!(summary["continuous"], true, "counter state lost: {summary}");
     assert!(summary["replies"].as_u64().unwrap() > 100, "{summary}");
-    record_metrics("counter", serde_json::json!({"report": report, "client": summary}));
+    record_metrics(
+        "counter",
+        serde_json::json!({"report": report, "client": summary}),
+    );
 
-    assert!(inspect("a", name).is_none(), "the source container is still on host a");
+    assert!(
+        inspect("a", name).is_none(),
+        "the source container is still on host a"
+    );
     let after = inspect("b", name).expect("container exists on host b");
     assert_eq!(after["State"]["Running"], true);
     let net = |v: &Value, k: &str| v["NetworkSettings"]["Networks"]["ferrynet"][k].clone();
     assert_eq!(net(&after, "IPAddress"), ip);
     assert_eq!(net(&after, "MacAddress"), net(&before, "MacAddress"));
     for k in ["Image", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User"] {
-        assert_eq!(after["Config"][k], before["Config"][k], "Config.{k} differs");
+        assert_eq!(
+            after["Config"][k], before["Config"][k],
+            "Config.{k} differs"
+        );
     }
-    assert!(after["Config"]["Env"].as_array().unwrap().contains(&Value::from("MODE=demo")));
-    assert_eq!(after["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped");
+    assert!(after["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("MODE=demo")));
+    assert_eq!(
+        after["HostConfig"]["RestartPolicy"]["Name"],
+        "unless-stopped"
+    );
     // The plain docker CLI owns the container on the target.
-    assert_eq!(docker_ok("b", &["exec", name, "/bin/busybox", "echo", "inside"]).trim(), "inside");
-    assert!(docker_ok("b", &["ps", "--format", "{{.Names}}"]).lines().any(|l| l == name));
+    assert_eq!(
+        docker_ok("b", &["exec", name, "/bin/busybox", "echo", "inside"]).trim(),
+        "inside"
+    );
+    assert!(docker_ok("b", &["ps", "--format", "{{.Names}}"])
+        .lines()
+        .any(|l| l == name));
     assert!(docker("b", &["logs", name]).status.success());
     docker_ok("b", &["stop", "-t", "2", name]);
     remove_everywhere(name);
@@ -240,12 +365,27 @@ fn redis_with_100k_keys_migrates_under_a_live_client() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-redis", "198.18.0.132");
     let (target, expected) = redis_on_a(name, ip, 100_000);
-    let loaded: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
-    assert_eq!(loaded["digest"], expected["digest"], "load did not produce the expected data");
+    let loaded: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "key:*",
+    ]))
+    .unwrap();
+    assert_eq!(
+        loaded["digest"], expected["digest"],
+        "load did not produce the expected data"
+    );
 
     let client = Client::start("redis-client", &target);
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
     settle();
@@ -253,13 +393,36 @@ fn redis_with_100k_keys_migrates_under_a_live_client() {
     assert_eq!(summary["ok"], true, "client: {summary}");
     assert_eq!(summary["continuous"], true, "{summary}");
 
-    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    let after: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "key:*",
+    ]))
+    .unwrap();
     assert_eq!(after["keys"].as_u64(), Some(100_000));
-    assert_eq!(after["digest"], expected["digest"], "values changed across the migration");
-    let live: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "live:*"])).unwrap();
-    assert_eq!(live["keys"], summary["sets"], "keys the client wrote during the migration are missing");
+    assert_eq!(
+        after["digest"], expected["digest"],
+        "values changed across the migration"
+    );
+    let live: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "live:*",
+    ]))
+    .unwrap();
+    assert_eq!(
+        live["keys"], summary["sets"],
+        "keys the client wrote during the migration are missing"
+    );
     assert!(inspect("a", name).is_none());
-    record_metrics("redis", serde_json::json!({"report": report, "client": summary}));
+    record_metrics(
+        "redis",
+        serde_json::json!({"report": report, "client": summary}),
+    );
     remove_everywhere(name);
 }
 
@@ -271,22 +434,60 @@ fn a_failed_restore_on_the_target_rolls_back_and_the_client_never_notices_a_brea
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-fault", "198.18.0.133");
     remove_everywhere(name);
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "always", bed()["workload_image"].as_str().unwrap()]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "--restart",
+            "always",
+            bed()["workload_image"].as_str().unwrap(),
+        ],
+    );
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy", "--inject-fault", "target-restore"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &[
+            "--strategy",
+            "stop-and-copy",
+            "--inject-fault",
+            "target-restore",
+        ],
+    );
     assert!(!ok, "migrate must fail");
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert_eq!(report["outcome"], "rolled-back", "{report}");
     let err = &report["error"];
     assert!(err["step"].as_str().unwrap().contains("restore"), "{err}");
-    assert!(!err["tool_log"].as_array().unwrap().is_empty(), "CRIU's own log lines are quoted: {err}");
-    assert!(report["rollback_errors"].is_null() || report["rollback_errors"].as_array().unwrap().is_empty(), "{report}");
+    assert!(
+        !err["tool_log"].as_array().unwrap().is_empty(),
+        "CRIU's own log lines are quoted: {err}"
+    );
+    assert!(
+        report["rollback_errors"].is_null()
+            || report["rollback_errors"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
     assert_running_untouched("a", name, "always");
-    assert!(inspect("b", name).is_none(), "a half-made container was left on host b");
+    assert!(
+        inspect("b", name).is_none(),
+        "a half-made container was left on host b"
+    );
     settle();
     let summary = client.finish();
-    assert_eq!(summary["ok"], true, "the client's connection broke: {summary}");
+    assert_eq!(
+        summary["ok"], true,
+        "the client's connection broke: {summary}"
+    );
     assert_eq!(summary["continuous"], true, "{summary}");
     remove_everywhere(name);
 }
@@ -299,25 +500,54 @@ fn peers_without_a_certificate_from_the_ca_are_refused() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let rogue = std::env::temp_dir().join(format!("ferry-e2e-rogue-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&rogue);
-    let out = run(Command::new(ferry()).args(["pki", "init", "--dir"]).arg(&rogue).args(["--agent", "x=127.0.0.1"]));
+    let out = run(Command::new(ferry())
+        .args(["pki", "init", "--dir"])
+        .arg(&rogue)
+        .args(["--agent", "x=127.0.0.1"]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rogue_client = rogue.join("client");
     let log_path = host("a")["agent_log"].as_str().unwrap().to_string();
     let log_before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
-    let out = run(Command::new(ferry()).args(["check", "--to", &addr("a"), "--tls-dir"]).arg(&rogue_client));
-    assert!(!out.status.success(), "an agent answered a client of another CA");
-    let out = run(Command::new(ferry()).args(["migrate", "whatever", "--from", &addr("a"), "--to", &addr("b"), "--tls-dir"]).arg(&rogue_client));
+    let out = run(Command::new(ferry())
+        .args(["check", "--to", &addr("a"), "--tls-dir"])
+        .arg(&rogue_client));
+    assert!(
+        !out.status.success(),
+        "an agent answered a client of another CA"
+    );
+    let out = run(Command::new(ferry())
+        .args([
+            "migrate",
+            "whatever",
+            "--from",
+            &addr("a"),
+            "--to",
+            &addr("b"),
+            "--tls-dir",
+        ])
+        .arg(&rogue_client));
     assert!(!out.status.success());
     // A TLS client that trusts the agent but presents a certificate of another CA, and one that
     // presents none: both must be refused in the handshake, before any request is read.
-    let real_ca = PathBuf::from(bed()["pki_dir"].as_str().unwrap()).join("ca").join("ca.pem");
+    let real_ca = PathBuf::from(bed()["pki_dir"].as_str().unwrap())
+        .join("ca")
+        .join("ca.pem");
     let openssl = |with_cert: bool| -> String {
         let mut cmd = Command::new("openssl");
-        cmd.args(["s_client", "-quiet", "-connect", &addr("a"), "-CAfile"]).arg(&real_ca);
+        cmd.args(["s_client", "-quiet", "-connect", &addr("a"), "-CAfile"])
+            .arg(&real_ca);
         if with_cert {
-            cmd.arg("-cert").arg(rogue_client.join("cert.pem")).arg("-key").arg(rogue_client.join("key.pem"));
+            cmd.arg("-cert")
+                .arg(rogue_client.join("cert.pem"))
+                .arg("-key")
+                .arg(rogue_client.join("key.pem"));
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("openssl runs");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl runs");
         {
             use std::io::Write;
             let mut stdin = child.stdin.take().unwrap();
@@ -325,7 +555,11 @@ fn peers_without_a_certificate_from_the_ca_are_refused() {
             std::thread::sleep(Duration::from_millis(1500));
         }
         let out = child.wait_with_output().unwrap();
-        assert!(out.stdout.is_empty(), "a refused client got an answer: {:?}", text(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "a refused client got an answer: {:?}",
+            text(&out.stdout)
+        );
         text(&out.stderr)
     };
     let foreign = openssl(true);
@@ -338,9 +572,18 @@ fn peers_without_a_certificate_from_the_ca_are_refused() {
         (new.contains("UnknownIssuer") && new.contains("no certificates")).then_some(new)
     });
     let new = &log;
-    assert!(new.contains("UnknownIssuer"), "the agent names the foreign certificate: {new}");
-    assert!(new.contains("no certificates"), "the agent names the missing certificate: {new}");
-    assert!(!new.contains("purpose=Cli"), "a session was opened for an unauthenticated client: {new}");
+    assert!(
+        new.contains("UnknownIssuer"),
+        "the agent names the foreign certificate: {new}"
+    );
+    assert!(
+        new.contains("no certificates"),
+        "the agent names the missing certificate: {new}"
+    );
+    assert!(
+        !new.contains("purpose=Cli"),
+        "a session was opened for an unauthenticated client: {new}"
+    );
     let _ = std::fs::remove_dir_all(&rogue);
 }
 
@@ -354,31 +597,64 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     remove_everywhere(name);
     remove_everywhere("e2e-stopped");
     let image = bed()["workload_image"].as_str().unwrap();
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--restart", "on-failure", image]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "--restart",
+            "on-failure",
+            image,
+        ],
+    );
     docker_ok("a", &["create", "--name", "e2e-stopped", image]);
 
     let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
         ("no-such-container", addr("b"), vec![], "no container named"),
         ("e2e-stopped", addr("b"), vec![], "not running"),
-        (name, "198.18.0.99:7070".to_string(), vec!["--step-timeout", "5"], "unreachable"),
+        (
+            name,
+            "198.18.0.99:7070".to_string(),
+            vec!["--step-timeout", "5"],
+            "unreachable",
+        ),
         (name, addr("c"), vec![], "experimental"),
     ];
     for (container, to, extra, needle) in cases {
         let (ok, report, stderr) = migrate(container, &addr("a"), &to, &extra);
         assert!(!ok, "{container} → {to} must fail");
-        let msg = report.as_ref().map(|r| r["error"].to_string()).unwrap_or_default() + &stderr;
-        assert!(msg.contains(needle), "{container} → {to}: expected {needle:?} in: {msg}");
+        let msg = report
+            .as_ref()
+            .map(|r| r["error"].to_string())
+            .unwrap_or_default()
+            + &stderr;
+        assert!(
+            msg.contains(needle),
+            "{container} → {to}: expected {needle:?} in: {msg}"
+        );
         if let Some(r) = &report {
             assert_eq!(r["outcome"], "rolled-back");
         }
         assert_running_untouched("a", name, "on-failure");
         for h in ["b", "c"] {
-            assert!(inspect(h, container).is_none(), "{container} appeared on {h}");
+            assert!(
+                inspect(h, container).is_none(),
+                "{container} appeared on {h}"
+            );
         }
     }
     let (ok, _, stderr) = migrate(name, &addr("a"), &addr("a"), &[]);
     assert!(!ok && stderr.contains("same agent"), "{stderr}");
-    assert_eq!(inspect("a", "e2e-stopped").unwrap()["State"]["Status"], "created");
+    assert_eq!(
+        inspect("a", "e2e-stopped").unwrap()["State"]["Status"],
+        "created"
+    );
     remove_everywhere(name);
     remove_everywhere("e2e-stopped");
 }
@@ -391,7 +667,20 @@ fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() 
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-bridge", "198.19.5.10");
     remove_everywhere(name);
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrybr", "--ip", ip, bed()["workload_image"].as_str().unwrap()]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrybr",
+            "--ip",
+            ip,
+            bed()["workload_image"].as_str().unwrap(),
+        ],
+    );
     let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "{report}\n{stderr}");
@@ -400,23 +689,60 @@ fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() 
     assert_eq!(net["external_connections_survive"], false);
     assert!(net["note"].as_str().unwrap().contains("L2"), "{net}");
     let after = inspect("b", name).unwrap();
-    assert_eq!(after["NetworkSettings"]["Networks"]["ferrybr"]["IPAddress"], ip);
-    assert_eq!(docker_ok("b", &["exec", name, "/bin/busybox", "echo", "ok"]).trim(), "ok");
+    assert_eq!(
+        after["NetworkSettings"]["Networks"]["ferrybr"]["IPAddress"],
+        ip
+    );
+    assert_eq!(
+        docker_ok("b", &["exec", name, "/bin/busybox", "echo", "ok"]).trim(),
+        "ok"
+    );
     remove_everywhere(name);
 }
 
 /// Loads `keys` × 1000 B into a fresh Redis on host a and returns its address and expected digest.
 fn redis_on_a(name: &str, ip: &str, keys: u64) -> (String, Value) {
     remove_everywhere(name);
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, bed()["redis_image"].as_str().unwrap()]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            bed()["redis_image"].as_str().unwrap(),
+        ],
+    );
     let target = format!("{ip}:6379");
     wait_for("redis to answer", || {
-        let out = run(Command::new("ip").args(["netns", "exec", bed()["client_netns"].as_str().unwrap()]).arg(workload()).args(["redis-digest", "--addr", &target]));
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
+            .arg(workload())
+            .args(["redis-digest", "--addr", &target]));
         out.status.success().then_some(())
     });
     let keys = keys.to_string();
-    in_client_ns(&["redis-load", "--addr", &target, "--keys", &keys, "--value-size", "1000"]);
-    let expected: Value = serde_json::from_str(&in_client_ns(&["expected-digest", "--keys", &keys, "--value-size", "1000"])).unwrap();
+    in_client_ns(&[
+        "redis-load",
+        "--addr",
+        &target,
+        "--keys",
+        &keys,
+        "--value-size",
+        "1000",
+    ]);
+    let expected: Value = serde_json::from_str(&in_client_ns(&[
+        "expected-digest",
+        "--keys",
+        &keys,
+        "--value-size",
+        "1000",
+    ]))
+    .unwrap();
     (target, expected)
 }
 
@@ -433,24 +759,63 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
-    assert_eq!(report["strategy"], "post-copy", "auto picks post-copy where userfaultfd works: {report}");
-    assert!(report["strategy_reason"].as_str().unwrap().starts_with("auto:"));
+    assert_eq!(
+        report["strategy"], "post-copy",
+        "auto picks post-copy where userfaultfd works: {report}"
+    );
+    assert!(report["strategy_reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("auto:"));
     // Pages travel through their own tunnel and are counted: about the data size, once.
     let sent = report["bytes_sent"].as_u64().unwrap();
-    assert!(sent > 200_000_000 && sent < 330_000_000, "bytes on the wire {sent}: {report}");
-    assert!(report["phases_ms"]["transfer"].as_u64().unwrap() < report["phases_ms"]["commit"].as_u64().unwrap(), "pages must move after the restore: {report}");
+    assert!(
+        sent > 200_000_000 && sent < 330_000_000,
+        "bytes on the wire {sent}: {report}"
+    );
+    assert!(
+        report["phases_ms"]["transfer"].as_u64().unwrap()
+            < report["phases_ms"]["commit"].as_u64().unwrap(),
+        "pages must move after the restore: {report}"
+    );
     settle();
     let summary = client.finish();
     assert_eq!(summary["ok"], true, "client: {summary}");
     assert_eq!(summary["continuous"], true, "{summary}");
-    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    let after: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "key:*",
+    ]))
+    .unwrap();
     assert_eq!(after["keys"].as_u64(), Some(200_000));
-    assert_eq!(after["digest"], expected["digest"], "values changed across the migration");
-    let live: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "live:*"])).unwrap();
-    assert_eq!(live["keys"], summary["sets"], "keys written during the migration are missing");
-    assert!(inspect("a", name).is_none(), "the source is removed once every page arrived");
+    assert_eq!(
+        after["digest"], expected["digest"],
+        "values changed across the migration"
+    );
+    let live: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "live:*",
+    ]))
+    .unwrap();
+    assert_eq!(
+        live["keys"], summary["sets"],
+        "keys written during the migration are missing"
+    );
+    assert!(
+        inspect("a", name).is_none(),
+        "the source is removed once every page arrived"
+    );
     assert_eq!(inspect("b", name).unwrap()["State"]["Running"], true);
-    record_metrics("post-copy", serde_json::json!({"report": report, "client": summary}));
+    record_metrics(
+        "post-copy",
+        serde_json::json!({"report": report, "client": summary}),
+    );
     remove_everywhere(name);
 }
 
@@ -464,17 +829,40 @@ fn a_post_copy_that_fails_before_the_target_resumes_rolls_back_with_connections_
     let (target, expected) = redis_on_a(name, ip, 20_000);
     let client = Client::start("redis-client", &target);
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "post-copy", "--inject-fault", "target-restore"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &[
+            "--strategy",
+            "post-copy",
+            "--inject-fault",
+            "target-restore",
+        ],
+    );
     assert!(!ok);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert_eq!(report["outcome"], "rolled-back", "{report}");
-    assert!(!report["error"]["tool_log"].as_array().unwrap().is_empty(), "{report}");
+    assert!(
+        !report["error"]["tool_log"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
     assert_running_untouched("a", name, "no");
     assert!(inspect("b", name).is_none());
     settle();
     let summary = client.finish();
-    assert_eq!(summary["ok"], true, "the connection broke on rollback: {summary}");
-    let after: Value = serde_json::from_str(&in_client_ns(&["redis-digest", "--addr", &target, "--match", "key:*"])).unwrap();
+    assert_eq!(
+        summary["ok"], true,
+        "the connection broke on rollback: {summary}"
+    );
+    let after: Value = serde_json::from_str(&in_client_ns(&[
+        "redis-digest",
+        "--addr",
+        &target,
+        "--match",
+        "key:*",
+    ]))
+    .unwrap();
     assert_eq!(after["digest"], expected["digest"]);
     remove_everywhere(name);
 }
@@ -491,18 +879,49 @@ fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
     let script = "mkdir -p /srv/dir && echo created > /srv/dir/new.txt && echo appended >> /etc/passwd \
         && rm /bin/false && echo ghost-content > /srv/ghost.txt && exec 3</srv/ghost.txt && rm /srv/ghost.txt \
         && exec /usr/local/bin/ferry-workload serve --port 7000";
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--entrypoint", "/bin/sh", bed()["workload_image"].as_str().unwrap(), "-c", script]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "--entrypoint",
+            "/bin/sh",
+            bed()["workload_image"].as_str().unwrap(),
+            "-c",
+            script,
+        ],
+    );
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
     let probe = |h: &str| -> String {
         docker_ok(h, &["exec", name, "/bin/sh", "-c", "cat /srv/dir/new.txt; tail -n1 /etc/passwd; ls /bin/false 2>&1 | head -c 40; echo; cat /proc/1/fd/3; ls /srv"])
     };
     let before = probe("a");
-    assert!(before.contains("created") && before.contains("appended") && before.contains("ghost-content"), "{before}");
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    assert!(
+        before.contains("created")
+            && before.contains("appended")
+            && before.contains("ghost-content"),
+        "{before}"
+    );
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
-    assert_eq!(probe("b"), before, "the container's files differ on the target");
+    assert_eq!(
+        probe("b"),
+        before,
+        "the container's files differ on the target"
+    );
     let summary = client.finish();
     assert_eq!(summary["ok"], true, "{summary}");
     remove_everywhere(name);
@@ -535,7 +954,10 @@ const INSPECT_DIFFERS: &[(&str, &str)] = &[
 /// Docker adds each container's own short ID to its network aliases; that one must differ.
 fn without_own_alias(mut v: Value) -> Value {
     let short: String = v["Id"].as_str().unwrap_or("").chars().take(12).collect();
-    if let Some(nets) = v.pointer_mut("/NetworkSettings/Networks").and_then(|n| n.as_object_mut()) {
+    if let Some(nets) = v
+        .pointer_mut("/NetworkSettings/Networks")
+        .and_then(|n| n.as_object_mut())
+    {
         for ep in nets.values_mut() {
             if let Some(aliases) = ep.get_mut("Aliases").and_then(|a| a.as_array_mut()) {
                 aliases.retain(|a| a.as_str() != Some(short.as_str()));
@@ -561,8 +983,17 @@ fn diff_json(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                diff_json(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff_json(
+                    &p,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
             }
         }
         _ if a != b => out.push(format!("{path}: {a} → {b}")),
@@ -578,26 +1009,90 @@ fn the_target_container_is_configured_like_the_source_field_by_field() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-config", "198.18.0.138");
     remove_everywhere(name);
-    docker_ok("a", &[
-        "run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "--network-alias", "cfg-alias",
-        "--restart", "on-failure:3", "-l", "tier=cache", "-l", "owner=ops", "-e", "A=1", "-e", "B=two words",
-        "--workdir", "/tmp", "--user", "0:0", "--hostname", "cfg-host", "--cap-add", "NET_ADMIN", "--cap-drop", "MKNOD",
-        "--ulimit", "nofile=1024:2048", "--sysctl", "net.ipv4.tcp_keepalive_time=600", "--memory", "256m", "--cpu-shares", "512",
-        "--pids-limit", "200", "--log-opt", "max-size=1m", "--health-cmd", "/bin/true", "--health-interval", "30s",
-        "--stop-signal", "SIGINT", "--stop-timeout", "7",
-        bed()["workload_image"].as_str().unwrap(),
-    ]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "--network-alias",
+            "cfg-alias",
+            "--restart",
+            "on-failure:3",
+            "-l",
+            "tier=cache",
+            "-l",
+            "owner=ops",
+            "-e",
+            "A=1",
+            "-e",
+            "B=two words",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "0:0",
+            "--hostname",
+            "cfg-host",
+            "--cap-add",
+            "NET_ADMIN",
+            "--cap-drop",
+            "MKNOD",
+            "--ulimit",
+            "nofile=1024:2048",
+            "--sysctl",
+            "net.ipv4.tcp_keepalive_time=600",
+            "--memory",
+            "256m",
+            "--cpu-shares",
+            "512",
+            "--pids-limit",
+            "200",
+            "--log-opt",
+            "max-size=1m",
+            "--health-cmd",
+            "/bin/true",
+            "--health-interval",
+            "30s",
+            "--stop-signal",
+            "SIGINT",
+            "--stop-timeout",
+            "7",
+            bed()["workload_image"].as_str().unwrap(),
+        ],
+    );
     let before = inspect("a", name).unwrap();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
     let after = inspect("b", name).unwrap();
     let mut diffs = Vec::new();
-    diff_json("", &without_own_alias(before.clone()), &without_own_alias(after.clone()), &mut diffs);
-    assert!(diffs.is_empty(), "inspect differs beyond the listed fields:\n{}", diffs.join("\n"));
+    diff_json(
+        "",
+        &without_own_alias(before.clone()),
+        &without_own_alias(after.clone()),
+        &mut diffs,
+    );
+    assert!(
+        diffs.is_empty(),
+        "inspect differs beyond the listed fields:\n{}",
+        diffs.join("\n")
+    );
     // The ignored fields are ignored for a reason, not hiding a loss.
     assert_eq!(after["State"]["Running"], true);
-    assert_eq!(after["NetworkSettings"]["Networks"]["ferrynet"]["IPAddress"], ip);
+    assert_eq!(
+        after["NetworkSettings"]["Networks"]["ferrynet"]["IPAddress"],
+        ip
+    );
     remove_everywhere(name);
 }
 
@@ -614,18 +1109,71 @@ fn a_target_without_the_image_gets_it_from_the_source() {
         let _ = docker(h, &["rmi", "-f", image]);
     }
     let base = bed()["workload_image"].as_str().unwrap();
-    docker_ok("a", &["run", "--name", "e2e-image-src", "--network", "none", "--entrypoint", "/bin/sh", base, "-c", "echo from-a-only > /image-layer.txt"]);
-    docker_ok("a", &["commit", "--change", r#"ENTRYPOINT ["/usr/local/bin/ferry-workload","serve","--port","7000"]"#, "e2e-image-src", image]);
-    let id = docker_ok("a", &["image", "inspect", "--format", "{{.Id}}", image]).trim().to_string();
-    assert!(!docker("b", &["image", "inspect", &id]).status.success(), "host b must lack the image");
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, image]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "--name",
+            "e2e-image-src",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/sh",
+            base,
+            "-c",
+            "echo from-a-only > /image-layer.txt",
+        ],
+    );
+    docker_ok(
+        "a",
+        &[
+            "commit",
+            "--change",
+            r#"ENTRYPOINT ["/usr/local/bin/ferry-workload","serve","--port","7000"]"#,
+            "e2e-image-src",
+            image,
+        ],
+    );
+    let id = docker_ok("a", &["image", "inspect", "--format", "{{.Id}}", image])
+        .trim()
+        .to_string();
+    assert!(
+        !docker("b", &["image", "inspect", &id]).status.success(),
+        "host b must lack the image"
+    );
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            image,
+        ],
+    );
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
-    assert_eq!(docker_ok("b", &["image", "inspect", "--format", "{{.Id}}", &id]).trim(), id, "the same image arrived");
-    assert_eq!(docker_ok("b", &["exec", name, "/bin/cat", "/image-layer.txt"]).trim(), "from-a-only");
+    assert_eq!(
+        docker_ok("b", &["image", "inspect", "--format", "{{.Id}}", &id]).trim(),
+        id,
+        "the same image arrived"
+    );
+    assert_eq!(
+        docker_ok("b", &["exec", name, "/bin/cat", "/image-layer.txt"]).trim(),
+        "from-a-only"
+    );
     let summary = client.finish();
     assert_eq!(summary["ok"], true, "{summary}");
     remove_everywhere(name);
@@ -650,20 +1198,62 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
     let script = "echo first > /data/first.txt && /bin/busybox dd if=/dev/urandom of=/data/big.bin bs=1048576 count=8 2>/dev/null \
         && (i=0; while true; i=$((i+1)); do echo $i > /data/counter.txt; /bin/busybox usleep 5000; done) & \
         exec /usr/local/bin/ferry-workload serve --port 7000";
-    docker_ok("a", &["run", "-d", "--name", name, "--network", "ferrynet", "--ip", ip, "-v", &format!("{vol}:/data"), "--entrypoint", "/bin/sh", bed()["workload_image"].as_str().unwrap(), "-c", script]);
+    docker_ok(
+        "a",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "ferrynet",
+            "--ip",
+            ip,
+            "-v",
+            &format!("{vol}:/data"),
+            "--entrypoint",
+            "/bin/sh",
+            bed()["workload_image"].as_str().unwrap(),
+            "-c",
+            script,
+        ],
+    );
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let sum = |h: &str| docker_ok(h, &["exec", name, "/bin/busybox", "md5sum", "/data/big.bin", "/data/first.txt"]);
+    let sum = |h: &str| {
+        docker_ok(
+            h,
+            &[
+                "exec",
+                name,
+                "/bin/busybox",
+                "md5sum",
+                "/data/big.bin",
+                "/data/first.txt",
+            ],
+        )
+    };
     let before = sum("a");
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &["--strategy", "stop-and-copy"]);
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("a"),
+        &addr("b"),
+        &["--strategy", "stop-and-copy"],
+    );
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
     assert!(report["phases_ms"]["precopy"].is_u64(), "{report}");
     assert_eq!(sum("b"), before, "volume content differs on the target");
     // The counter keeps counting from where it was: the loop was migrated with its volume.
-    let c1: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"]).trim().parse().unwrap();
+    let c1: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"])
+        .trim()
+        .parse()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let c2: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"]).trim().parse().unwrap();
+    let c2: u64 = docker_ok("b", &["exec", name, "/bin/cat", "/data/counter.txt"])
+        .trim()
+        .parse()
+        .unwrap();
     assert!(c2 > c1 && c1 > 10, "counter {c1} → {c2}");
     assert!(docker("b", &["volume", "inspect", vol]).status.success());
     let summary = client.finish();
@@ -690,23 +1280,46 @@ fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_s
     let b_log_before = std::fs::read_to_string(&b_log).unwrap_or_default().len();
     let tls = client_tls();
     let (from, to) = (addr("a"), addr("b"));
-    let mut child = Command::new(ferry())
-        .args(["migrate", name, "--from", &from, "--to", &to, "--tls-dir", &tls, "--strategy", "post-copy"])
+    let child = Command::new(ferry())
+        .args([
+            "migrate",
+            name,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--tls-dir",
+            &tls,
+            "--strategy",
+            "post-copy",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for("the target to resume the container", || {
-        inspect("b", name).filter(|c| c["State"]["Running"] == true).map(|_| ())
+        inspect("b", name)
+            .filter(|c| c["State"]["Running"] == true)
+            .map(|_| ())
     });
-    let pidfile = PathBuf::from(host("a")["exec_root"].as_str().unwrap()).with_file_name("agent.pid");
-    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
-    assert!(run(Command::new("kill").args(["-9", &pid])).status.success());
+    let pidfile =
+        PathBuf::from(host("a")["exec_root"].as_str().unwrap()).with_file_name("agent.pid");
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(run(Command::new("kill").args(["-9", &pid]))
+        .status
+        .success());
     let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "the CLI must not report success");
-    assert!(stderr.contains("lost the source agent") && (stderr.contains("during commit") || stderr.contains("during restore")), "{stderr}");
+    assert!(
+        stderr.contains("lost the source agent")
+            && (stderr.contains("during commit") || stderr.contains("during restore")),
+        "{stderr}"
+    );
     assert!(stderr.contains("finishes on its own"), "{stderr}");
     let log = wait_for("the target to report the lost pages", || {
         let log = std::fs::read_to_string(&b_log).unwrap_or_default();
@@ -714,7 +1327,11 @@ fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_s
         new.contains("not every page arrived").then_some(new)
     });
     assert!(log.contains("the target container was stopped"), "{log}");
-    wait_for("the target container to be stopped", || inspect("b", name).filter(|c| c["State"]["Running"] == false).map(|_| ()));
+    wait_for("the target container to be stopped", || {
+        inspect("b", name)
+            .filter(|c| c["State"]["Running"] == false)
+            .map(|_| ())
+    });
     // Bring the source agent back for the tests that follow.
     let up = run(Command::new(ferry()).args(["testbed", "up", "--with-incompatible-host"]));
     assert!(up.status.success(), "{}", text(&up.stderr));

@@ -20,6 +20,12 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
-    ferry_agent::serve(ferry_agent::AgentOptions { listen: a.listen, tls_dir: a.tls_dir, state_dir: a.state_dir, tune_host: a.tune_host }).await?;
+    ferry_agent::serve(ferry_agent::AgentOptions {
+        listen: a.listen,
+        tls_dir: a.tls_dir,
+        state_dir: a.state_dir,
+        tune_host: a.tune_host,
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

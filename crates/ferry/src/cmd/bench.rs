@@ -37,6 +37,13 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let report = ferry_bench::run(opts).await?;
     println!("{}", ferry_bench::markdown(&report));
     println!("results in {}", a.out.display());
-    let failed = report.cases.iter().any(|c| c.status == ferry_bench::CaseStatus::Failed);
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    let failed = report
+        .cases
+        .iter()
+        .any(|c| c.status == ferry_bench::CaseStatus::Failed);
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -21,8 +21,14 @@ pub struct Args {
 }
 
 fn print_facts(f: &HostFacts) {
-    println!("{} ({} {}, kernel {})", f.agent, f.hostname, f.arch, f.kernel);
-    println!("  criu      {}", f.criu_version.as_deref().unwrap_or("missing"));
+    println!(
+        "{} ({} {}, kernel {})",
+        f.agent, f.hostname, f.arch, f.kernel
+    );
+    println!(
+        "  criu      {}",
+        f.criu_version.as_deref().unwrap_or("missing")
+    );
     let ft = &f.criu_features;
     println!(
         "  features  tcp-established {} uffd {} uffd-noncoop {} soft-dirty {}",
@@ -31,7 +37,10 @@ fn print_facts(f: &HostFacts) {
         yes(ft.uffd_noncoop),
         yes(ft.mem_dirty_track)
     );
-    println!("  runc      {}", f.runc_version.as_deref().unwrap_or("missing"));
+    println!(
+        "  runc      {}",
+        f.runc_version.as_deref().unwrap_or("missing")
+    );
     println!(
         "  docker    {} (API {}), experimental {}, ferry runtime {}",
         f.docker_version.as_deref().unwrap_or("unreachable"),
@@ -39,9 +48,16 @@ fn print_facts(f: &HostFacts) {
         yes(f.docker_experimental),
         yes(f.ferry_runtime)
     );
-    println!("  host      CAP_SYS_RESOURCE {}, fs.pipe-max-size {}", yes(f.cap_sys_resource), f.pipe_max_size);
+    println!(
+        "  host      CAP_SYS_RESOURCE {}, fs.pipe-max-size {}",
+        yes(f.cap_sys_resource),
+        f.pipe_max_size
+    );
     if let Some(c) = f.cpu_compatible {
-        println!("  cpu       compatible with this host's checkpoints: {}", yes(c));
+        println!(
+            "  cpu       compatible with this host's checkpoints: {}",
+            yes(c)
+        );
     }
     for p in &f.problems {
         println!("  PROBLEM   {p}");
@@ -70,7 +86,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         Err(e) if !a.to.is_empty() => {
             eprintln!("ferry check: this host is not a Docker host ({e}); checking the peers only");
             let cpuinfo = match ferry_agent::host::find_tool("criu") {
-                Some(criu) => ferry_criu::cpuinfo_dump(&criu.to_string_lossy(), &scratch).await.ok(),
+                Some(criu) => ferry_criu::cpuinfo_dump(&criu.to_string_lossy(), &scratch)
+                    .await
+                    .ok(),
                 None => None,
             };
             (None, cpuinfo)
@@ -81,7 +99,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &a.tls_dir {
         let client = AgentClient::new(dir, Duration::from_secs(10))?;
         for addr in &a.to {
-            let f = client.check(*addr, cpuinfo.clone()).await.with_context(|| format!("checking agent {addr}"))?;
+            let f = client
+                .check(*addr, cpuinfo.clone())
+                .await
+                .with_context(|| format!("checking agent {addr}"))?;
             peers.push(f);
         }
     }
@@ -94,7 +115,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             None => {
                 let mut v = p.problems.clone();
                 if p.cpu_compatible == Some(false) {
-                    v.push(format!("CPU is not compatible with this host's: {}", p.cpu_check_log.join(" / ")));
+                    v.push(format!(
+                        "CPU is not compatible with this host's: {}",
+                        p.cpu_check_log.join(" / ")
+                    ));
                 }
                 v
             }
@@ -118,5 +142,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

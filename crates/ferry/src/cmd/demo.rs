@@ -28,9 +28,22 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     for h in [&ha, &hb] {
         let _ = ferry_testbed::docker(h, &["rm", "-f", NAME]).await;
     }
-    ferry_testbed::docker(&ha, &["run", "-d", "--name", NAME, "--network", &info.macvlan_network, "--ip", IP, &info.workload_image])
-        .await
-        .context("starting the demo workload on host a")?;
+    ferry_testbed::docker(
+        &ha,
+        &[
+            "run",
+            "-d",
+            "--name",
+            NAME,
+            "--network",
+            &info.macvlan_network,
+            "--ip",
+            IP,
+            &info.workload_image,
+        ],
+    )
+    .await
+    .context("starting the demo workload on host a")?;
     eprintln!("ferry demo: counter server {NAME} runs on host a at {IP}:7000");
 
     let dir = tempdir()?;
@@ -39,7 +52,15 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut client = tokio::process::Command::new("ip")
         .args(["netns", "exec", &info.client_netns])
         .arg(&cfg.workload_exe)
-        .args(["client", "--addr", &format!("{IP}:7000"), "--interval-ms", "10", "--duration-s", "120"])
+        .args([
+            "client",
+            "--addr",
+            &format!("{IP}:7000"),
+            "--interval-ms",
+            "10",
+            "--duration-s",
+            "120",
+        ])
         .arg("--stop-file")
         .arg(&stop)
         .arg("--out")
@@ -48,7 +69,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("starting the client in the client namespace")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!("ferry demo: client connected from {}; migrating a → b", info.client_ip);
+    eprintln!(
+        "ferry demo: client connected from {}; migrating a → b",
+        info.client_ip
+    );
 
     let api = AgentClient::new(&info.client_tls_dir, Duration::from_secs(10))?;
     let req = MigrateRequest {
@@ -65,23 +89,71 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let summary: serde_json::Value = std::fs::read(&out)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| serde_json::json!({"ok": false, "errors": ["the client wrote no summary"]}));
-    let on_b = ferry_testbed::docker(&hb, &["ps", "--filter", &format!("name=^{NAME}$"), "--format", "{{.Names}} {{.Status}}"]).await.unwrap_or_default();
-    let on_a = ferry_testbed::docker(&ha, &["ps", "-a", "--filter", &format!("name=^{NAME}$"), "--format", "{{.Names}} {{.Status}}"]).await.unwrap_or_default();
+        .unwrap_or_else(
+            || serde_json::json!({"ok": false, "errors": ["the client wrote no summary"]}),
+        );
+    let on_b = ferry_testbed::docker(
+        &hb,
+        &[
+            "ps",
+            "--filter",
+            &format!("name=^{NAME}$"),
+            "--format",
+            "{{.Names}} {{.Status}}",
+        ],
+    )
+    .await
+    .unwrap_or_default();
+    let on_a = ferry_testbed::docker(
+        &ha,
+        &[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("name=^{NAME}$"),
+            "--format",
+            "{{.Names}} {{.Status}}",
+        ],
+    )
+    .await
+    .unwrap_or_default();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"report": report, "client": summary}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"report": report, "client": summary})
+            )?
+        );
     } else {
         super::migrate::print_human(&report);
         println!(
             "client: {} replies on one connection, counter {} → {}, continuous {}, longest gap {} ms",
             summary["replies"], summary["first"], summary["last"], summary["continuous"], summary["max_gap_ms"]
         );
-        println!("host b: {}", if on_b.trim().is_empty() { "(not running)" } else { on_b.trim() });
-        println!("host a: {}", if on_a.trim().is_empty() { "(container gone)" } else { on_a.trim() });
+        println!(
+            "host b: {}",
+            if on_b.trim().is_empty() {
+                "(not running)"
+            } else {
+                on_b.trim()
+            }
+        );
+        println!(
+            "host a: {}",
+            if on_a.trim().is_empty() {
+                "(container gone)"
+            } else {
+                on_a.trim()
+            }
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     let ok = report.outcome == Outcome::Migrated && summary["ok"].as_bool() == Some(true);
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn tempdir() -> anyhow::Result<std::path::PathBuf> {

@@ -89,7 +89,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         target: a.to.to_string(),
         strategy: a.strategy.into(),
         step_timeout_s: a.step_timeout,
-        fault: a.inject_fault.map(|FaultArg::TargetRestore| Fault::TargetRestore),
+        fault: a
+            .inject_fault
+            .map(|FaultArg::TargetRestore| Fault::TargetRestore),
     };
     let report = drive(&client, a.from, req, a.json).await?;
     let json = a.json;
@@ -98,13 +100,21 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_human(&report);
     }
-    Ok(if report.outcome == Outcome::Migrated { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.outcome == Outcome::Migrated {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
-
 
 /// Runs a migration through the source agent with live phase output (unless `json`), and
 /// turns Ctrl-C into a cancellation the agent rolls back.
-pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, json: bool) -> anyhow::Result<Report> {
+pub async fn drive(
+    client: &AgentClient,
+    from: SocketAddr,
+    req: MigrateRequest,
+    json: bool,
+) -> anyhow::Result<Report> {
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
     tokio::spawn(async move {
@@ -125,7 +135,9 @@ pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, 
                 return;
             }
             match ev {
-                Event::PhaseStarted { phase } if *phase != Phase::Transfer => eprintln!("  {phase:<10} …"),
+                Event::PhaseStarted { phase } if *phase != Phase::Transfer => {
+                    eprintln!("  {phase:<10} …")
+                }
                 Event::PhaseFinished { phase, ms } => {
                     if let Some(b) = bar.take() {
                         b.finish_and_clear();
@@ -135,7 +147,9 @@ pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, 
                 Event::Progress { total, done, .. } => {
                     let b = bar.get_or_insert_with(|| {
                         let b = ProgressBar::new(*total);
-                        if let Ok(style) = ProgressStyle::with_template("  transfer   [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+                        if let Ok(style) = ProgressStyle::with_template(
+                            "  transfer   [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                        ) {
                             b.set_style(style.progress_chars("=> "));
                         }
                         b
@@ -152,7 +166,9 @@ pub async fn drive(client: &AgentClient, from: SocketAddr, req: MigrateRequest, 
         Ok(r) => r,
         Err(e) if last_phase.is_none() => return Err(e.into()),
         Err(e) => {
-            let during = last_phase.map(|p| format!(" during {p}")).unwrap_or_default();
+            let during = last_phase
+                .map(|p| format!(" during {p}"))
+                .unwrap_or_default();
             let hint = match last_phase {
                 Some(Phase::Restore) | Some(Phase::Commit) if strategy != Strategy::StopAndCopy => {
                     "; if the target had resumed (post-copy) it finishes on its own: check the container on the target host"
@@ -174,8 +190,15 @@ pub fn print_human(r: &Report) {
     };
     println!("{} {} → {}: {outcome}", r.container, r.source, r.target);
     println!("  strategy {} ({})", r.strategy, r.strategy_reason);
-    println!("  downtime {} ms, total {} ms, {} bytes sent", r.downtime_ms, r.total_ms, r.bytes_sent);
-    let phases: Vec<String> = r.phases_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+    println!(
+        "  downtime {} ms, total {} ms, {} bytes sent",
+        r.downtime_ms, r.total_ms, r.bytes_sent
+    );
+    let phases: Vec<String> = r
+        .phases_ms
+        .iter()
+        .map(|(k, v)| format!("{k} {v} ms"))
+        .collect();
     println!("  phases: {}", phases.join(", "));
     for n in &r.networks {
         println!("  network: {}", n.note);

@@ -27,14 +27,22 @@ pub struct InitArgs {
 }
 
 fn parse_agent(s: &str) -> anyhow::Result<(String, IpAddr)> {
-    let Some((name, ip)) = s.split_once('=') else { bail!("--agent {s:?}: expected NAME=IP") };
-    let ip: IpAddr = ip.parse().with_context(|| format!("--agent {s:?}: {ip:?} is not an IP address"))?;
+    let Some((name, ip)) = s.split_once('=') else {
+        bail!("--agent {s:?}: expected NAME=IP")
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .with_context(|| format!("--agent {s:?}: {ip:?} is not an IP address"))?;
     Ok((name.to_string(), ip))
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let Action::Init(a) = a.action;
-    let agents = a.agents.iter().map(|s| parse_agent(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let agents = a
+        .agents
+        .iter()
+        .map(|s| parse_agent(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let summary = ferry_tls::init_pki(&a.dir, &agents)?;
     if summary.ca_created {
         println!("created CA in {}", a.dir.join(ferry_tls::CA_DIR).display());

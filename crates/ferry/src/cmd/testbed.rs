@@ -28,9 +28,15 @@ enum Action {
 /// The test bed's config with binaries found next to this executable.
 pub fn config() -> anyhow::Result<ferry_testbed::TestbedConfig> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
-    let workload = exe.parent().map(|d| d.join("ferry-workload")).unwrap_or_else(|| PathBuf::from("ferry-workload"));
+    let workload = exe
+        .parent()
+        .map(|d| d.join("ferry-workload"))
+        .unwrap_or_else(|| PathBuf::from("ferry-workload"));
     if !workload.is_file() {
-        anyhow::bail!("ferry-workload is not next to {} (build the whole workspace: cargo build --release)", exe.display());
+        anyhow::bail!(
+            "ferry-workload is not next to {} (build the whole workspace: cargo build --release)",
+            exe.display()
+        );
     }
     Ok(ferry_testbed::TestbedConfig::new(exe, workload))
 }
@@ -38,16 +44,30 @@ pub fn config() -> anyhow::Result<ferry_testbed::TestbedConfig> {
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut cfg = config()?;
     match a.action {
-        Action::Up { with_incompatible_host, json } => {
+        Action::Up {
+            with_incompatible_host,
+            json,
+        } => {
             cfg.with_incompatible_host = with_incompatible_host;
             let info = ferry_testbed::up(&cfg).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 for h in &info.hosts {
-                    println!("host {}: agent {} docker {} tls {}", h.name, h.agent_addr, h.docker_host, h.tls_dir.display());
+                    println!(
+                        "host {}: agent {} docker {} tls {}",
+                        h.name,
+                        h.agent_addr,
+                        h.docker_host,
+                        h.tls_dir.display()
+                    );
                 }
-                println!("client namespace {} ({}); CLI TLS dir {}", info.client_netns, info.client_ip, info.client_tls_dir.display());
+                println!(
+                    "client namespace {} ({}); CLI TLS dir {}",
+                    info.client_netns,
+                    info.client_ip,
+                    info.client_tls_dir.display()
+                );
             }
         }
         Action::Down => ferry_testbed::down(&cfg).await?,
