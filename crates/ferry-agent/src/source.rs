@@ -48,13 +48,9 @@ pub const ROOTFS_STREAM: &str = "ferry-rootfs.stream";
 
 /// Writes the container's writable layer as a `ferry-fs` stream into the image directory.
 fn write_layer(upper: &std::path::Path, out: &std::path::Path) -> Result<u64, String> {
-    let f = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut w = ferry_fs::StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
-    let summary = w
-        .write_tree(upper, ferry_fs::TreeMode::OverlayUpper)
-        .map_err(|e| e.to_string())?;
-    let mut inner = w.into_inner();
-    std::io::Write::flush(&mut inner).map_err(|e| e.to_string())?;
+    let summary = crate::volumes::write_with(out, |w| {
+        w.write_tree(upper, ferry_fs::TreeMode::OverlayUpper)
+    })?;
     Ok(summary.counts.data_bytes)
 }
 

@@ -42,7 +42,8 @@ pub fn tree_digest(m: &Manifest) -> String {
     hex::encode(h.finalize())
 }
 
-fn write_with(
+/// Writes one complete stream into a new file at `out`.
+pub(crate) fn write_with(
     out: &Path,
     f: impl FnOnce(
         &mut StreamWriter<std::io::BufWriter<std::fs::File>>,

@@ -390,34 +390,7 @@ fn redis_with_100k_keys_migrates_under_a_live_client() {
     assert!(ok, "migrate failed: {report}\n{stderr}");
     settle();
     let summary = client.finish();
-    assert_eq!(summary["ok"], true, "client: {summary}");
-    assert_eq!(summary["continuous"], true, "{summary}");
-
-    let after: Value = serde_json::from_str(&in_client_ns(&[
-        "redis-digest",
-        "--addr",
-        &target,
-        "--match",
-        "key:*",
-    ]))
-    .unwrap();
-    assert_eq!(after["keys"].as_u64(), Some(100_000));
-    assert_eq!(
-        after["digest"], expected["digest"],
-        "values changed across the migration"
-    );
-    let live: Value = serde_json::from_str(&in_client_ns(&[
-        "redis-digest",
-        "--addr",
-        &target,
-        "--match",
-        "live:*",
-    ]))
-    .unwrap();
-    assert_eq!(
-        live["keys"], summary["sets"],
-        "keys the client wrote during the migration are missing"
-    );
+    assert_redis_intact(&target, 100_000, &expected, &summary);
     assert!(inspect("a", name).is_none());
     record_metrics(
         "redis",
@@ -700,6 +673,34 @@ fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() 
     remove_everywhere(name);
 }
 
+/// The client kept one connection and an unbroken counter, every loaded value is unchanged,
+/// and every key the client wrote during the migration is there.
+fn assert_redis_intact(target: &str, keys: u64, expected: &Value, summary: &Value) {
+    assert_eq!(summary["ok"], true, "client: {summary}");
+    assert_eq!(summary["continuous"], true, "{summary}");
+    let digest = |pattern: &str| -> Value {
+        serde_json::from_str(&in_client_ns(&[
+            "redis-digest",
+            "--addr",
+            target,
+            "--match",
+            pattern,
+        ]))
+        .unwrap()
+    };
+    let after = digest("key:*");
+    assert_eq!(after["keys"].as_u64(), Some(keys));
+    assert_eq!(
+        after["digest"], expected["digest"],
+        "values changed across the migration"
+    );
+    assert_eq!(
+        digest("live:*")["keys"],
+        summary["sets"],
+        "keys written during the migration are missing"
+    );
+}
+
 /// Loads `keys` × 1000 B into a fresh Redis on host a and returns its address and expected digest.
 fn redis_on_a(name: &str, ip: &str, keys: u64) -> (String, Value) {
     remove_everywhere(name);
@@ -780,33 +781,7 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     );
     settle();
     let summary = client.finish();
-    assert_eq!(summary["ok"], true, "client: {summary}");
-    assert_eq!(summary["continuous"], true, "{summary}");
-    let after: Value = serde_json::from_str(&in_client_ns(&[
-        "redis-digest",
-        "--addr",
-        &target,
-        "--match",
-        "key:*",
-    ]))
-    .unwrap();
-    assert_eq!(after["keys"].as_u64(), Some(200_000));
-    assert_eq!(
-        after["digest"], expected["digest"],
-        "values changed across the migration"
-    );
-    let live: Value = serde_json::from_str(&in_client_ns(&[
-        "redis-digest",
-        "--addr",
-        &target,
-        "--match",
-        "live:*",
-    ]))
-    .unwrap();
-    assert_eq!(
-        live["keys"], summary["sets"],
-        "keys written during the migration are missing"
-    );
+    assert_redis_intact(&target, 200_000, &expected, &summary);
     assert!(
         inspect("a", name).is_none(),
         "the source is removed once every page arrived"
