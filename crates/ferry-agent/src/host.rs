@@ -187,6 +187,18 @@ impl HostEnv {
                 self.docker_host
             )),
         }
+        if !f.cap_sys_resource && f.pipe_max_size < ferry_migrate::PIPE_NEEDED {
+            f.warnings.push(format!(
+                "post-copy from this host needs fs.pipe-max-size >= {} (now {}) because root lacks CAP_SYS_RESOURCE: start the agent with --tune-host to raise it",
+                ferry_migrate::PIPE_NEEDED,
+                f.pipe_max_size
+            ));
+        }
+        if !f.criu_features.uffd {
+            f.warnings.push(
+                "userfaultfd is not available: this host cannot be a post-copy target".into(),
+            );
+        }
         if !f.cap_sys_resource {
             f.warnings.push("root lacks CAP_SYS_RESOURCE here: CRIU cannot dump processes running as another uid (\"Can't get rlimit\"); such containers are refused in preflight".into());
         }
