@@ -133,6 +133,30 @@ fn migrate(name: &str, from: &str, to: &str, extra: &[&str]) -> (bool, Option<Va
     (out.status.success(), report, text(&out.stderr))
 }
 
+/// `docker run -d` on host a with a fixed address on `network`; `rest` is options then image.
+fn run_on_a(name: &str, network: &str, ip: &str, rest: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        network,
+        "--ip",
+        ip,
+    ];
+    args.extend_from_slice(rest);
+    docker_ok("a", &args);
+}
+
+/// Migrates `name` from host a to host b and returns the report, failing the test otherwise.
+fn migrate_ok(name: &str, extra: &[&str]) -> Value {
+    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), extra);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    report
+}
+
 struct Client {
     child: Child,
     stop: PathBuf,
@@ -263,17 +287,11 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     let (name, ip) = ("e2e-counter", "198.18.0.131");
     remove_everywhere(name);
     let image = bed()["workload_image"].as_str().unwrap();
-    docker_ok(
-        "a",
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
         &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
             "--restart",
             "unless-stopped",
             "-l",
@@ -286,14 +304,7 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     let before = inspect("a", name).unwrap();
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let report = migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert_eq!(report["outcome"], "migrated");
     assert_eq!(report["strategy"], "stop-and-copy");
     for p in [
@@ -380,14 +391,7 @@ fn redis_with_100k_keys_migrates_under_a_live_client() {
 
     let client = Client::start("redis-client", &target);
     settle();
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let report = migrate_ok(name, &["--strategy", "stop-and-copy"]);
     settle();
     let summary = client.finish();
     assert_redis_intact(&target, 100_000, &expected, &summary);
@@ -407,17 +411,11 @@ fn a_failed_restore_on_the_target_rolls_back_and_the_client_never_notices_a_brea
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-fault", "198.18.0.133");
     remove_everywhere(name);
-    docker_ok(
-        "a",
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
         &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
             "--restart",
             "always",
             bed()["workload_image"].as_str().unwrap(),
@@ -570,22 +568,7 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     remove_everywhere(name);
     remove_everywhere("e2e-stopped");
     let image = bed()["workload_image"].as_str().unwrap();
-    docker_ok(
-        "a",
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
-            "--restart",
-            "on-failure",
-            image,
-        ],
-    );
+    run_on_a(name, "ferrynet", ip, &["--restart", "on-failure", image]);
     docker_ok("a", &["create", "--name", "e2e-stopped", image]);
 
     let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
@@ -640,19 +623,11 @@ fn a_container_on_a_bridge_network_migrates_and_the_report_says_what_survives() 
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-bridge", "198.19.5.10");
     remove_everywhere(name);
-    docker_ok(
-        "a",
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrybr",
-            "--ip",
-            ip,
-            bed()["workload_image"].as_str().unwrap(),
-        ],
+    run_on_a(
+        name,
+        "ferrybr",
+        ip,
+        &[bed()["workload_image"].as_str().unwrap()],
     );
     let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
@@ -704,19 +679,11 @@ fn assert_redis_intact(target: &str, keys: u64, expected: &Value, summary: &Valu
 /// Loads `keys` × 1000 B into a fresh Redis on host a and returns its address and expected digest.
 fn redis_on_a(name: &str, ip: &str, keys: u64) -> (String, Value) {
     remove_everywhere(name);
-    docker_ok(
-        "a",
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
-            bed()["redis_image"].as_str().unwrap(),
-        ],
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
+        &[bed()["redis_image"].as_str().unwrap()],
     );
     let target = format!("{ip}:6379");
     wait_for("redis to answer", || {
@@ -757,9 +724,7 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     let (target, expected) = redis_on_a(name, ip, 200_000);
     let client = Client::start("redis-client", &target);
     settle();
-    let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &[]);
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let report = migrate_ok(name, &[]);
     assert_eq!(
         report["strategy"], "post-copy",
         "auto picks post-copy where userfaultfd works: {report}"
@@ -854,17 +819,11 @@ fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
     let script = "mkdir -p /srv/dir && echo created > /srv/dir/new.txt && echo appended >> /etc/passwd \
         && rm /bin/false && echo ghost-content > /srv/ghost.txt && exec 3</srv/ghost.txt && rm /srv/ghost.txt \
         && exec /usr/local/bin/ferry-workload serve --port 7000";
-    docker_ok(
-        "a",
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
         &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
             "--entrypoint",
             "/bin/sh",
             bed()["workload_image"].as_str().unwrap(),
@@ -884,14 +843,7 @@ fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
             && before.contains("ghost-content"),
         "{before}"
     );
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert_eq!(
         probe("b"),
         before,
@@ -984,17 +936,11 @@ fn the_target_container_is_configured_like_the_source_field_by_field() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-config", "198.18.0.138");
     remove_everywhere(name);
-    docker_ok(
-        "a",
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
         &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
             "--network-alias",
             "cfg-alias",
             "--restart",
@@ -1041,14 +987,7 @@ fn the_target_container_is_configured_like_the_source_field_by_field() {
         ],
     );
     let before = inspect("a", name).unwrap();
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    migrate_ok(name, &["--strategy", "stop-and-copy"]);
     let after = inspect("b", name).unwrap();
     let mut diffs = Vec::new();
     diff_json(
@@ -1116,30 +1055,10 @@ fn a_target_without_the_image_gets_it_from_the_source() {
         !docker("b", &["image", "inspect", &id]).status.success(),
         "host b must lack the image"
     );
-    docker_ok(
-        "a",
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
-            image,
-        ],
-    );
+    run_on_a(name, "ferrynet", ip, &[image]);
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert_eq!(
         docker_ok("b", &["image", "inspect", "--format", "{{.Id}}", &id]).trim(),
         id,
@@ -1173,17 +1092,11 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
     let script = "echo first > /data/first.txt && /bin/busybox dd if=/dev/urandom of=/data/big.bin bs=1048576 count=8 2>/dev/null \
         && (i=0; while true; i=$((i+1)); do echo $i > /data/counter.txt; /bin/busybox usleep 5000; done) & \
         exec /usr/local/bin/ferry-workload serve --port 7000";
-    docker_ok(
-        "a",
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
         &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "ferrynet",
-            "--ip",
-            ip,
             "-v",
             &format!("{vol}:/data"),
             "--entrypoint",
@@ -1209,14 +1122,7 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
         )
     };
     let before = sum("a");
-    let (ok, report, stderr) = migrate(
-        name,
-        &addr("a"),
-        &addr("b"),
-        &["--strategy", "stop-and-copy"],
-    );
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let report = migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert!(report["phases_ms"]["precopy"].is_u64(), "{report}");
     assert_eq!(sum("b"), before, "volume content differs on the target");
     // The counter keeps counting from where it was: the loop was migrated with its volume.
