@@ -156,12 +156,32 @@ impl LocalSource {
     }
 }
 
-/// Uids of every process in the container's pid namespace, so preflight can name the cause
-/// CRIU would otherwise report deep inside a dump.
+/// Owner uid of the user namespace `/proc/<pid>/ns/user` (ioctl NS_GET_OWNER_UID).
+fn userns_owner(pid: u32) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    let f = std::fs::File::open(format!("/proc/{pid}/ns/user")).ok()?;
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t into the pointer; the fd is open for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            NS_GET_OWNER_UID,
+            &mut uid as *mut libc::uid_t,
+        )
+    };
+    (rc == 0).then_some(uid)
+}
+
+/// Uids of the container's processes that CRIU cannot dump from here, so preflight can name
+/// the cause CRIU would otherwise report deep inside a dump ("Can't get rlimit"). Processes in
+/// a user namespace owned by root (Docker's userns-remap) are fine: root has every capability
+/// there.
 fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
     let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else {
         return vec![];
     };
+    let own_userns = std::fs::read_link("/proc/self/ns/user").ok();
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;
@@ -174,6 +194,11 @@ fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
             .ok()
             .as_ref()
             != Some(&ns)
+        {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/ns/user")).ok() != own_userns
+            && userns_owner(pid) == Some(nix::unistd::geteuid().as_raw())
         {
             continue;
         }

@@ -567,6 +567,28 @@ impl Targets {
             .get("DockerRootDir")
             .and_then(|v| v.as_str())
             .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
+        if let Some(owner) = crate::userns::remapped_root(root) {
+            let blocked = crate::userns::unreachable_ancestors(&self.env.state_dir);
+            if !blocked.is_empty() {
+                return Err(err(
+                    step,
+                    format!(
+                        "this dockerd remaps container root to uid {}, which cannot reach the checkpoint images: give {} search permission (o+x)",
+                        owner.0,
+                        blocked.join(", ")
+                    ),
+                ));
+            }
+            crate::userns::grant(&self.env.state_dir, &dir, owner).map_err(|e| {
+                err(
+                    step,
+                    format!(
+                        "handing the checkpoint images to the remapped root uid {}: {e}",
+                        owner.0
+                    ),
+                )
+            })?;
+        }
         let cp_name = format!("ferry-{id}");
         let cp_dir = Path::new(root)
             .join("containers")

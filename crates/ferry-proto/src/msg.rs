@@ -252,10 +252,45 @@ pub struct HostFacts {
     pub warnings: Vec<String>,
 }
 
+/// The remapped root `(uid, gid)` of a daemon, read from its `DockerRootDir`, which a remapped
+/// dockerd places in `<data-root>/<uid>.<gid>`; None for a daemon without remapping.
+pub fn remapped_root(docker_root_dir: &str) -> Option<(u32, u32)> {
+    let last = std::path::Path::new(docker_root_dir)
+        .file_name()?
+        .to_str()?;
+    let (u, g) = last.split_once('.')?;
+    if u.is_empty() || g.is_empty() || !u.bytes().chain(g.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+impl HostFacts {
+    /// The daemon's remapped root uid and gid when it runs with `userns-remap`.
+    pub fn userns_remap(&self) -> Option<(u32, u32)> {
+        self.docker_data_root.as_deref().and_then(remapped_root)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::Frame;
+
+    #[test]
+    fn remapped_root_is_read_from_the_root_dir_name() {
+        for (dir, want) in [
+            ("/var/lib/docker/100000.100000", Some((100000, 100000))),
+            ("/x/d/docker/231072.231073/", Some((231072, 231073))),
+            ("/var/lib/docker", None),
+            ("/var/lib/docker/1.", None),
+            ("/var/lib/docker/a.b", None),
+            ("/var/lib/docker/1.2.3", None),
+            ("", None),
+        ] {
+            assert_eq!(remapped_root(dir), want, "{dir}");
+        }
+    }
 
     #[test]
     fn messages_round_trip_through_frames() {
