@@ -52,6 +52,7 @@ fn bed() -> &'static Value {
             "testbed",
             "up",
             "--with-incompatible-host",
+            "--with-userns-hosts",
             "--json",
         ]));
         assert!(
@@ -108,7 +109,7 @@ fn inspect(h: &str, name: &str) -> Option<Value> {
 }
 
 fn remove_everywhere(name: &str) {
-    for h in ["a", "b", "c"] {
+    for h in ["a", "b", "c", "d", "e"] {
         let _ = docker(h, &["rm", "-f", name]);
     }
 }
@@ -1217,4 +1218,176 @@ fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_s
     let up = run(Command::new(ferry()).args(["testbed", "up", "--with-incompatible-host"]));
     assert!(up.status.success(), "{}", text(&up.stderr));
     remove_everywhere(name);
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Runs a PostgreSQL client (`psql`, `pgbench`) from the host's packages in the client
+/// namespace, against the server at `ip`.
+fn pg_client(tool: &str, ip: &str, args: &[&str]) -> Output {
+    run(Command::new("ip")
+        .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
+        .arg(format!("{PG_BIN}/{tool}"))
+        .args(["-h", ip, "-U", "postgres"])
+        .args(args))
+}
+
+fn pg_query(ip: &str, sql: &str) -> Option<String> {
+    let out = pg_client("psql", ip, &["-d", "postgres", "-Atc", sql]);
+    out.status
+        .success()
+        .then(|| text(&out.stdout).trim().to_string())
+}
+
+fn run_postgres(h: &str, name: &str, ip: &str, volume: Option<&str>) {
+    let image = bed()["postgres_image"]
+        .as_str()
+        .expect("the test bed has a PostgreSQL image (testbed up --with-userns-hosts)");
+    let mount = volume.map(|v| format!("{v}:/var/lib/postgresql/data"));
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "ferrynet",
+        "--ip",
+        ip,
+    ];
+    if let Some(m) = &mount {
+        args.extend(["-v", m.as_str()]);
+    }
+    args.push(image);
+    docker_ok(h, &args);
+    wait_for("PostgreSQL to accept connections", || {
+        pg_query(ip, "select 1").filter(|v| v == "1")
+    });
+}
+
+/// A real database under a real client: PostgreSQL (which refuses to run as root, so its
+/// processes are uid 999) migrated by stop-and-copy while pgbench's four connections write.
+/// Root here lacks CAP_SYS_RESOURCE, so CRIU can only dump it inside a user namespace owned by
+/// root: on hosts without userns-remap preflight must say so, and between a remapped and a
+/// plain daemon ferry must refuse, both before touching anything.
+#[test]
+fn postgresql_under_pgbench_migrates_with_every_committed_row_and_its_connections() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (plain, plain_ip) = ("e2e-pg-plain", "198.18.0.150");
+    let (name, ip, vol) = ("e2e-pg", "198.18.0.151", "e2e-pgdata");
+    remove_everywhere(plain);
+    remove_everywhere(name);
+    for h in ["d", "e"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+
+    run_postgres("a", plain, plain_ip, None);
+    let (ok, report, stderr) = migrate(plain, &addr("a"), &addr("b"), &[]);
+    let msg = report.map(|r| r["error"].to_string()).unwrap_or_default() + &stderr;
+    assert!(
+        !ok,
+        "a uid-999 container must be refused on a host without userns-remap"
+    );
+    for needle in [
+        "non-root uids",
+        "CAP_SYS_RESOURCE",
+        "userns-remap",
+        "postgres (pid",
+    ] {
+        assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
+    }
+    assert_running_untouched("a", plain, "no");
+    assert!(inspect("b", plain).is_none());
+    remove_everywhere(plain);
+
+    run_postgres("d", name, ip, Some(vol));
+    let init = pg_client("pgbench", ip, &["-i", "-s", "2", "-q", "postgres"]);
+    assert!(init.status.success(), "pgbench -i: {}", text(&init.stderr));
+
+    let (ok, report, stderr) = migrate(name, &addr("d"), &addr("a"), &[]);
+    let msg = report.map(|r| r["error"].to_string()).unwrap_or_default() + &stderr;
+    assert!(
+        !ok && msg.contains("user namespace mapping differs"),
+        "{msg}"
+    );
+    assert_running_untouched("d", name, "no");
+    assert!(inspect("a", name).is_none());
+
+    // pgbench writes a line per committed transaction into its log (cwd), without reconnecting:
+    // a connection that broke would abort its client and fail the run.
+    let dir = std::env::temp_dir().join(format!("ferry-e2e-pgbench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bench = Command::new("ip")
+        .args(["netns", "exec", bed()["client_netns"].as_str().unwrap()])
+        .arg(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-h", ip, "-U", "postgres", "-c", "4", "-T", "16", "-n", "-l", "postgres",
+        ])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench starts");
+    std::thread::sleep(Duration::from_secs(4));
+    let (ok, report, stderr) = migrate(
+        name,
+        &addr("d"),
+        &addr("e"),
+        &["--strategy", "stop-and-copy"],
+    );
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "migrate failed: {report}\n{stderr}");
+    let migrated_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let bench = bench.wait_with_output().expect("pgbench finishes");
+    assert!(
+        bench.status.success(),
+        "pgbench failed after the migration: {}\n{}",
+        text(&bench.stdout),
+        text(&bench.stderr)
+    );
+    let mut committed = 0u64;
+    let mut latest = 0u64;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert!(f.len() >= 6, "pgbench log line {line:?}");
+            assert_ne!(f[2], "failed", "a transaction failed: {line}");
+            committed += 1;
+            latest = latest.max(f[4].parse().unwrap());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(committed > 0);
+    assert!(
+        latest > migrated_at,
+        "no transaction committed after the migration (last at {latest}, migrated at {migrated_at})"
+    );
+    let rows: u64 = pg_query(ip, "select count(*) from pgbench_history")
+        .expect("the migrated server answers")
+        .parse()
+        .unwrap();
+    assert_eq!(rows, committed, "history rows vs committed transactions");
+    let c = inspect("e", name).expect("the container is on e");
+    assert_eq!(c["State"]["Running"], true);
+    assert!(
+        inspect("d", name).is_none(),
+        "the source container is gone after commit"
+    );
+    let ps = docker_ok("e", &["exec", name, "/bin/ps", "-o", "user,args"]);
+    assert!(ps.contains("postgres: checkpointer"), "{ps}");
+    record_metrics(
+        "postgres_pgbench",
+        serde_json::json!({"committed": committed, "report": report}),
+    );
+    remove_everywhere(name);
+    for h in ["d", "e"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
 }
