@@ -41,6 +41,9 @@ pub struct LocalSource {
     /// The container's overlay2 upper dir: the files it wrote, carried to the target's layer.
     upper_dir: Option<PathBuf>,
     volumes: Vec<crate::volumes::VolumeRef>,
+    overwrite_volumes: bool,
+    /// `--shared` declarations: mounts they cover are neither carried nor refused.
+    shared: Vec<String>,
 }
 
 /// Name of the writable-layer stream among the images sent to the target.
@@ -146,7 +149,16 @@ impl LocalSource {
             upper_dir: None,
             volumes: Vec::new(),
             source_agent,
+            overwrite_volumes: false,
+            shared: Vec::new(),
         }
+    }
+
+    /// The operator's choices about data ferry does not carry or that exists on the target.
+    pub fn with_data_options(mut self, overwrite_volumes: bool, shared: Vec<String>) -> Self {
+        self.overwrite_volumes = overwrite_volumes;
+        self.shared = shared;
+        self
     }
 
     fn view(&self) -> Result<&ContainerView, SideError> {
@@ -252,6 +264,9 @@ impl SourceSide for LocalSource {
         if view.paused {
             return Err(SideError::refused(step, format!("container {} is paused: unpause it first (ferry pauses it itself while freezing)", view.name)));
         }
+        let is_shared = |m: &&ferry_docker::MountView| {
+            ferry_proto::shared_covers(&self.shared, m.name.as_deref(), &m.source)
+        };
         let foreign: Vec<String> = view
             .mounts
             .iter()
@@ -259,6 +274,7 @@ impl SourceSide for LocalSource {
                 m.kind == "bind"
                     || (m.kind == "volume" && m.driver.as_deref().unwrap_or("local") != "local")
             })
+            .filter(|m| !is_shared(m))
             .map(|m| {
                 format!(
                     "{} {} -> {}",
@@ -271,7 +287,7 @@ impl SourceSide for LocalSource {
         if !foreign.is_empty() {
             return Err(SideError::refused(
                 step,
-                format!("container {} has mounts whose data ferry cannot carry (bind mounts and volumes of drivers other than local): {}", view.name, foreign.join(", ")),
+                format!("container {} has mounts whose data ferry cannot carry (bind mounts and volumes of drivers other than local): {}; declare storage both hosts share with --shared PATH|VOLUME to leave it alone", view.name, foreign.join(", ")),
             ));
         }
         if !has_cap_sys_resource() {
@@ -292,10 +308,18 @@ impl SourceSide for LocalSource {
                 ));
             }
         }
+        let shared_paths: Vec<String> = view
+            .mounts
+            .iter()
+            .filter(|m| m.kind == "bind")
+            .filter(is_shared)
+            .map(|m| m.source.clone())
+            .collect();
         self.volumes = view
             .mounts
             .iter()
-            .filter(|m| m.kind == "volume")
+            .filter(|m| m.kind == "volume" && m.driver.as_deref().unwrap_or("local") == "local")
+            .filter(|m| !is_shared(m))
             .filter_map(|m| {
                 m.name.clone().map(|name| crate::volumes::VolumeRef {
                     name,
@@ -376,6 +400,8 @@ impl SourceSide for LocalSource {
             fault: self.fault,
             source_agent: self.source_agent.clone(),
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
+            overwrite_volumes: self.overwrite_volumes,
+            shared_paths,
         };
         let mut warnings = vec![];
         match (

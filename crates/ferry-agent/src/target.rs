@@ -59,6 +59,10 @@ struct TargetMigration {
     images_complete: bool,
     /// Volumes this migration created here, removed again on rollback.
     created_volumes: Vec<String>,
+    /// Existing volumes with content the operator allowed ferry to replace.
+    replaceable_volumes: Vec<String>,
+    /// `(volume data dir, its old content set aside)`: removed on commit, put back on rollback.
+    replaced: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Migrations arriving at this host, by migration id.
@@ -264,7 +268,27 @@ impl Targets {
                 }
             }
         }
+        let missing: Vec<&String> = req
+            .shared_paths
+            .iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
+        if !missing.is_empty() {
+            return Err(err(
+                step,
+                format!(
+                    "bind mounts declared shared do not exist on target {}: {}",
+                    self.env.name,
+                    missing
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let mut created_volumes = Vec::new();
+        let mut replaceable_volumes = Vec::new();
         for v in &req.volumes {
             match docker.inspect_volume(v).await.map_err(|e| err(step, e))? {
                 None => created_volumes.push(v.clone()),
@@ -273,8 +297,11 @@ impl Targets {
                     let has_content = std::fs::read_dir(mp)
                         .map(|mut d| d.next().is_some())
                         .unwrap_or(true);
+                    if has_content && !req.overwrite_volumes {
+                        return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it, pick another target, or pass --overwrite-volumes to replace its content", self.env.name)));
+                    }
                     if has_content {
-                        return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it or pick another target", self.env.name)));
+                        replaceable_volumes.push(v.clone());
                     }
                 }
             }
@@ -316,6 +343,8 @@ impl Targets {
                 ctrd_copy: None,
                 images_complete: false,
                 created_volumes: Vec::new(),
+                replaceable_volumes,
+                replaced: Vec::new(),
             },
         );
         drop(map);
@@ -535,7 +564,7 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
-        self.apply_volumes(&container_id, &images).await?;
+        self.apply_volumes(id, &container_id, &images).await?;
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
             self.apply_layer(&container_id, &stream, &dir).await?;
@@ -676,7 +705,12 @@ impl Targets {
 
     /// Applies both passes of every volume into the target's volume of the same name and checks
     /// the result against the source's digest before anything is restored.
-    async fn apply_volumes(&self, container_id: &str, images: &Path) -> Result<(), ErrorInfo> {
+    async fn apply_volumes(
+        &self,
+        id: &str,
+        container_id: &str,
+        images: &Path,
+    ) -> Result<(), ErrorInfo> {
         let step = "restore (target): volumes";
         let mut index = 0usize;
         loop {
@@ -715,6 +749,23 @@ impl Targets {
                 .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
                 .map(PathBuf::from)
                 .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
+            let replaceable = self
+                .map
+                .lock()
+                .await
+                .get(id)
+                .is_some_and(|m| m.replaceable_volumes.contains(&name));
+            if replaceable {
+                let aside = crate::volumes::set_aside(&dest, id).map_err(|e| {
+                    err(
+                        step,
+                        format!("volume {name:?}: setting its old content aside: {e}"),
+                    )
+                })?;
+                if let Some(m) = self.map.lock().await.get_mut(id) {
+                    m.replaced.push((dest.clone(), aside));
+                }
+            }
             let streams: Vec<PathBuf> = (0..2u8)
                 .map(|p| images.join(crate::volumes::stream_name(index, p)))
                 .filter(|p| p.exists())
@@ -909,7 +960,15 @@ impl Targets {
             ));
         }
         m.state = TargetState::Committed;
-        let problems = self.cleanup_files(m);
+        let mut problems = self.cleanup_files(m);
+        for (_, aside) in std::mem::take(&mut m.replaced) {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                problems.push(format!(
+                    "removing replaced volume content {}: {e}",
+                    aside.display()
+                ));
+            }
+        }
         for p in problems {
             warn!("cleanup after commit: {p}");
         }
@@ -947,6 +1006,8 @@ impl Targets {
                     ctrd_copy: m.ctrd_copy.clone(),
                     images_complete: m.images_complete,
                     created_volumes: m.created_volumes.clone(),
+                    replaceable_volumes: m.replaceable_volumes.clone(),
+                    replaced: m.replaced.clone(),
                 },
             )
         };
@@ -974,6 +1035,22 @@ impl Targets {
         for v in &snapshot.created_volumes {
             if let Err(e) = self.env.docker.remove_volume(v).await {
                 problems.push(format!("removing volume {v}: {e}"));
+            }
+        }
+        let replaced = self
+            .map
+            .lock()
+            .await
+            .get_mut(id)
+            .map(|m| std::mem::take(&mut m.replaced))
+            .unwrap_or_default();
+        for (data, aside) in &replaced {
+            if let Err(e) = crate::volumes::put_back(data, aside) {
+                problems.push(format!(
+                    "putting back the old content of {} (kept in {}): {e}",
+                    data.display(),
+                    aside.display()
+                ));
             }
         }
         let latest = self

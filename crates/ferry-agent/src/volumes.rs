@@ -88,3 +88,69 @@ pub fn apply_passes(streams: &[PathBuf], dest: &Path, want: &str) -> Result<(), 
     }
     Ok(())
 }
+
+/// `--overwrite-volumes`: moves the content of a volume's data dir aside (a rename, on the same
+/// file system) and leaves an empty dir with the same owner and mode in its place, so a failed
+/// migration can put the operator's data back untouched. Returns where it went.
+pub fn set_aside(data: &Path, migration_id: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let name = data
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| format!("{}: no directory name", data.display()))?;
+    let aside = data.with_file_name(format!("{name}.ferry-replaced-{migration_id}"));
+    let meta = std::fs::metadata(data).map_err(|e| format!("{}: {e}", data.display()))?;
+    std::fs::rename(data, &aside)
+        .map_err(|e| format!("{} -> {}: {e}", data.display(), aside.display()))?;
+    let made = std::fs::create_dir(data)
+        .and_then(|_| std::os::unix::fs::chown(data, Some(meta.uid()), Some(meta.gid())))
+        .and_then(|_| std::fs::set_permissions(data, meta.permissions()));
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir(data);
+        let _ = std::fs::rename(&aside, data);
+        return Err(format!("{}: {e}", data.display()));
+    }
+    Ok(aside)
+}
+
+/// Undoes [`set_aside`]: whatever the attempt wrote is removed and the old content returns.
+pub fn put_back(data: &Path, aside: &Path) -> Result<(), String> {
+    if !aside.exists() {
+        return Err("the set-aside copy is missing".into());
+    }
+    if data.exists() {
+        std::fs::remove_dir_all(data).map_err(|e| format!("{}: {e}", data.display()))?;
+    }
+    std::fs::rename(aside, data).map_err(|e| format!("{}: {e}", aside.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn set_aside_then_put_back_restores_the_old_content_and_mode() {
+        let base = std::env::temp_dir().join(format!("ferry-vol-aside-{}", std::process::id()));
+        let data = base.join("_data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("old.txt"), b"operator data").unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let aside = set_aside(&data, "m1").unwrap();
+        assert!(std::fs::read_dir(&data).unwrap().next().is_none());
+        assert_eq!(
+            std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
+        std::fs::write(data.join("new.txt"), b"half written").unwrap();
+        put_back(&data, &aside).unwrap();
+        assert_eq!(
+            std::fs::read(data.join("old.txt")).unwrap(),
+            b"operator data"
+        );
+        assert!(!data.join("new.txt").exists());
+        assert!(!aside.exists());
+        assert!(put_back(&data, &aside).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -808,51 +808,185 @@ fn a_post_copy_that_fails_before_the_target_resumes_rolls_back_with_connections_
     remove_everywhere(name);
 }
 
+/// Sets a `user.` extended attribute on a file inside a running container, from the host
+/// (busybox has no setfattr), through the container's root as seen from its init process.
+fn set_xattr_in(h: &str, name: &str, path: &str, key: &str, value: &str) {
+    let pid = inspect(h, name).unwrap()["State"]["Pid"].as_u64().unwrap();
+    let p = std::ffi::CString::new(format!("/proc/{pid}/root{path}")).unwrap();
+    let k = std::ffi::CString::new(key).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            k.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {path}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn get_xattr_in(h: &str, name: &str, path: &str, key: &str) -> Option<String> {
+    let pid = inspect(h, name).unwrap()["State"]["Pid"].as_u64().unwrap();
+    let p = std::ffi::CString::new(format!("/proc/{pid}/root{path}")).unwrap();
+    let k = std::ffi::CString::new(key).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let n = unsafe { libc::lgetxattr(p.as_ptr(), k.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+/// Directory sizes and block counts depend on a directory's history, not its content, so the
+/// listing leaves them out; `srv/ghostdir` is listed without its mtime because CRIU re-creates
+/// and unlinks the deleted-but-open file there during the restore, which the kernel records.
+///
+/// The issue's whole picture in one container: it wrote, changed and deleted files in its
+/// rootfs (modes, owners, times, a hard link, a symlink, a sparse file, an xattr) and in a
+/// named volume, keeps a deleted file open, has a tmpfs with content, and runs from an image
+/// the target lacks. After the migration the rootfs diff, a listing of every changed path's
+/// metadata and content, the volume's manifest and the tmpfs content match the source's, the
+/// process still reads its deleted-but-open file, and the client's connection survived.
 #[test]
-fn files_the_container_wrote_changed_and_deleted_arrive_with_it() {
+fn everything_the_container_owns_arrives_on_a_host_without_its_image() {
     if !enabled() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (name, ip) = ("e2e-layer", "198.18.0.137");
+    let (name, ip, image, vol) = (
+        "e2e-layer",
+        "198.18.0.137",
+        "e2e-layer-image:1",
+        "e2e-layer-vol",
+    );
     remove_everywhere(name);
-    // Creates, changes and deletes files in its rootfs, and keeps a deleted file open (fd 3).
-    let script = "mkdir -p /srv/dir && echo created > /srv/dir/new.txt && echo appended >> /etc/passwd \
-        && rm /bin/false && echo ghost-content > /srv/ghost.txt && exec 3</srv/ghost.txt && rm /srv/ghost.txt \
-        && exec /usr/local/bin/ferry-workload serve --port 7000";
+    remove_everywhere("e2e-layer-src");
+    for h in ["a", "b"] {
+        let _ = docker(h, &["rmi", "-f", image]);
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+    let base = bed()["workload_image"].as_str().unwrap();
+    docker_ok(
+        "a",
+        &["run", "--name", "e2e-layer-src", "--network", "none", "--entrypoint", "/bin/sh", base, "-c",
+          "mkdir -p /srv/keep && echo in-image > /srv/keep/image.txt && echo gone-soon > /srv/keep/delete-me.txt"],
+    );
+    docker_ok("a", &["commit", "e2e-layer-src", image]);
+    let image_id = docker_ok("a", &["image", "inspect", "--format", "{{.Id}}", image])
+        .trim()
+        .to_string();
+    assert!(
+        !docker("b", &["image", "inspect", &image_id])
+            .status
+            .success(),
+        "host b must lack the image"
+    );
+
+    let bb = "/bin/busybox";
+    let script = format!(
+        "set -e; mkdir -p /srv/dir && echo created > /srv/dir/new.txt && echo appended >> /etc/passwd \
+         && rm /bin/false /srv/keep/delete-me.txt && echo changed >> /srv/keep/image.txt \
+         && rm -rf /srv/keep && mkdir /srv/keep && echo opaque-now > /srv/keep/only.txt \
+         && echo mode > /srv/dir/mode.txt && {bb} chmod 640 /srv/dir/mode.txt && {bb} chown 1234:5678 /srv/dir/mode.txt \
+         && {bb} touch -d '2001-02-03 04:05:06' /srv/dir/mode.txt \
+         && echo linked > /srv/dir/hard1 && {bb} ln /srv/dir/hard1 /srv/dir/hard2 && {bb} ln -s ../dir/new.txt /srv/dir/sym \
+         && {bb} dd if=/dev/zero of=/srv/dir/sparse bs=1 count=1 seek=67108863 2>/dev/null \
+         && echo xattr > /srv/dir/xattr.txt \
+         && echo vol-first > /data/first.txt && echo vol-gone > /data/gone.txt && rm /data/gone.txt \
+         && mkdir -p /data/sub && {bb} dd if=/dev/urandom of=/data/sub/blob bs=65536 count=16 2>/dev/null \
+         && echo in-tmpfs > /scratch/note.txt \
+         && mkdir /srv/ghostdir && echo ghost-content > /srv/ghostdir/ghost.txt \
+         && exec 3</srv/ghostdir/ghost.txt && rm /srv/ghostdir/ghost.txt \
+         && exec /usr/local/bin/ferry-workload serve --port 7000"
+    );
     run_on_a(
         name,
         "ferrynet",
         ip,
         &[
+            "-v",
+            &format!("{vol}:/data"),
+            "--tmpfs",
+            "/scratch",
             "--entrypoint",
             "/bin/sh",
-            bed()["workload_image"].as_str().unwrap(),
+            image,
             "-c",
-            script,
+            &script,
         ],
     );
+    wait_for("the server to listen", || {
+        let tcp = docker_ok("a", &["exec", name, "/bin/cat", "/proc/net/tcp"]);
+        tcp.lines()
+            .any(|l| l.contains(":1B58 00000000:0000 0A"))
+            .then_some(())
+    });
     let client = Client::start("client", &format!("{ip}:7000"));
     settle();
-    let probe = |h: &str| -> String {
-        docker_ok(h, &["exec", name, "/bin/sh", "-c", "cat /srv/dir/new.txt; tail -n1 /etc/passwd; ls /bin/false 2>&1 | head -c 40; echo; cat /proc/1/fd/3; ls /srv"])
+    set_xattr_in("a", name, "/srv/dir/xattr.txt", "user.ferry", "carried");
+    let listing = |h: &str| -> String {
+        docker_ok(
+            h,
+            &["exec", name, "/bin/sh", "-c", &format!(
+                "cd / && {bb} find srv data scratch etc/passwd | {bb} sort | while read p; do \
+                 if [ \"$p\" = srv/ghostdir ]; then {bb} stat -c '%n %F %a %u:%g %h' \"$p\"; \
+                 elif [ -d \"$p\" ]; then {bb} stat -c '%n %F %a %u:%g %Y %h' \"$p\"; \
+                 else {bb} stat -c '%n %F %a %u:%g %s %Y %h %b' \"$p\"; fi; done; \
+                 {bb} find srv data scratch -type f | {bb} sort | while read p; do {bb} md5sum \"$p\"; done; \
+                 {bb} stat -c %i srv/dir/hard1 srv/dir/hard2 | {bb} uniq | {bb} wc -l; \
+                 {bb} readlink srv/dir/sym; cat /proc/1/fd/3; ls /bin/false 2>&1 | head -c 20; echo")],
+        )
     };
-    let before = probe("a");
-    assert!(
-        before.contains("created")
-            && before.contains("appended")
-            && before.contains("ghost-content"),
-        "{before}"
-    );
-    migrate_ok(name, &["--strategy", "stop-and-copy"]);
+    let diff = |h: &str| -> String {
+        let mut lines: Vec<String> = docker_ok(h, &["diff", name])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    };
+    let (before, diff_before) = (listing("a"), diff("a"));
+    for needle in [
+        "srv/dir/sparse regular file 644 0:0 67108864",
+        "ghost-content",
+        "scratch/note.txt regular file 644 0:0 9",
+        "srv/dir/mode.txt regular file 640 1234:5678 5 981173106",
+    ] {
+        assert!(
+            before.contains(needle),
+            "setup: {needle:?} missing in:\n{before}"
+        );
+    }
+    let report = migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert_eq!(
-        probe("b"),
-        before,
-        "the container's files differ on the target"
+        docker_ok("b", &["image", "inspect", "--format", "{{.Id}}", &image_id]).trim(),
+        image_id,
+        "the image arrived"
+    );
+    let after = listing("b");
+    assert_eq!(after, before, "files, volume or tmpfs differ on the target");
+    assert_eq!(diff("b"), diff_before, "docker diff differs on the target");
+    assert_eq!(
+        get_xattr_in("b", name, "/srv/dir/xattr.txt", "user.ferry").as_deref(),
+        Some("carried")
     );
     let summary = client.finish();
     assert_eq!(summary["ok"], true, "{summary}");
+    record_metrics(
+        "everything_arrives",
+        serde_json::json!({"report": report, "client": summary}),
+    );
     remove_everywhere(name);
+    remove_everywhere("e2e-layer-src");
+    for h in ["a", "b"] {
+        let _ = docker(h, &["rmi", "-f", &image_id]);
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
 }
 
 /// Inspect fields that must differ between the container that left and the one that arrived;

@@ -56,6 +56,15 @@ pub struct Args {
     /// Upper bound for each remote step, in seconds.
     #[arg(long, default_value_t = 120)]
     step_timeout: u64,
+    /// Replace the content of a volume of the same name that already has content on the
+    /// target (kept aside until the migration commits, put back if it rolls back).
+    #[arg(long)]
+    overwrite_volumes: bool,
+    /// Declare an absolute host PATH (bind mounts under it) or a VOLUME name (of any driver)
+    /// shared by both hosts: ferry leaves its data alone instead of refusing the container.
+    /// Repeat for several.
+    #[arg(long = "shared", value_name = "PATH|VOLUME")]
+    shared: Vec<String>,
     /// Test hook: make the target fail in the named step, to exercise rollback.
     #[arg(long, value_enum, hide = true)]
     inject_fault: Option<FaultArg>,
@@ -71,6 +80,9 @@ impl Args {
         }
         if self.step_timeout == 0 {
             bail!("--step-timeout must be at least 1 second");
+        }
+        for v in &self.shared {
+            ferry_proto::validate_shared(v).map_err(anyhow::Error::msg)?;
         }
         for f in ["ca.pem", "cert.pem", "key.pem"] {
             if !self.tls_dir.join(f).is_file() {
@@ -92,6 +104,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         fault: a
             .inject_fault
             .map(|FaultArg::TargetRestore| Fault::TargetRestore),
+        overwrite_volumes: a.overwrite_volumes,
+        shared: a.shared.clone(),
     };
     let report = drive(&client, a.from, req, a.json).await?;
     let json = a.json;
