@@ -1525,3 +1525,185 @@ fn postgresql_under_pgbench_migrates_with_every_committed_row_and_its_connection
         let _ = docker(h, &["volume", "rm", "-f", vol]);
     }
 }
+
+fn volume_files(h: &str, vol: &str) -> String {
+    let image = bed()["workload_image"].as_str().unwrap();
+    let mount = format!("{vol}:/v");
+    let out = docker_ok(
+        h,
+        &[
+            "run", "--rm", "--network", "none", "-v", &mount, "--entrypoint", "/bin/sh", image, "-c",
+            "cd /v && /bin/busybox find . -type f | /bin/busybox sort | while read f; do echo \"$f=$(cat $f)\"; done",
+        ],
+    );
+    out.trim().to_string()
+}
+
+/// Data ferry does not carry is the operator's call: a bind mount is refused by name until it
+/// is declared shared (then left alone, and the target must have the path), and a volume that
+/// already has content on the target is refused until `--overwrite-volumes`, which keeps the
+/// old content aside and puts it back when the migration rolls back.
+#[test]
+fn shared_binds_and_existing_target_volumes_are_handled_as_the_operator_declares() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip, vol) = ("e2e-shared", "198.18.0.142", "e2e-ow-vol");
+    let shared = "/var/lib/ferry-testbed/e2e-shared";
+    remove_everywhere(name);
+    for h in ["a", "b"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+    let _ = std::fs::remove_dir_all(shared);
+    std::fs::create_dir_all(shared).unwrap();
+    std::fs::write(format!("{shared}/both-hosts.txt"), "on shared storage\n").unwrap();
+    let image = bed()["workload_image"].as_str().unwrap();
+    docker_ok("b", &["volume", "create", vol]);
+    let old = {
+        let mount = format!("{vol}:/v");
+        docker_ok(
+            "b",
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "-v",
+                &mount,
+                "--entrypoint",
+                "/bin/sh",
+                image,
+                "-c",
+                "echo operator-data > /v/old.txt",
+            ],
+        );
+        volume_files("b", vol)
+    };
+    assert_eq!(old, "./old.txt=operator-data");
+    let bind = format!("{shared}:/shared");
+    let volume = format!("{vol}:/data");
+    run_on_a(
+        name,
+        "ferrynet",
+        ip,
+        &["-v", &bind, "-v", &volume, "--entrypoint", "/bin/sh", image, "-c",
+          "echo from-source > /data/new.txt && exec /usr/local/bin/ferry-workload serve --port 7000"],
+    );
+    wait_for("the volume to be written", || {
+        docker("a", &["exec", name, "/bin/cat", "/data/new.txt"])
+            .status
+            .success()
+            .then_some(())
+    });
+
+    let attempts: Vec<(Vec<&str>, &str)> = vec![
+        (vec![], "--shared"),
+        (
+            vec!["--shared", "/var/lib/ferry-testbed/e2e-sharedx"],
+            "bind /var/lib/ferry-testbed/e2e-shared",
+        ),
+        (vec!["--shared", shared], "--overwrite-volumes"),
+        (
+            vec![
+                "--shared",
+                shared,
+                "--overwrite-volumes",
+                "--inject-fault",
+                "target-restore",
+            ],
+            "restore",
+        ),
+    ];
+    for (extra, needle) in attempts {
+        let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), &extra);
+        let msg = report
+            .as_ref()
+            .map(|r| r["error"].to_string())
+            .unwrap_or_default()
+            + &stderr;
+        assert!(!ok, "{extra:?} must fail");
+        assert!(
+            msg.contains(needle),
+            "{extra:?}: expected {needle:?} in: {msg}"
+        );
+        assert_running_untouched("a", name, "no");
+        assert!(
+            inspect("b", name).is_none(),
+            "{extra:?}: container left on b"
+        );
+        assert_eq!(
+            volume_files("b", vol),
+            old,
+            "{extra:?}: the target volume's content changed"
+        );
+    }
+    assert_eq!(
+        migrate(name, &addr("a"), &addr("b"), &["--shared", "/srv/../etc"])
+            .2
+            .contains("'..'"),
+        true
+    );
+
+    migrate_ok(
+        name,
+        &[
+            "--shared",
+            shared,
+            "--overwrite-volumes",
+            "--strategy",
+            "stop-and-copy",
+        ],
+    );
+    assert_eq!(
+        volume_files("b", vol),
+        "./new.txt=from-source",
+        "the volume holds the source's content only"
+    );
+    assert_eq!(
+        docker_ok("b", &["exec", name, "/bin/cat", "/shared/both-hosts.txt"]).trim(),
+        "on shared storage"
+    );
+    docker_ok(
+        "b",
+        &[
+            "exec",
+            name,
+            "/bin/sh",
+            "-c",
+            "echo written-on-b > /shared/after.txt",
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{shared}/after.txt"))
+            .unwrap()
+            .trim(),
+        "written-on-b"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(
+        bed()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == "b")
+            .unwrap()["data_root"]
+            .as_str()
+            .unwrap()
+            .to_string()
+            + &format!("/volumes/{vol}"),
+    )
+    .unwrap()
+    .flatten()
+    .map(|e| e.file_name().to_string_lossy().into_owned())
+    .filter(|n| n.contains("ferry-replaced"))
+    .collect();
+    assert!(
+        leftovers.is_empty(),
+        "set-aside copies left after commit: {leftovers:?}"
+    );
+    remove_everywhere(name);
+    for h in ["a", "b"] {
+        let _ = docker(h, &["volume", "rm", "-f", vol]);
+    }
+    let _ = std::fs::remove_dir_all(shared);
+}
