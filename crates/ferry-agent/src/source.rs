@@ -322,9 +322,13 @@ impl SourceSide for LocalSource {
             .filter(|m| !is_shared(m))
             .filter_map(|m| {
                 m.name.clone().map(|name| crate::volumes::VolumeRef {
-                    name,
+                    name: name.clone(),
                     path: PathBuf::from(&m.source),
                     baseline: None,
+                    transfer: ferry_proto::VolumeTransfer {
+                        name: name.clone(),
+                        ..Default::default()
+                    },
                 })
             })
             .collect();
@@ -437,6 +441,7 @@ impl SourceSide for LocalSource {
             let name = crate::volumes::stream_name(i, 0);
             let out = dir.join(&name);
             let (path, out2) = (v.path.clone(), out.clone());
+            let started = std::time::Instant::now();
             let baseline =
                 tokio::task::spawn_blocking(move || crate::volumes::first_pass(&path, &out2))
                     .await
@@ -444,6 +449,8 @@ impl SourceSide for LocalSource {
                     .map_err(|e| side_err("precopy", format!("volume {}: {e}", v.name)))?;
             v.baseline = Some(baseline);
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            v.transfer.first_pass_ms = started.elapsed().as_millis() as u64;
+            v.transfer.first_pass_bytes = size;
             files.push(ImageFile {
                 rel: name,
                 path: out,
@@ -532,7 +539,7 @@ impl SourceSide for LocalSource {
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
         }
-        for (i, v) in self.volumes.iter().enumerate() {
+        for (i, v) in self.volumes.iter_mut().enumerate() {
             let Some(baseline) = v.baseline.clone() else {
                 continue;
             };
@@ -540,12 +547,17 @@ impl SourceSide for LocalSource {
                 v.path.clone(),
                 image_dir.join(crate::volumes::stream_name(i, 1)),
             );
-            let digest = tokio::task::spawn_blocking(move || {
-                crate::volumes::final_pass(&path, &baseline, &out)
+            let started = std::time::Instant::now();
+            let out2 = out.clone();
+            let (digest, entries) = tokio::task::spawn_blocking(move || {
+                crate::volumes::final_pass(&path, &baseline, &out2)
             })
             .await
             .map_err(|e| side_err("dump: volumes", e))?
             .map_err(|e| side_err("dump: volumes", format!("volume {}: {e}", v.name)))?;
+            v.transfer.final_pass_ms = started.elapsed().as_millis() as u64;
+            v.transfer.final_pass_bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            v.transfer.final_pass_entries = entries;
             let note = serde_json::json!({"name": v.name, "digest": digest});
             std::fs::write(
                 image_dir.join(crate::volumes::digest_name(i)),
@@ -668,6 +680,10 @@ impl SourceSide for LocalSource {
         }
         let _ = SideErrorKind::Failed;
         errs
+    }
+
+    fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {
+        self.volumes.iter().map(|v| v.transfer.clone()).collect()
     }
 
     fn extra_bytes_sent(&self) -> u64 {

@@ -63,6 +63,53 @@ struct TargetMigration {
     replaceable_volumes: Vec<String>,
     /// `(volume data dir, its old content set aside)`: removed on commit, put back on rollback.
     replaced: Vec<(PathBuf, PathBuf)>,
+    /// Manifest of each volume read back after its first pass, by volume index.
+    first_pass_manifests: HashMap<usize, ferry_fs::Manifest>,
+}
+
+/// Where a received file goes: a file in the images dir, or (a volume's first pass) straight
+/// into the volume, applied on a blocking thread as the frames arrive.
+enum Sink {
+    File(tokio::fs::File),
+    Apply(
+        Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+        tokio::task::JoinHandle<Result<ferry_fs::Manifest, String>>,
+    ),
+}
+
+impl Sink {
+    async fn write(&mut self, data: bytes::Bytes) -> Result<(), String> {
+        match self {
+            Sink::File(f) => f.write_all(&data).await.map_err(|e| e.to_string()),
+            Sink::Apply(tx, task) => {
+                let sent = match tx {
+                    Some(tx) => tx.send(data).await.is_ok(),
+                    None => false,
+                };
+                if sent {
+                    return Ok(());
+                }
+                // The applier stopped reading: its own error says why.
+                tx.take();
+                match task.await {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(_)) => Err("the stream ended before its data did".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// The manifest read back after a first pass was applied; None for a plain file.
+    async fn finish(self) -> Result<Option<ferry_fs::Manifest>, String> {
+        match self {
+            Sink::File(mut f) => f.flush().await.map(|_| None).map_err(|e| e.to_string()),
+            Sink::Apply(tx, task) => {
+                drop(tx);
+                task.await.map_err(|e| e.to_string())?.map(Some)
+            }
+        }
+    }
 }
 
 /// Migrations arriving at this host, by migration id.
@@ -345,6 +392,7 @@ impl Targets {
                 created_volumes: Vec::new(),
                 replaceable_volumes,
                 replaced: Vec::new(),
+                first_pass_manifests: HashMap::new(),
             },
         );
         drop(map);
@@ -469,12 +517,28 @@ impl Targets {
                         ));
                     }
                     let dest = dir.join(&path);
-                    let mut f = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&dest)
-                        .await
-                        .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                    let mut sink = match crate::volumes::first_pass_index(&path) {
+                        Some(index) => {
+                            let (name, data) = self.volume_dest(id, index).await?;
+                            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+                            let task = tokio::task::spawn_blocking(move || {
+                                crate::volumes::apply_stream(
+                                    crate::volumes::ChannelReader::new(rx),
+                                    &data,
+                                )
+                                .map_err(|e| format!("volume {name:?}: {e}"))
+                            });
+                            Sink::Apply(Some(tx), task)
+                        }
+                        None => Sink::File(
+                            tokio::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(&dest)
+                                .await
+                                .map_err(|e| err(step, format!("{}: {e}", dest.display())))?,
+                        ),
+                    };
                     let mut hasher = Sha256::new();
                     let mut got = 0u64;
                     let want = loop {
@@ -491,9 +555,9 @@ impl Targets {
                                     ));
                                 }
                                 hasher.update(&frame.payload);
-                                f.write_all(&frame.payload)
+                                sink.write(frame.payload)
                                     .await
-                                    .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                                    .map_err(|e| err(step, format!("{path}: {e}")))?;
                             }
                             FrameKind::Control => {
                                 match frame.into_message().map_err(|e| err(step, e))? {
@@ -511,8 +575,10 @@ impl Targets {
                             }
                         }
                     };
-                    f.flush().await.map_err(|e| err(step, e))?;
-                    drop(f);
+                    let applied = sink
+                        .finish()
+                        .await
+                        .map_err(|e| err(step, format!("{path}: {e}")))?;
                     let have = hex::encode(hasher.finalize());
                     if got != size || have != want {
                         return Err(err(step, format!("{path}: received {got} of {size} bytes, sha256 {have} where the source sent {want}")));
@@ -522,6 +588,13 @@ impl Targets {
                         &dest,
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
+                    if let (Some(m), Some(index)) =
+                        (applied, crate::volumes::first_pass_index(&path))
+                    {
+                        if let Some(t) = self.map.lock().await.get_mut(id) {
+                            t.first_pass_manifests.insert(index, m);
+                        }
+                    }
                     files += 1;
                     bytes += size;
                 }
@@ -564,7 +637,7 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
-        self.apply_volumes(id, &container_id, &images).await?;
+        self.apply_volumes(id, &images).await?;
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
             self.apply_layer(&container_id, &stream, &dir).await?;
@@ -705,12 +778,68 @@ impl Targets {
 
     /// Applies both passes of every volume into the target's volume of the same name and checks
     /// the result against the source's digest before anything is restored.
-    async fn apply_volumes(
-        &self,
-        id: &str,
-        container_id: &str,
-        images: &Path,
-    ) -> Result<(), ErrorInfo> {
+    /// Name and data dir of the migration's `index`th volume in the target container. With
+    /// `--overwrite-volumes`, a volume that had content here gets it set aside first (once).
+    async fn volume_dest(&self, id: &str, index: usize) -> Result<(String, PathBuf), ErrorInfo> {
+        let step = "volumes (target)";
+        let (name, container_id, replaceable) = {
+            let map = self.map.lock().await;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            let name = m.prepare.volumes.get(index).cloned().ok_or_else(|| {
+                err(
+                    step,
+                    format!("volume stream {index} names no volume of this migration"),
+                )
+            })?;
+            let cid = m
+                .container_id
+                .clone()
+                .ok_or_else(|| err(step, "no target container"))?;
+            let replaceable = m.replaceable_volumes.contains(&name);
+            (name, cid, replaceable)
+        };
+        let inspect = self
+            .env
+            .docker
+            .inspect_container(&container_id)
+            .await
+            .map_err(|e| err(step, e))?
+            .unwrap_or_default();
+        let dest = inspect
+            .get("Mounts")
+            .and_then(|m| m.as_array())
+            .and_then(|ms| {
+                ms.iter()
+                    .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
+            })
+            .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
+            .map(PathBuf::from)
+            .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
+        let done = self
+            .map
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|m| m.replaced.iter().any(|(d, _)| *d == dest));
+        if replaceable && !done {
+            let aside = crate::volumes::set_aside(&dest, id).map_err(|e| {
+                err(
+                    step,
+                    format!("volume {name:?}: setting its old content aside: {e}"),
+                )
+            })?;
+            if let Some(m) = self.map.lock().await.get_mut(id) {
+                m.replaced.push((dest.clone(), aside));
+            }
+        }
+        Ok((name, dest))
+    }
+
+    /// The final pass of each volume (the first was applied as it arrived), then the digest
+    /// check against the source's.
+    async fn apply_volumes(&self, id: &str, images: &Path) -> Result<(), ErrorInfo> {
         let step = "restore (target): volumes";
         let mut index = 0usize;
         loop {
@@ -732,47 +861,20 @@ impl Targets {
                 .and_then(|n| n.as_str())
                 .unwrap_or("")
                 .to_string();
-            let inspect = self
-                .env
-                .docker
-                .inspect_container(container_id)
-                .await
-                .map_err(|e| err(step, e))?
-                .unwrap_or_default();
-            let dest = inspect
-                .get("Mounts")
-                .and_then(|m| m.as_array())
-                .and_then(|ms| {
-                    ms.iter()
-                        .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
-                })
-                .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
-                .map(PathBuf::from)
-                .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
-            let replaceable = self
-                .map
-                .lock()
-                .await
-                .get(id)
-                .is_some_and(|m| m.replaceable_volumes.contains(&name));
-            if replaceable {
-                let aside = crate::volumes::set_aside(&dest, id).map_err(|e| {
-                    err(
-                        step,
-                        format!("volume {name:?}: setting its old content aside: {e}"),
-                    )
-                })?;
-                if let Some(m) = self.map.lock().await.get_mut(id) {
-                    m.replaced.push((dest.clone(), aside));
-                }
-            }
+            let (_, dest) = self.volume_dest(id, index).await?;
             let streams: Vec<PathBuf> = (0..2u8)
                 .map(|p| images.join(crate::volumes::stream_name(index, p)))
                 .filter(|p| p.exists())
                 .collect();
+            let before = self
+                .map
+                .lock()
+                .await
+                .get_mut(id)
+                .and_then(|m| m.first_pass_manifests.remove(&index));
             let (dest2, streams2, want2) = (dest.clone(), streams.clone(), want.clone());
             tokio::task::spawn_blocking(move || {
-                crate::volumes::apply_passes(&streams2, &dest2, &want2)
+                crate::volumes::apply_passes(&streams2, &dest2, &want2, before.as_ref())
             })
             .await
             .map_err(|e| err(step, e))?
@@ -1008,6 +1110,7 @@ impl Targets {
                     created_volumes: m.created_volumes.clone(),
                     replaceable_volumes: m.replaceable_volumes.clone(),
                     replaced: m.replaced.clone(),
+                    first_pass_manifests: HashMap::new(),
                 },
             )
         };

@@ -214,6 +214,17 @@ pub fn print_human(r: &Report) {
         .map(|(k, v)| format!("{k} {v} ms"))
         .collect();
     println!("  phases: {}", phases.join(", "));
+    for v in &r.volumes {
+        println!(
+            "  volume {}: first pass {} bytes in {} ms while running, final pass {} bytes ({} entries) in {} ms while frozen",
+            v.name,
+            v.first_pass_bytes,
+            v.first_pass_ms,
+            v.final_pass_bytes,
+            v.final_pass_entries,
+            v.final_pass_ms
+        );
+    }
     for n in &r.networks {
         println!("  network: {}", n.note);
     }
