@@ -785,7 +785,7 @@ mod tests {
             let mut pos = 0;
             match read_varint(&bytes, &mut pos) {
                 Ok(_) => {
-                    prop_assert!(pos >= 1 && pos <= 10 && pos <= bytes.len());
+                    prop_assert!((1..=10).contains(&pos) && pos <= bytes.len());
                     prop_assert!(bytes[pos - 1] & 0x80 == 0);
                 }
                 Err(_) => prop_assert!(pos <= bytes.len()),
