@@ -22,6 +22,7 @@ pub struct Options {
     pub bundle: PathBuf,
     pub data: PathBuf,
     pub cgroup: Cgroup,
+    pub baseline: bool,
 }
 
 const CONTAINER_ID: &str = "ferry-precopy";
@@ -56,6 +57,8 @@ pub async fn main(o: Options) -> ExitCode {
         error: None,
         error_log: vec![],
         kernel: String::new(),
+        thp_mode: String::new(),
+        baseline: o.baseline,
         cgroup: match o.cgroup {
             Cgroup::V1 => "v1".into(),
             Cgroup::V2 => "v2".into(),
@@ -102,6 +105,9 @@ async fn drive(o: &Options, report: &mut Report) -> Result<(), ToolError> {
     setup_mounts(o.cgroup)?;
     report.kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    report.thp_mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let check = run(
         "criu check",
@@ -171,39 +177,12 @@ async fn drive(o: &Options, report: &mut Report) -> Result<(), ToolError> {
         tcp_established: false,
         timeout: TOOL_TIMEOUT,
     };
-    let mut ticks_seen: Vec<u64> = Vec::new();
-    let mut progress_error = None;
-    let pre = precopy::run_precopy(&handle, &popts, |r| {
-        match progress(&state) {
-            Ok(Some(p)) => ticks_seen.push(p.ticks),
-            Ok(None) => ticks_seen.push(0),
-            Err(e) => progress_error = Some(e),
-        }
-        tracing::info!(
-            round = r.round,
-            wall_ms = r.wall_ms,
-            scanned = r.stats.pages_scanned,
-            written = r.stats.pages_written,
-            skipped_parent = r.stats.pages_skipped_parent,
-            "pre-dump round"
-        );
-    })
-    .await?;
-    if let Some(e) = progress_error {
-        return Err(e);
-    }
-    report.rounds = pre
-        .rounds
-        .iter()
-        .zip(&ticks_seen)
-        .map(|(r, &t)| Round {
-            dump: r.clone(),
-            workload_ticks: t,
-        })
-        .collect();
-    report.stop_reason = Some(pre.reason);
-
-    let fin = precopy::final_dump(&handle, &popts, pre.last_round(), false).await?;
+    let last_round = if o.baseline {
+        None
+    } else {
+        precopy_rounds(&handle, &popts, &state, report).await?
+    };
+    let fin = precopy::final_dump(&handle, &popts, last_round, false).await?;
     tracing::info!(
         wall_ms = fin.wall_ms,
         written = fin.stats.pages_written,
@@ -313,6 +292,48 @@ fn print_newest_log(work: &Path) {
         eprintln!("{l}");
     }
     eprintln!("---");
+}
+
+/// The pre-dump rounds, each reported with the workload's tick count right after it.
+async fn precopy_rounds(
+    handle: &RuncHandle,
+    popts: &PrecopyOptions,
+    state: &Path,
+    report: &mut Report,
+) -> Result<Option<u32>, ToolError> {
+    let mut ticks_seen: Vec<u64> = Vec::new();
+    let mut progress_error = None;
+    let pre = precopy::run_precopy(handle, popts, |r| {
+        match progress(state) {
+            Ok(Some(p)) => ticks_seen.push(p.ticks),
+            Ok(None) => ticks_seen.push(0),
+            Err(e) => progress_error = Some(e),
+        }
+        tracing::info!(
+            round = r.round,
+            wall_ms = r.wall_ms,
+            scanned = r.stats.pages_scanned,
+            written = r.stats.pages_written,
+            skipped_parent = r.stats.pages_skipped_parent,
+            "pre-dump round"
+        );
+    })
+    .await?;
+    if let Some(e) = progress_error {
+        return Err(e);
+    }
+    report.rounds = pre
+        .rounds
+        .iter()
+        .zip(&ticks_seen)
+        .map(|(r, &t)| Round {
+            dump: r.clone(),
+            workload_ticks: t,
+        })
+        .collect();
+    report.stop_reason = Some(pre.reason);
+
+    Ok(pre.last_round())
 }
 
 fn progress(state: &Path) -> Result<Option<Progress>, ToolError> {
@@ -520,19 +541,27 @@ fn write_config(o: &Options) -> Result<(), ToolError> {
         namespaces.push(json!({"type": "cgroup"}));
     }
     let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    let mut args: Vec<String> = ["/bin/ferry-precopy-guest", "workload", "--state", "/state"]
+        .map(String::from)
+        .into();
+    for (flag, v) in [
+        ("--mb", s.mb),
+        ("--hot-pages", s.hot_pages),
+        ("--dirty-per-tick", s.dirty_per_tick),
+        ("--tick-ms", s.tick_ms),
+    ] {
+        args.push(flag.into());
+        args.push(v.to_string());
+    }
+    if !s.huge_pages {
+        args.push("--no-huge-pages".into());
+    }
     let config = json!({
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
-            "args": [
-                "/bin/ferry-precopy-guest", "workload",
-                "--mb", s.mb.to_string(),
-                "--hot-pages", s.hot_pages.to_string(),
-                "--dirty-per-tick", s.dirty_per_tick.to_string(),
-                "--tick-ms", s.tick_ms.to_string(),
-                "--state", "/state",
-            ],
+            "args": args,
             "env": ["PATH=/bin"],
             "cwd": "/",
             "capabilities": {

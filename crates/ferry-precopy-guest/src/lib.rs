@@ -33,6 +33,9 @@ pub struct WorkloadSpec {
     /// Pages rewritten per tick, picked at random from the hot set.
     pub dirty_per_tick: u64,
     pub tick_ms: u64,
+    /// Whether the buffer may use transparent huge pages. Soft-dirty bits of a huge page cover
+    /// all of its 512 small pages, so one write makes a pre-dump copy 2 MiB.
+    pub huge_pages: bool,
 }
 
 /// A pre-dump round and how far the workload had got when it ended.
@@ -69,6 +72,11 @@ pub struct Report {
     /// Lines of the failing tool's log that say why.
     pub error_log: Vec<String>,
     pub kernel: String,
+    /// The guest kernel's transparent huge page mode, as
+    /// /sys/kernel/mm/transparent_hugepage/enabled shows it.
+    pub thp_mode: String,
+    /// No pre-dump rounds: a plain dump and restore, to compare the freeze with.
+    pub baseline: bool,
     /// `v1` or `v2`: the cgroup layout the guest mounted for runc.
     pub cgroup: String,
     pub mem_dirty_track: bool,
@@ -87,11 +95,11 @@ impl Report {
     pub fn find_in(console: &str) -> Option<Result<Report, serde_json::Error>> {
         console
             .lines()
-            .filter_map(|l| {
+            .rev()
+            .find_map(|l| {
                 let l = l.trim_end_matches('\r');
                 l.find(MARKER).map(|i| l[i + MARKER.len()..].trim())
             })
-            .last()
             .map(serde_json::from_str)
     }
 }
@@ -108,12 +116,15 @@ mod tests {
             hot_pages: 16,
             dirty_per_tick: 1,
             tick_ms: 10,
+            huge_pages: true,
         };
         let mut r = Report {
             verdict: Verdict::Fail,
             error: Some("x".into()),
             error_log: vec![],
             kernel: "6.1".into(),
+            thp_mode: "always [madvise] never".into(),
+            baseline: false,
             cgroup: "v2".into(),
             mem_dirty_track: true,
             workload: spec,

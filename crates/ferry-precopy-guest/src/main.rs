@@ -37,6 +37,9 @@ struct SpecArgs {
     dirty_per_tick: u64,
     #[arg(long, default_value_t = 10)]
     tick_ms: u64,
+    /// Advise the buffer against transparent huge pages (MADV_NOHUGEPAGE).
+    #[arg(long)]
+    no_huge_pages: bool,
 }
 
 impl SpecArgs {
@@ -47,6 +50,7 @@ impl SpecArgs {
             hot_pages: self.hot_pages,
             dirty_per_tick: self.dirty_per_tick,
             tick_ms: self.tick_ms,
+            huge_pages: !self.no_huge_pages,
         }
     }
 }
@@ -69,6 +73,9 @@ struct GuestArgs {
     data: PathBuf,
     #[arg(long, value_enum, default_value_t = Cgroup::V2)]
     cgroup: Cgroup,
+    /// Skip pre-copy: one plain dump, for comparison.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +122,7 @@ fn main() -> ExitCode {
                 bundle: a.bundle,
                 data: a.data,
                 cgroup: a.cgroup,
+                baseline: a.baseline,
             };
             rt.block_on(guest::main(opts))
         }

@@ -73,7 +73,8 @@ pub struct Memory {
 
 impl Memory {
     /// Allocates and writes every page, so all of them are resident and none is the zero page.
-    pub fn new(pages: usize, nonce: u64) -> Memory {
+    /// Without `huge_pages` the buffer is advised against transparent huge pages first.
+    pub fn new(pages: usize, nonce: u64, huge_pages: bool) -> Memory {
         let mut m = Memory {
             nonce,
             words: vec![0; pages * WORDS_PER_PAGE],
@@ -81,10 +82,29 @@ impl Memory {
             rng: splitmix64(nonce) | 1,
             page_writes: 0,
         };
+        if !huge_pages {
+            m.advise_no_huge_pages();
+        }
         for p in 0..pages {
             m.write_page(p);
         }
         m
+    }
+
+    /// Best effort: MADV_NOHUGEPAGE over the page-aligned part of the buffer, before any page
+    /// is touched.
+    fn advise_no_huge_pages(&mut self) {
+        let start = self.words.as_mut_ptr() as usize;
+        let end = start + self.words.len() * 8;
+        let aligned = start.next_multiple_of(PAGE);
+        if end > aligned {
+            let len = (end - aligned) / PAGE * PAGE;
+            // SAFETY: the range lies inside the buffer this Memory owns; madvise changes no
+            // contents, only the kernel's choice of page size.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE);
+            }
+        }
     }
 
     pub fn pages(&self) -> usize {
@@ -198,7 +218,7 @@ pub fn run(spec: &WorkloadSpec, state: &Path) -> io::Result<()> {
     let hot = usize::try_from(spec.hot_pages).map_err(|e| io::Error::other(e.to_string()))?;
     let per_tick =
         usize::try_from(spec.dirty_per_tick).map_err(|e| io::Error::other(e.to_string()))?;
-    let mut mem = Memory::new(pages, nonce);
+    let mut mem = Memory::new(pages, nonce, spec.huge_pages);
     let mut ticks: u64 = 0;
     let mut answered: u64 = 0;
     let tick = Duration::from_millis(spec.tick_ms);
@@ -241,14 +261,14 @@ mod tests {
 
     #[test]
     fn a_fresh_buffer_verifies() {
-        let m = Memory::new(64, 7);
+        let m = Memory::new(64, 7, false);
         assert_eq!(m.mismatched_pages(), 0);
         assert_eq!(m.page_writes(), 64);
     }
 
     #[test]
     fn dirtying_keeps_the_buffer_consistent_and_stays_in_the_hot_set() {
-        let mut m = Memory::new(64, 7);
+        let mut m = Memory::new(64, 7, false);
         m.dirty(8, 1000);
         assert_eq!(m.mismatched_pages(), 0);
         assert_eq!(m.page_writes(), 1064);
@@ -258,7 +278,7 @@ mod tests {
 
     #[test]
     fn a_stale_page_is_detected() {
-        let mut m = Memory::new(16, 7);
+        let mut m = Memory::new(16, 7, true);
         let old: Vec<u64> = m.words[..WORDS_PER_PAGE].to_vec();
         m.dirty(1, 1);
         assert_eq!(m.mismatched_pages(), 0);
@@ -268,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_single_flipped_bit_or_a_zeroed_page_is_detected() {
-        let mut m = Memory::new(16, 7);
+        let mut m = Memory::new(16, 7, true);
         m.words[5 * WORDS_PER_PAGE + 511] ^= 1 << 40;
         assert_eq!(m.mismatched_pages(), 1);
         m.words[9 * WORDS_PER_PAGE..10 * WORDS_PER_PAGE].fill(0);
@@ -277,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_lost_generation_table_is_detected() {
-        let mut m = Memory::new(16, 7);
+        let mut m = Memory::new(16, 7, true);
         m.dirty(4, 20);
         m.generations.fill(0);
         assert!(m.mismatched_pages() > 0);
@@ -285,8 +305,8 @@ mod tests {
 
     #[test]
     fn another_nonce_gives_other_content() {
-        let a = Memory::new(4, 1);
-        let b = Memory::new(4, 2);
+        let a = Memory::new(4, 1, true);
+        let b = Memory::new(4, 2, true);
         assert!(a.words.iter().zip(&b.words).all(|(x, y)| x != y));
     }
 
