@@ -647,6 +647,48 @@ mod tests {
         );
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    /// `stats-dump` files CRIU 4.2.1 wrote in the precopy VM test (kernel 6.1, runc 1.1.5):
+    /// pre-dump round 2 and the final dump, each on top of its parent.
+    #[test]
+    fn stats_dumps_written_by_criu_decode() {
+        let round2 = hex(
+            "40 59 10 55 06 33 09 57 2b 00 00 00 0a 29 08 90 90 07 10 a3 b2 0a 18 82 95 03 20 ba \
+             a8 05 28 ad 93 04 30 e5 e0 03 38 95 20 40 00 48 00 50 05 58 06 60 00 68 00 70 00",
+        );
+        let s = parse_stats_dump(&round2).unwrap();
+        assert_eq!(
+            (
+                s.freezing_time_us,
+                s.frozen_time_us,
+                s.memdump_time_us,
+                s.memwrite_time_us
+            ),
+            (116_752, 170_275, 51_842, 87_098)
+        );
+        assert_eq!(
+            (s.pages_scanned, s.pages_skipped_parent, s.pages_written),
+            (68_013, 61_541, 4_117)
+        );
+        assert_eq!((s.page_pipes, s.page_pipe_bufs), (Some(5), Some(6)));
+
+        let fin = hex(
+            "40 59 10 55 06 33 09 57 2a 00 00 00 0a 28 08 f6 4e 10 fb 8f 3d 18 91 c7 06 20 9a cb \
+             04 28 ad 93 04 30 ed e0 03 38 8d 20 40 00 48 00 50 06 58 06 60 00 68 00 70 00",
+        );
+        let s = parse_stats_dump(&fin).unwrap();
+        assert_eq!(s.frozen_time_us, 1_001_467);
+        assert_eq!(
+            (s.pages_scanned, s.pages_skipped_parent, s.pages_written),
+            (68_013, 61_549, 4_109)
+        );
+    }
+
     #[test]
     fn literal_bytes_decode() {
         // freezing 300 us (ac 02), pages_scanned 65536 (80 80 04), written 1, others 0.
