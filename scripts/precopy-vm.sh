@@ -55,8 +55,10 @@ apt_install() {
 # The cloud kernel package is fetched into the cache with apt's own sources and unpacked
 # there; nothing is installed on the host.
 find_kernel() {
-  local deb dir pkg
-  deb=$(ls -t "$cache"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | grep -v -- '-dbg_' | head -n1 || true)
+  local deb="" dir pkg f
+  for f in "$cache"/linux-image-*-cloud-amd64_*.deb; do
+    [[ -e $f ]] && deb=$f
+  done
   if [[ -z $deb ]]; then
     mkdir -p "$cache"
     pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
@@ -70,7 +72,10 @@ find_kernel() {
     log "downloading $pkg"
     (cd "$cache" && apt-get download -o APT::Sandbox::User=root "$pkg" >/dev/null) ||
       die "apt-get download $pkg failed"
-    deb=$(ls -t "$cache"/"$pkg"_*.deb | head -n1)
+    for f in "$cache/$pkg"_*.deb; do
+      [[ -e $f ]] && deb=$f
+    done
+    [[ -n $deb ]] || die "apt-get download $pkg left no .deb in $cache"
   fi
   dir=${deb%.deb}
   if [[ ! -d $dir/boot ]]; then
@@ -78,9 +83,10 @@ find_kernel() {
     dpkg-deb -x "$deb" "$dir.tmp" || die "cannot unpack $deb"
     mv "$dir.tmp" "$dir"
   fi
-  kernel=$(ls "$dir"/boot/vmlinuz-* 2>/dev/null | head -n1)
+  kernel="" moddir=""
+  for f in "$dir"/boot/vmlinuz-*; do [[ -e $f ]] && kernel=$f; done
+  for f in "$dir"/lib/modules/*; do [[ -d $f ]] && moddir=$f; done
   [[ -n $kernel ]] || die "no vmlinuz in $deb"
-  moddir=$(ls -d "$dir"/lib/modules/* 2>/dev/null | head -n1)
 }
 
 # Copies an executable and every shared library ldd names into the tree at $1, at the same
@@ -115,7 +121,8 @@ busybox=$(dpkg -L busybox-static 2>/dev/null | grep -m1 '/busybox$' || true)
 ! ldd "$busybox" >/dev/null 2>&1 || die "$busybox is not statically linked"
 criu=$(command -v criu) || die "criu not found (scripts/install-deps.sh builds it)"
 runc=$(command -v runc) || die "runc not found"
-tar=$(command -v tar) && tar --version | grep -q GNU || die "GNU tar not found (CRIU archives tmpfs mounts with it)"
+tar=$(command -v tar) || die "tar not found"
+"$tar" --version | grep -q GNU || die "$tar is not GNU tar (CRIU archives tmpfs mounts with GNU tar's options)"
 gzip=$(command -v gzip) || die "gzip not found"
 
 guest=${FERRY_PRECOPY_GUEST_BIN:-}
@@ -138,8 +145,9 @@ copy_with_libs "$root" "$gzip" /bin/gzip
 copy_with_libs "$root" "$guest" /bin/ferry-precopy-guest
 # CRIU gathers sockets through the sock_diag modules; the cloud kernel builds them as modules.
 for m in inet_diag tcp_diag udp_diag unix_diag netlink_diag af_packet_diag; do
+  [[ -n $moddir ]] || break
   f=$(find "$moddir" -name "$m.ko" | head -n1)
-  [[ -n $f ]] && cp "$f" "$root/lib/modules/"
+  if [[ -n $f ]]; then cp "$f" "$root/lib/modules/"; fi
 done
 bundle=$root/bundle/rootfs
 mkdir -p "$bundle"/{bin,dev,proc,sys,tmp,state}
