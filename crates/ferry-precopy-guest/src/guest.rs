@@ -123,7 +123,7 @@ async fn drive(o: &Options, report: &mut Report) -> Result<(), ToolError> {
         return Err(ToolError::Other {
             step: "criu check".into(),
             message: format!(
-                "criu check --feature mem_dirty_track failed on kernel {} (exit {}): no soft-dirty tracking, no pre-copy",
+                "criu check --feature mem_dirty_track failed on kernel {} (exit {}): pre-dumps need soft-dirty tracking",
                 report.kernel, check.status
             ),
             log,
