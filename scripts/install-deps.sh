@@ -2,6 +2,8 @@
 # Installs what ferry's demo and tests need on a fresh Debian 12 machine (root). Idempotent.
 # CRIU 4.2.1 is built from Debian sid's source package: Debian 12's CRIU 3.17 fails on recent
 # kernels (vDSO) and 4.1 cannot dump INET sockets on kernels >= 6.16.
+# qemu-system-x86 and cpio run the pre-copy test in a guest (scripts/precopy-vm.sh) whose kernel
+# has the soft-dirty tracking some hosts' kernels lack.
 set -euo pipefail
 
 CRIU_WANT="4.2"
@@ -11,7 +13,8 @@ need_pkgs=()
 for p in docker.io iproute2 iptables redis-server redis-tools busybox-static procps \
          build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler \
          protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev \
-         libgnutls28-dev uuid-dev xz-utils ca-certificates openssl postgresql-15 postgresql-client-15; do
+         libgnutls28-dev uuid-dev xz-utils ca-certificates openssl postgresql-15 postgresql-client-15 \
+         qemu-system-x86 cpio; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

@@ -1,12 +1,13 @@
 //! Runs runc and CRIU for ferry: host feature checks, checkpoints of Docker-managed containers
-//! through the runc that owns them, and the runtime wrapper that gives `docker start
-//! --checkpoint` per-container CRIU options.
+//! through the runc that owns them (at once, or pre-copied in rounds), and the runtime wrapper
+//! that gives `docker start --checkpoint` per-container CRIU options.
 //!
 //! Every external process gets explicit stdio, a timeout after which it is killed and reaped,
 //! and on failure an error that quotes the lines of the tool's own log that say why.
 
 pub mod checkpoint;
 pub mod facts;
+pub mod precopy;
 pub mod proc;
 pub mod runtime;
 
@@ -15,4 +16,8 @@ pub use checkpoint::{
     RuncHandle,
 };
 pub use facts::{cpuinfo_check, cpuinfo_dump, criu_facts, runc_version, CriuFacts};
+pub use precopy::{
+    final_dump, next_step, parse_stats_dump, pre_dump, read_stats_dump, run_precopy, DumpStats,
+    Precopy, PrecopyDecision, PrecopyOptions, RoundStats, StatsError, StopReason,
+};
 pub use proc::{quote_log, run, CmdOutput, ToolError};
