@@ -247,6 +247,13 @@ impl ChunkEncoder {
         Some(Bytes::from(buf))
     }
 
+    /// Ends the current stream and starts measuring a new one, keeping the zstd context.
+    pub fn restart(&mut self) {
+        self.finish();
+        self.auto = AutoState::new();
+        self.finished = false;
+    }
+
     /// Ends the stream: records whether `auto` ended up compressing it. Later calls do nothing.
     pub fn finish(&mut self) {
         if self.finished {
