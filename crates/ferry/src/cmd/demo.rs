@@ -81,6 +81,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         strategy: Strategy::StopAndCopy,
         step_timeout_s: 120,
         fault: None,
+        compression: Default::default(),
+        bandwidth_limit_bytes_per_s: 0,
     };
     let report = super::migrate::drive(&api, ha.agent_addr, req, a.json).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
