@@ -372,7 +372,9 @@ impl Targets {
                 Err(e) => break Err(err(step, e)),
             };
             match frame.kind {
-                FrameKind::Chunk => break Err(err(step, "unexpected chunk frame in an image pull")),
+                FrameKind::Chunk => {
+                    break Err(err(step, "unexpected chunk frame in an image pull"))
+                }
                 FrameKind::Data => {
                     got += frame.payload.len() as u64;
                     if tx.send(frame.payload).await.is_err() {

@@ -213,7 +213,12 @@ mod tests {
     async fn send_and_receive(
         settings: TransferSettings,
         peer_reads_chunks: bool,
-    ) -> (Vec<u8>, FileSent, Vec<FrameKind>, ferry_transfer::StatsSnapshot) {
+    ) -> (
+        Vec<u8>,
+        FileSent,
+        Vec<FrameKind>,
+        ferry_transfer::StatsSnapshot,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pages-1.img");
         let data = image(5 * CHUNK + 1234);
@@ -288,6 +293,10 @@ mod tests {
         // The last chunk (256 KiB at this rate) may start once the rest had its time, less the
         // 64 KiB burst.
         let floor = sent.wire.saturating_sub((256 << 10) + (64 << 10)) as f64 / (1 << 20) as f64;
-        assert!(start.elapsed().as_secs_f64() >= floor, "{:?}", start.elapsed());
+        assert!(
+            start.elapsed().as_secs_f64() >= floor,
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

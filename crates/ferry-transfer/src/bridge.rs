@@ -135,12 +135,10 @@ where
                 .map_err(io("closing the channel to the peer"))?;
             return Ok(t);
         }
-        let payload = enc
-            .encode(&buf[..n])
-            .map_err(|source| BridgeError::Chunk {
-                step: "encoding a chunk for the peer",
-                source,
-            })?;
+        let payload = enc.encode(&buf[..n]).map_err(|source| BridgeError::Chunk {
+            step: "encoding a chunk for the peer",
+            source,
+        })?;
         frame.clear();
         encode(&Frame::chunk(payload), &mut frame).map_err(|source| BridgeError::Frame {
             step: "framing a chunk for the peer",
@@ -209,14 +207,18 @@ where
             source,
         })? {
             let wire = frame_len(frame.payload.len());
-            let bytes = dec.frame_bytes(frame).map_err(|source| BridgeError::Chunk {
-                step: "decoding a chunk from the peer",
-                source,
-            })?;
+            let bytes = dec
+                .frame_bytes(frame)
+                .map_err(|source| BridgeError::Chunk {
+                    step: "decoding a chunk from the peer",
+                    source,
+                })?;
             to.write_all(&bytes)
                 .await
                 .map_err(io("writing to the local socket"))?;
-            to.flush().await.map_err(io("writing to the local socket"))?;
+            to.flush()
+                .await
+                .map_err(io("writing to the local socket"))?;
             t.raw += bytes.len() as u64;
             t.wire += wire;
         }
@@ -251,7 +253,9 @@ where
         to.write_all(&pending)
             .await
             .map_err(io("writing to the local socket"))?;
-        to.flush().await.map_err(io("writing to the local socket"))?;
+        to.flush()
+            .await
+            .map_err(io("writing to the local socket"))?;
         t.raw += pending.len() as u64;
         t.wire += pending.len() as u64;
     }
@@ -270,7 +274,9 @@ where
         to.write_all(&buf[..n])
             .await
             .map_err(io("writing to the local socket"))?;
-        to.flush().await.map_err(io("writing to the local socket"))?;
+        to.flush()
+            .await
+            .map_err(io("writing to the local socket"))?;
         t.raw += n as u64;
         t.wire += n as u64;
     }

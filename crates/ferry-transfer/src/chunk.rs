@@ -160,7 +160,9 @@ impl ChunkDecoder {
                         .insert(zstd::bulk::Decompressor::new().map_err(zstd_err)?),
                 };
                 let mut out = Vec::with_capacity(raw_len);
-                let got = dctx.decompress_to_buffer(body, &mut out).map_err(zstd_err)?;
+                let got = dctx
+                    .decompress_to_buffer(body, &mut out)
+                    .map_err(zstd_err)?;
                 if got != raw_len || out.len() != raw_len {
                     return Err(ChunkError::ZstdLength {
                         announced: raw_len,
@@ -191,8 +193,19 @@ mod tests {
         let bomb = zstd::bulk::compress(&vec![0u8; 16 << 20], 1).unwrap();
         let mut payload = header(Encoding::Zstd, 4096).to_vec();
         payload.extend_from_slice(&bomb);
-        let err = ChunkDecoder::new().decode(Bytes::from(payload)).unwrap_err();
-        assert!(matches!(err, ChunkError::Zstd { announced: 4096, .. }), "{err}");
+        let err = ChunkDecoder::new()
+            .decode(Bytes::from(payload))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ChunkError::Zstd {
+                    announced: 4096,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -212,7 +212,10 @@ mod tests {
         assert!(took <= Duration::from_millis(1_700), "{took:?}");
         // Each sleep may overrun to the timer's next millisecond, which the next wait absorbs.
         let paced = p.paced();
-        assert!(paced <= took && paced + Duration::from_millis(8) >= took, "{paced:?}");
+        assert!(
+            paced <= took && paced + Duration::from_millis(8) >= took,
+            "{paced:?}"
+        );
         assert_eq!(p.limit(), 1 << 20);
     }
 

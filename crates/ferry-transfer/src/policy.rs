@@ -184,8 +184,11 @@ impl ChunkEncoder {
             return Err(ChunkError::TooLarge(raw.len()));
         }
         let (encoding, payload) = self.choose(raw)?;
-        self.stats
-            .record_chunk(encoding, chunk::frame_len(raw.len()), chunk::frame_len(payload.len()));
+        self.stats.record_chunk(
+            encoding,
+            chunk::frame_len(raw.len()),
+            chunk::frame_len(payload.len()),
+        );
         Ok(payload)
     }
 
@@ -196,8 +199,8 @@ impl ChunkEncoder {
         if !raw.is_empty() && chunk::is_all_zero(raw) {
             return Ok((Encoding::Zeros, chunk::zeros(raw.len())?));
         }
-        let try_zstd = raw.len() >= MIN_TRY_LEN
-            && (self.policy == Compression::On || self.auto.wants_zstd());
+        let try_zstd =
+            raw.len() >= MIN_TRY_LEN && (self.policy == Compression::On || self.auto.wants_zstd());
         if !try_zstd {
             if self.policy == Compression::Auto && raw.len() >= MIN_TRY_LEN {
                 self.auto.observe_plain(raw.len() as u64);

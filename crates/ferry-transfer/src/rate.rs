@@ -8,8 +8,7 @@
 /// agents' timeouts (a receiver waits 120 s for each frame) by far.
 pub const MIN_BANDWIDTH_LIMIT: u64 = 64 << 10;
 
-const EXPECTED: &str =
-    "expected a rate such as 50MiB/s, 400Mbit/s or 1Gbps, or 0 for no limit";
+const EXPECTED: &str = "expected a rate such as 50MiB/s, 400Mbit/s or 1Gbps, or 0 for no limit";
 const UNITS: &str = "expected B, kB, MB, GB, KiB, MiB, GiB (bytes) or bit, kbit, Mbit, Gbit, \
                      Mibit (bits; also b, Mb, Mbps), optionally followed by /s";
 
@@ -34,7 +33,10 @@ pub enum RateProblem {
     UnknownUnit(String),
     #[error("too large (more than {} bytes/s)", u64::MAX)]
     TooLarge,
-    #[error("{bytes_per_s} bytes/s is below the minimum of {} (64 KiB/s); use 0 for no limit", MIN_BANDWIDTH_LIMIT)]
+    #[error(
+        "{bytes_per_s} bytes/s is below the minimum of {} (64 KiB/s); use 0 for no limit",
+        MIN_BANDWIDTH_LIMIT
+    )]
     BelowMinimum { bytes_per_s: u64 },
 }
 
@@ -215,18 +217,33 @@ mod tests {
                 "12 parsecs",
                 "bandwidth limit '12 parsecs': unknown unit 'parsecs'; expected B, kB",
             ),
-            ("", "bandwidth limit '': empty; expected a rate such as 50MiB/s"),
+            (
+                "",
+                "bandwidth limit '': empty; expected a rate such as 50MiB/s",
+            ),
             ("   ", "bandwidth limit '   ': empty"),
             ("fast", "bandwidth limit 'fast': no number"),
             ("MiB/s", "bandwidth limit 'MiB/s': no number"),
-            ("-5MiB/s", "bandwidth limit '-5MiB/s': negative rates mean nothing"),
-            ("1.2.3MB", "bandwidth limit '1.2.3MB': malformed number '1.2.3'"),
+            (
+                "-5MiB/s",
+                "bandwidth limit '-5MiB/s': negative rates mean nothing",
+            ),
+            (
+                "1.2.3MB",
+                "bandwidth limit '1.2.3MB': malformed number '1.2.3'",
+            ),
             (".", "bandwidth limit '.': malformed number '.'"),
             ("50XB/s", "bandwidth limit '50XB/s': unknown unit 'XB/s'"),
             ("50 Mi", "bandwidth limit '50 Mi': unknown unit 'Mi'"),
             ("5e6", "bandwidth limit '5e6': unknown unit 'e6'"),
-            ("100", "bandwidth limit '100': 100 bytes/s is below the minimum of 65536"),
-            ("1KiB/s", "bandwidth limit '1KiB/s': 1024 bytes/s is below the minimum"),
+            (
+                "100",
+                "bandwidth limit '100': 100 bytes/s is below the minimum of 65536",
+            ),
+            (
+                "1KiB/s",
+                "bandwidth limit '1KiB/s': 1024 bytes/s is below the minimum",
+            ),
             ("0.1B/s", "bandwidth limit '0.1B/s': 0 bytes/s is below"),
             (
                 "99999999999999999999TiB/s",

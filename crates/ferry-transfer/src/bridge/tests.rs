@@ -24,7 +24,9 @@ fn answer(i: u64) -> Vec<u8> {
         s
     };
     match (i / 4) % 3 {
-        0 => (0..len).map(|_| b"key:value "[(next() % 10) as usize]).collect(),
+        0 => (0..len)
+            .map(|_| b"key:value "[(next() % 10) as usize])
+            .collect(),
         1 => vec![0u8; len],
         _ => (0..len).map(|_| (next() >> 32) as u8).collect(),
     }
@@ -148,7 +150,11 @@ async fn pages_round_trip_paced() {
         assert_eq!(r.target.from_peer.raw, answered_bytes());
         // The last frame may start once everything before it had its time, less the burst.
         let burst = crate::pacer::default_burst(std::num::NonZeroU64::new(limit).unwrap());
-        let floor = r.source.to_peer.wire.saturating_sub(READ_LEN as u64 + 10 + burst);
+        let floor = r
+            .source
+            .to_peer
+            .wire
+            .saturating_sub(READ_LEN as u64 + 10 + burst);
         assert!(
             r.took >= Duration::from_secs_f64(floor as f64 / limit as f64),
             "framed {framed}: {:?} for {} bytes at {limit} B/s",
@@ -176,7 +182,12 @@ async fn pending_bytes_are_delivered_first() {
             let (mut peer, chan) = duplex(1 << 20);
             let (mut daemon, local) = duplex(1 << 20);
             let pending = BytesMut::from(&stream[..cut]);
-            let b = tokio::spawn(bridge(chan, pending, local, opts(framed, Compression::Auto, 0)));
+            let b = tokio::spawn(bridge(
+                chan,
+                pending,
+                local,
+                opts(framed, Compression::Auto, 0),
+            ));
             let rest = stream[cut..].to_vec();
             let writer = tokio::spawn(async move {
                 peer.write_all(&rest).await.unwrap();
@@ -226,7 +237,10 @@ async fn a_corrupt_chunk_is_an_error() {
     let mut wire = BytesMut::new();
     encode(&Frame::chunk(Bytes::from(bad)), &mut wire).unwrap();
     let err = feed_target(wire.to_vec()).await.unwrap_err();
-    assert!(err.to_string().contains("unknown chunk encoding 9"), "{err}");
+    assert!(
+        err.to_string().contains("unknown chunk encoding 9"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

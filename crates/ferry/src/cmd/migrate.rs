@@ -318,7 +318,9 @@ mod tests {
 
     #[test]
     fn bad_transfer_flags_are_refused_with_the_reason() {
-        let e = parse(&["--bandwidth-limit", "12 parsecs"]).err().unwrap_or_default();
+        let e = parse(&["--bandwidth-limit", "12 parsecs"])
+            .err()
+            .unwrap_or_default();
         assert!(
             e.contains("bandwidth limit '12 parsecs': unknown unit 'parsecs'"),
             "{e}"
