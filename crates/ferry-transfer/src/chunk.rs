@@ -56,8 +56,8 @@ pub enum ChunkError {
     NotData,
 }
 
-/// The 5-byte chunk header.
-pub fn header(encoding: Encoding, raw_len: usize) -> [u8; CHUNK_HEADER_LEN] {
+/// The 5-byte chunk header; callers have checked `raw_len <= MAX_CHUNK`.
+pub(crate) fn header(encoding: Encoding, raw_len: usize) -> [u8; CHUNK_HEADER_LEN] {
     let n = (raw_len as u32).to_be_bytes();
     [encoding as u8, n[0], n[1], n[2], n[3]]
 }

@@ -86,6 +86,7 @@ impl TokenBucket {
 
 #[derive(Debug)]
 struct Shared {
+    limit: u64,
     origin: Instant,
     bucket: Mutex<TokenBucket>,
     paced_ns: AtomicU64,
@@ -104,6 +105,7 @@ impl Pacer {
             None => Self::unlimited(),
             Some(rate) => Pacer {
                 shared: Some(Arc::new(Shared {
+                    limit: rate.get(),
                     origin: Instant::now(),
                     bucket: Mutex::new(TokenBucket::new(rate)),
                     paced_ns: AtomicU64::new(0),
@@ -118,13 +120,7 @@ impl Pacer {
 
     /// Bytes per second, 0 when unlimited.
     pub fn limit(&self) -> u64 {
-        self.shared.as_ref().map_or(0, |s| {
-            s.bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .rate()
-                .get()
-        })
+        self.shared.as_ref().map_or(0, |s| s.limit)
     }
 
     /// Chunk size for streams under this pacer (see [`chunk_len`]).
