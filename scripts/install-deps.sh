@@ -11,7 +11,7 @@ need_pkgs=()
 for p in docker.io iproute2 iptables redis-server redis-tools busybox-static procps \
          build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler \
          protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev \
-         libgnutls28-dev uuid-dev xz-utils ca-certificates openssl; do
+         libgnutls28-dev uuid-dev xz-utils ca-certificates openssl postgresql-15 postgresql-client-15; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -21,6 +21,12 @@ if ((${#need_pkgs[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 pkill -x redis-server 2>/dev/null || true
+# Debian starts a "main" cluster on install; the tests only use PostgreSQL in containers.
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  pg_lsclusters -h 2>/dev/null | awk '$4=="online"{print $1, $2}' | while read -r v c; do
+    pg_ctlcluster "$v" "$c" stop 2>/dev/null || true
+  done
+fi
 
 criu_ok() {
   command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q "Version: ${CRIU_WANT}"

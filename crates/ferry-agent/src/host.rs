@@ -199,8 +199,8 @@ impl HostEnv {
                 "userfaultfd is not available: this host cannot be a post-copy target".into(),
             );
         }
-        if !f.cap_sys_resource {
-            f.warnings.push("root lacks CAP_SYS_RESOURCE here: CRIU cannot dump processes running as another uid (\"Can't get rlimit\"); such containers are refused in preflight".into());
+        if !f.cap_sys_resource && f.userns_remap().is_none() {
+            f.warnings.push("root lacks CAP_SYS_RESOURCE here: CRIU cannot dump processes running as another uid (\"Can't get rlimit\"); such containers are refused in preflight unless dockerd runs with userns-remap".into());
         }
         if let (Some(peer), Some(criu)) = (peer_cpuinfo, &self.criu) {
             let scratch = self.scratch("cpuinfo-check");

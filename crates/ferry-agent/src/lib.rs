@@ -9,6 +9,7 @@ pub mod server;
 pub mod source;
 pub mod target;
 pub mod upload;
+pub mod userns;
 pub mod volumes;
 
 pub use server::{serve, AgentOptions};

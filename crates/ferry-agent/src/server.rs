@@ -341,7 +341,8 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
         step_timeout,
         shared.pages.clone(),
         Some(shared.listen.to_string()),
-    );
+    )
+    .with_data_options(req.overwrite_volumes, req.shared.clone());
     let remote = RemoteTarget::new(target, shared.client_tls.clone(), id.clone(), step_timeout)
         .with_transfer(transfer.settings);
     let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout)

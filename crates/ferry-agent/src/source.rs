@@ -41,6 +41,9 @@ pub struct LocalSource {
     /// The container's overlay2 upper dir: the files it wrote, carried to the target's layer.
     upper_dir: Option<PathBuf>,
     volumes: Vec<crate::volumes::VolumeRef>,
+    overwrite_volumes: bool,
+    /// `--shared` declarations: mounts they cover are neither carried nor refused.
+    shared: Vec<String>,
 }
 
 /// Name of the writable-layer stream among the images sent to the target.
@@ -146,7 +149,16 @@ impl LocalSource {
             upper_dir: None,
             volumes: Vec::new(),
             source_agent,
+            overwrite_volumes: false,
+            shared: Vec::new(),
         }
+    }
+
+    /// The operator's choices about data ferry does not carry or that exists on the target.
+    pub fn with_data_options(mut self, overwrite_volumes: bool, shared: Vec<String>) -> Self {
+        self.overwrite_volumes = overwrite_volumes;
+        self.shared = shared;
+        self
     }
 
     fn view(&self) -> Result<&ContainerView, SideError> {
@@ -156,12 +168,32 @@ impl LocalSource {
     }
 }
 
-/// Uids of every process in the container's pid namespace, so preflight can name the cause
-/// CRIU would otherwise report deep inside a dump.
+/// Owner uid of the user namespace `/proc/<pid>/ns/user` (ioctl NS_GET_OWNER_UID).
+fn userns_owner(pid: u32) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    let f = std::fs::File::open(format!("/proc/{pid}/ns/user")).ok()?;
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t into the pointer; the fd is open for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            NS_GET_OWNER_UID,
+            &mut uid as *mut libc::uid_t,
+        )
+    };
+    (rc == 0).then_some(uid)
+}
+
+/// Uids of the container's processes that CRIU cannot dump from here, so preflight can name
+/// the cause CRIU would otherwise report deep inside a dump ("Can't get rlimit"). Processes in
+/// a user namespace owned by root (Docker's userns-remap) are fine: root has every capability
+/// there.
 fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
     let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else {
         return vec![];
     };
+    let own_userns = std::fs::read_link("/proc/self/ns/user").ok();
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;
@@ -174,6 +206,11 @@ fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
             .ok()
             .as_ref()
             != Some(&ns)
+        {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/ns/user")).ok() != own_userns
+            && userns_owner(pid) == Some(nix::unistd::geteuid().as_raw())
         {
             continue;
         }
@@ -227,6 +264,9 @@ impl SourceSide for LocalSource {
         if view.paused {
             return Err(SideError::refused(step, format!("container {} is paused: unpause it first (ferry pauses it itself while freezing)", view.name)));
         }
+        let is_shared = |m: &&ferry_docker::MountView| {
+            ferry_proto::shared_covers(&self.shared, m.name.as_deref(), &m.source)
+        };
         let foreign: Vec<String> = view
             .mounts
             .iter()
@@ -234,6 +274,7 @@ impl SourceSide for LocalSource {
                 m.kind == "bind"
                     || (m.kind == "volume" && m.driver.as_deref().unwrap_or("local") != "local")
             })
+            .filter(|m| !is_shared(m))
             .map(|m| {
                 format!(
                     "{} {} -> {}",
@@ -246,7 +287,7 @@ impl SourceSide for LocalSource {
         if !foreign.is_empty() {
             return Err(SideError::refused(
                 step,
-                format!("container {} has mounts whose data ferry cannot carry (bind mounts and volumes of drivers other than local): {}", view.name, foreign.join(", ")),
+                format!("container {} has mounts whose data ferry cannot carry (bind mounts and volumes of drivers other than local): {}; declare storage both hosts share with --shared PATH|VOLUME to leave it alone", view.name, foreign.join(", ")),
             ));
         }
         if !has_cap_sys_resource() {
@@ -267,15 +308,27 @@ impl SourceSide for LocalSource {
                 ));
             }
         }
+        let shared_paths: Vec<String> = view
+            .mounts
+            .iter()
+            .filter(|m| m.kind == "bind")
+            .filter(is_shared)
+            .map(|m| m.source.clone())
+            .collect();
         self.volumes = view
             .mounts
             .iter()
-            .filter(|m| m.kind == "volume")
+            .filter(|m| m.kind == "volume" && m.driver.as_deref().unwrap_or("local") == "local")
+            .filter(|m| !is_shared(m))
             .filter_map(|m| {
                 m.name.clone().map(|name| crate::volumes::VolumeRef {
-                    name,
+                    name: name.clone(),
                     path: PathBuf::from(&m.source),
                     baseline: None,
+                    transfer: ferry_proto::VolumeTransfer {
+                        name: name.clone(),
+                        ..Default::default()
+                    },
                 })
             })
             .collect();
@@ -352,6 +405,8 @@ impl SourceSide for LocalSource {
             fault: self.fault,
             source_agent: self.source_agent.clone(),
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
+            overwrite_volumes: self.overwrite_volumes,
+            shared_paths,
         };
         let mut warnings = vec![];
         match (
@@ -387,6 +442,7 @@ impl SourceSide for LocalSource {
             let name = crate::volumes::stream_name(i, 0);
             let out = dir.join(&name);
             let (path, out2) = (v.path.clone(), out.clone());
+            let started = std::time::Instant::now();
             let baseline =
                 tokio::task::spawn_blocking(move || crate::volumes::first_pass(&path, &out2))
                     .await
@@ -394,6 +450,8 @@ impl SourceSide for LocalSource {
                     .map_err(|e| side_err("precopy", format!("volume {}: {e}", v.name)))?;
             v.baseline = Some(baseline);
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            v.transfer.first_pass_ms = started.elapsed().as_millis() as u64;
+            v.transfer.first_pass_bytes = size;
             files.push(ImageFile {
                 rel: name,
                 path: out,
@@ -482,7 +540,7 @@ impl SourceSide for LocalSource {
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
         }
-        for (i, v) in self.volumes.iter().enumerate() {
+        for (i, v) in self.volumes.iter_mut().enumerate() {
             let Some(baseline) = v.baseline.clone() else {
                 continue;
             };
@@ -490,12 +548,17 @@ impl SourceSide for LocalSource {
                 v.path.clone(),
                 image_dir.join(crate::volumes::stream_name(i, 1)),
             );
-            let digest = tokio::task::spawn_blocking(move || {
-                crate::volumes::final_pass(&path, &baseline, &out)
+            let started = std::time::Instant::now();
+            let out2 = out.clone();
+            let (digest, entries) = tokio::task::spawn_blocking(move || {
+                crate::volumes::final_pass(&path, &baseline, &out2)
             })
             .await
             .map_err(|e| side_err("dump: volumes", e))?
             .map_err(|e| side_err("dump: volumes", format!("volume {}: {e}", v.name)))?;
+            v.transfer.final_pass_ms = started.elapsed().as_millis() as u64;
+            v.transfer.final_pass_bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            v.transfer.final_pass_entries = entries;
             let note = serde_json::json!({"name": v.name, "digest": digest});
             std::fs::write(
                 image_dir.join(crate::volumes::digest_name(i)),
@@ -618,6 +681,10 @@ impl SourceSide for LocalSource {
         }
         let _ = SideErrorKind::Failed;
         errs
+    }
+
+    fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {
+        self.volumes.iter().map(|v| v.transfer.clone()).collect()
     }
 
     fn extra_bytes_sent(&self) -> u64 {

@@ -55,6 +55,57 @@ struct TargetMigration {
     images_complete: bool,
     /// Volumes this migration created here, removed again on rollback.
     created_volumes: Vec<String>,
+    /// Existing volumes with content the operator allowed ferry to replace.
+    replaceable_volumes: Vec<String>,
+    /// `(volume data dir, its old content set aside)`: removed on commit, put back on rollback.
+    replaced: Vec<(PathBuf, PathBuf)>,
+    /// Manifest of each volume read back after its first pass, by volume index.
+    first_pass_manifests: HashMap<usize, ferry_fs::Manifest>,
+}
+
+/// Where a received file goes: a file in the images dir, or (a volume's first pass) straight
+/// into the volume, applied on a blocking thread as the frames arrive.
+enum Sink {
+    File(tokio::fs::File),
+    Apply(
+        Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+        tokio::task::JoinHandle<Result<ferry_fs::Manifest, String>>,
+    ),
+}
+
+impl Sink {
+    async fn write(&mut self, data: bytes::Bytes) -> Result<(), String> {
+        match self {
+            Sink::File(f) => f.write_all(&data).await.map_err(|e| e.to_string()),
+            Sink::Apply(tx, task) => {
+                let sent = match tx {
+                    Some(tx) => tx.send(data).await.is_ok(),
+                    None => false,
+                };
+                if sent {
+                    return Ok(());
+                }
+                // The applier stopped reading: its own error says why.
+                tx.take();
+                match task.await {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(_)) => Err("the stream ended before its data did".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// The manifest read back after a first pass was applied; None for a plain file.
+    async fn finish(self) -> Result<Option<ferry_fs::Manifest>, String> {
+        match self {
+            Sink::File(mut f) => f.flush().await.map(|_| None).map_err(|e| e.to_string()),
+            Sink::Apply(tx, task) => {
+                drop(tx);
+                task.await.map_err(|e| e.to_string())?.map(Some)
+            }
+        }
+    }
 }
 
 /// Migrations arriving at this host, by migration id.
@@ -268,7 +319,27 @@ impl Targets {
                 }
             }
         }
+        let missing: Vec<&String> = req
+            .shared_paths
+            .iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
+        if !missing.is_empty() {
+            return Err(err(
+                step,
+                format!(
+                    "bind mounts declared shared do not exist on target {}: {}",
+                    self.env.name,
+                    missing
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let mut created_volumes = Vec::new();
+        let mut replaceable_volumes = Vec::new();
         for v in &req.volumes {
             match docker.inspect_volume(v).await.map_err(|e| err(step, e))? {
                 None => created_volumes.push(v.clone()),
@@ -277,8 +348,11 @@ impl Targets {
                     let has_content = std::fs::read_dir(mp)
                         .map(|mut d| d.next().is_some())
                         .unwrap_or(true);
+                    if has_content && !req.overwrite_volumes {
+                        return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it, pick another target, or pass --overwrite-volumes to replace its content", self.env.name)));
+                    }
                     if has_content {
-                        return Err(err(step, format!("volume {v:?} already exists on target {} with content; remove it or pick another target", self.env.name)));
+                        replaceable_volumes.push(v.clone());
                     }
                 }
             }
@@ -320,6 +394,9 @@ impl Targets {
                 ctrd_copy: None,
                 images_complete: false,
                 created_volumes: Vec::new(),
+                replaceable_volumes,
+                replaced: Vec::new(),
+                first_pass_manifests: HashMap::new(),
             },
         );
         drop(map);
@@ -448,12 +525,28 @@ impl Targets {
                         ));
                     }
                     let dest = dir.join(&path);
-                    let mut f = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&dest)
-                        .await
-                        .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                    let mut sink = match crate::volumes::first_pass_index(&path) {
+                        Some(index) => {
+                            let (name, data) = self.volume_dest(id, index).await?;
+                            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+                            let task = tokio::task::spawn_blocking(move || {
+                                crate::volumes::apply_stream(
+                                    crate::volumes::ChannelReader::new(rx),
+                                    &data,
+                                )
+                                .map_err(|e| format!("volume {name:?}: {e}"))
+                            });
+                            Sink::Apply(Some(tx), task)
+                        }
+                        None => Sink::File(
+                            tokio::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(&dest)
+                                .await
+                                .map_err(|e| err(step, format!("{}: {e}", dest.display())))?,
+                        ),
+                    };
                     let mut hasher = Sha256::new();
                     let mut got = 0u64;
                     let want = loop {
@@ -473,9 +566,9 @@ impl Targets {
                                     ));
                                 }
                                 hasher.update(&payload);
-                                f.write_all(&payload)
+                                sink.write(payload)
                                     .await
-                                    .map_err(|e| err(step, format!("{}: {e}", dest.display())))?;
+                                    .map_err(|e| err(step, format!("{path}: {e}")))?;
                             }
                             FrameKind::Control => {
                                 match frame.into_message().map_err(|e| err(step, e))? {
@@ -493,8 +586,10 @@ impl Targets {
                             }
                         }
                     };
-                    f.flush().await.map_err(|e| err(step, e))?;
-                    drop(f);
+                    let applied = sink
+                        .finish()
+                        .await
+                        .map_err(|e| err(step, format!("{path}: {e}")))?;
                     let have = hex::encode(hasher.finalize());
                     if got != size || have != want {
                         return Err(err(step, format!("{path}: received {got} of {size} bytes, sha256 {have} where the source sent {want}")));
@@ -504,6 +599,13 @@ impl Targets {
                         &dest,
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
+                    if let (Some(m), Some(index)) =
+                        (applied, crate::volumes::first_pass_index(&path))
+                    {
+                        if let Some(t) = self.map.lock().await.get_mut(id) {
+                            t.first_pass_manifests.insert(index, m);
+                        }
+                    }
                     files += 1;
                     bytes += size;
                 }
@@ -546,7 +648,7 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
-        self.apply_volumes(&container_id, &images).await?;
+        self.apply_volumes(id, &images).await?;
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
             self.apply_layer(&container_id, &stream, &dir).await?;
@@ -578,6 +680,28 @@ impl Targets {
             .get("DockerRootDir")
             .and_then(|v| v.as_str())
             .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
+        if let Some(owner) = crate::userns::remapped_root(root) {
+            let blocked = crate::userns::unreachable_ancestors(&self.env.state_dir);
+            if !blocked.is_empty() {
+                return Err(err(
+                    step,
+                    format!(
+                        "this dockerd remaps container root to uid {}, which cannot reach the checkpoint images: give {} search permission (o+x)",
+                        owner.0,
+                        blocked.join(", ")
+                    ),
+                ));
+            }
+            crate::userns::grant(&self.env.state_dir, &dir, owner).map_err(|e| {
+                err(
+                    step,
+                    format!(
+                        "handing the checkpoint images to the remapped root uid {}: {e}",
+                        owner.0
+                    ),
+                )
+            })?;
+        }
         let cp_name = format!("ferry-{id}");
         let cp_dir = Path::new(root)
             .join("containers")
@@ -665,7 +789,68 @@ impl Targets {
 
     /// Applies both passes of every volume into the target's volume of the same name and checks
     /// the result against the source's digest before anything is restored.
-    async fn apply_volumes(&self, container_id: &str, images: &Path) -> Result<(), ErrorInfo> {
+    /// Name and data dir of the migration's `index`th volume in the target container. With
+    /// `--overwrite-volumes`, a volume that had content here gets it set aside first (once).
+    async fn volume_dest(&self, id: &str, index: usize) -> Result<(String, PathBuf), ErrorInfo> {
+        let step = "volumes (target)";
+        let (name, container_id, replaceable) = {
+            let map = self.map.lock().await;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            let name = m.prepare.volumes.get(index).cloned().ok_or_else(|| {
+                err(
+                    step,
+                    format!("volume stream {index} names no volume of this migration"),
+                )
+            })?;
+            let cid = m
+                .container_id
+                .clone()
+                .ok_or_else(|| err(step, "no target container"))?;
+            let replaceable = m.replaceable_volumes.contains(&name);
+            (name, cid, replaceable)
+        };
+        let inspect = self
+            .env
+            .docker
+            .inspect_container(&container_id)
+            .await
+            .map_err(|e| err(step, e))?
+            .unwrap_or_default();
+        let dest = inspect
+            .get("Mounts")
+            .and_then(|m| m.as_array())
+            .and_then(|ms| {
+                ms.iter()
+                    .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
+            })
+            .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
+            .map(PathBuf::from)
+            .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
+        let done = self
+            .map
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|m| m.replaced.iter().any(|(d, _)| *d == dest));
+        if replaceable && !done {
+            let aside = crate::volumes::set_aside(&dest, id).map_err(|e| {
+                err(
+                    step,
+                    format!("volume {name:?}: setting its old content aside: {e}"),
+                )
+            })?;
+            if let Some(m) = self.map.lock().await.get_mut(id) {
+                m.replaced.push((dest.clone(), aside));
+            }
+        }
+        Ok((name, dest))
+    }
+
+    /// The final pass of each volume (the first was applied as it arrived), then the digest
+    /// check against the source's.
+    async fn apply_volumes(&self, id: &str, images: &Path) -> Result<(), ErrorInfo> {
         let step = "restore (target): volumes";
         let mut index = 0usize;
         loop {
@@ -687,30 +872,20 @@ impl Targets {
                 .and_then(|n| n.as_str())
                 .unwrap_or("")
                 .to_string();
-            let inspect = self
-                .env
-                .docker
-                .inspect_container(container_id)
-                .await
-                .map_err(|e| err(step, e))?
-                .unwrap_or_default();
-            let dest = inspect
-                .get("Mounts")
-                .and_then(|m| m.as_array())
-                .and_then(|ms| {
-                    ms.iter()
-                        .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
-                })
-                .and_then(|m| m.get("Source").and_then(|s| s.as_str()))
-                .map(PathBuf::from)
-                .ok_or_else(|| err(step, format!("the target container has no volume {name:?}")))?;
+            let (_, dest) = self.volume_dest(id, index).await?;
             let streams: Vec<PathBuf> = (0..2u8)
                 .map(|p| images.join(crate::volumes::stream_name(index, p)))
                 .filter(|p| p.exists())
                 .collect();
+            let before = self
+                .map
+                .lock()
+                .await
+                .get_mut(id)
+                .and_then(|m| m.first_pass_manifests.remove(&index));
             let (dest2, streams2, want2) = (dest.clone(), streams.clone(), want.clone());
             tokio::task::spawn_blocking(move || {
-                crate::volumes::apply_passes(&streams2, &dest2, &want2)
+                crate::volumes::apply_passes(&streams2, &dest2, &want2, before.as_ref())
             })
             .await
             .map_err(|e| err(step, e))?
@@ -898,7 +1073,15 @@ impl Targets {
             ));
         }
         m.state = TargetState::Committed;
-        let problems = self.cleanup_files(m);
+        let mut problems = self.cleanup_files(m);
+        for (_, aside) in std::mem::take(&mut m.replaced) {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                problems.push(format!(
+                    "removing replaced volume content {}: {e}",
+                    aside.display()
+                ));
+            }
+        }
         for p in problems {
             warn!("cleanup after commit: {p}");
         }
@@ -936,6 +1119,9 @@ impl Targets {
                     ctrd_copy: m.ctrd_copy.clone(),
                     images_complete: m.images_complete,
                     created_volumes: m.created_volumes.clone(),
+                    replaceable_volumes: m.replaceable_volumes.clone(),
+                    replaced: m.replaced.clone(),
+                    first_pass_manifests: HashMap::new(),
                 },
             )
         };
@@ -963,6 +1149,22 @@ impl Targets {
         for v in &snapshot.created_volumes {
             if let Err(e) = self.env.docker.remove_volume(v).await {
                 problems.push(format!("removing volume {v}: {e}"));
+            }
+        }
+        let replaced = self
+            .map
+            .lock()
+            .await
+            .get_mut(id)
+            .map(|m| std::mem::take(&mut m.replaced))
+            .unwrap_or_default();
+        for (data, aside) in &replaced {
+            if let Err(e) = crate::volumes::put_back(data, aside) {
+                problems.push(format!(
+                    "putting back the old content of {} (kept in {}): {e}",
+                    data.display(),
+                    aside.display()
+                ));
             }
         }
         let latest = self

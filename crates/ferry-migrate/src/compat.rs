@@ -73,6 +73,22 @@ pub fn compat_problems(source: &HostFacts, target: &HostFacts) -> Vec<String> {
             target.agent
         ));
     }
+    match (source.userns_remap(), target.userns_remap()) {
+        (s, t) if s == t => {}
+        (s, t) => {
+            let show = |r: Option<(u32, u32)>| match r {
+                Some((u, g)) => format!("remaps container root to {u}:{g} (userns-remap)"),
+                None => "does not remap user namespaces".to_string(),
+            };
+            out.push(format!(
+                "user namespace mapping differs: source {} {}, target {} {}; files and processes would change owner (configure the same userns-remap range on both daemons)",
+                source.agent,
+                show(s),
+                target.agent,
+                show(t)
+            ));
+        }
+    }
     if target.cpu_compatible == Some(false) {
         let why = if target.cpu_check_log.is_empty() {
             String::new()
@@ -214,6 +230,16 @@ mod tests {
             ("cannot compare CRIU versions", |_, t| {
                 t.criu_version = Some("garbage".into())
             }),
+            ("target b does not remap", |s, _| {
+                s.docker_data_root = Some("/var/lib/docker/100000.100000".into())
+            }),
+            ("source a does not remap", |_, t| {
+                t.docker_data_root = Some("/var/lib/docker/100000.100000".into())
+            }),
+            ("target b remaps container root to 200000:200000", |s, t| {
+                s.docker_data_root = Some("/var/lib/docker/100000.100000".into());
+                t.docker_data_root = Some("/d/200000.200000".into());
+            }),
         ];
         for (needle, edit) in cases {
             let (mut s, mut t) = (host("a"), host("b"));
@@ -224,6 +250,14 @@ mod tests {
                 "{needle}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_same_remapping_on_both_hosts_is_fine() {
+        let (mut s, mut t) = (host("a"), host("b"));
+        s.docker_data_root = Some("/x/docker/100000.100000".into());
+        t.docker_data_root = Some("/y/docker/100000.100000".into());
+        assert!(compat_problems(&s, &t).is_empty());
     }
 
     #[test]

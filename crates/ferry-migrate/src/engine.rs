@@ -127,6 +127,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 error: None,
                 rollback_errors: Vec::new(),
                 warnings: Vec::new(),
+                volumes: Vec::new(),
             };
             let mut frozen_at: Option<Instant> = None;
             let result = self.forward(&plan, &mut report, &mut frozen_at).await;
@@ -286,6 +287,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         }
         let source_commit = { step!(self, Phase::Commit, step_to, self.source.commit()) };
         report.bytes_sent += self.source.extra_bytes_sent();
+        report.volumes = self.source.volume_transfers();
         match source_commit {
             Ok(w) => report.warnings.extend(w),
             Err(e) => report

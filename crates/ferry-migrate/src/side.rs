@@ -132,6 +132,10 @@ pub trait SourceSide: Send {
     fn extra_bytes_sent(&self) -> u64 {
         0
     }
+    /// How each named volume travelled (first and final pass), for the report.
+    fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {
+        Vec::new()
+    }
 }
 
 /// The host the container goes to.

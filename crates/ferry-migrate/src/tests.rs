@@ -79,6 +79,8 @@ impl SourceSide for FakeSource {
                 fault: None,
                 source_agent: None,
                 volumes: vec![],
+                overwrite_volumes: false,
+                shared_paths: vec![],
             },
             networks: vec![],
             warnings: vec![],

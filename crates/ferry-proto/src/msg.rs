@@ -214,6 +214,14 @@ pub struct MigrateRequest {
     /// 0 (or absent, from an older CLI) is unlimited.
     #[serde(default)]
     pub bandwidth_limit_bytes_per_s: u64,
+    /// Replace the content of a same-named volume that already exists on the target (its old
+    /// content is kept aside until commit and put back on rollback).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite_volumes: bool,
+    /// Host paths (and volume names) the operator declares shared between the hosts: bind
+    /// mounts under them and those volumes are left alone instead of refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<String>,
 }
 
 impl MigrateRequest {
@@ -223,6 +231,46 @@ impl MigrateRequest {
             bandwidth_limit_bytes_per_s: self.bandwidth_limit_bytes_per_s,
         }
     }
+}
+
+/// Whether `declared` (from `--shared`) covers a mount: a volume by its name, or any mount
+/// whose host path lies under an absolute declared path (component-wise, so `/srv/a` does not
+/// cover `/srv/ab`).
+pub fn shared_covers(declared: &[String], volume_name: Option<&str>, host_path: &str) -> bool {
+    declared.iter().any(|d| {
+        if d.starts_with('/') {
+            !host_path.is_empty() && std::path::Path::new(host_path).starts_with(d)
+        } else {
+            volume_name == Some(d.as_str())
+        }
+    })
+}
+
+/// Checks one `--shared` value: an absolute path without `..`, or a volume name.
+pub fn validate_shared(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("--shared: empty value (give an absolute host path or a volume name)".into());
+    }
+    if value.starts_with('/') {
+        if value.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "--shared {value:?}: the path must not contain '..'"
+            ));
+        }
+        return Ok(());
+    }
+    if value.contains('/') {
+        return Err(format!(
+            "--shared {value:?}: a relative path; give an absolute host path or a volume name"
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(format!("--shared {value:?}: not a valid volume name"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +298,11 @@ pub struct PrepareRequest {
     /// `IP:PORT` of the source agent, for channels the target opens (post-copy pages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_agent: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite_volumes: bool,
+    /// Host paths of bind mounts declared shared: they must exist on the target too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,10 +371,77 @@ pub struct HostFacts {
     pub warnings: Vec<String>,
 }
 
+/// The remapped root `(uid, gid)` of a daemon, read from its `DockerRootDir`, which a remapped
+/// dockerd places in `<data-root>/<uid>.<gid>`; None for a daemon without remapping.
+pub fn remapped_root(docker_root_dir: &str) -> Option<(u32, u32)> {
+    let last = std::path::Path::new(docker_root_dir)
+        .file_name()?
+        .to_str()?;
+    let (u, g) = last.split_once('.')?;
+    if u.is_empty() || g.is_empty() || !u.bytes().chain(g.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+impl HostFacts {
+    /// The daemon's remapped root uid and gid when it runs with `userns-remap`.
+    pub fn userns_remap(&self) -> Option<(u32, u32)> {
+        self.docker_data_root.as_deref().and_then(remapped_root)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::Frame;
+
+    #[test]
+    fn shared_declarations_cover_paths_component_wise_and_volumes_by_name() {
+        let d = vec!["/srv/shared".to_string(), "nfsvol".to_string()];
+        for (vol, path, want) in [
+            (None, "/srv/shared", true),
+            (None, "/srv/shared/x/y", true),
+            (None, "/srv/sharedx", false),
+            (None, "/srv", false),
+            (Some("nfsvol"), "/var/lib/docker/volumes/nfsvol/_data", true),
+            (Some("other"), "/var/lib/docker/volumes/other/_data", false),
+            (None, "", false),
+        ] {
+            assert_eq!(shared_covers(&d, vol, path), want, "{vol:?} {path}");
+        }
+    }
+
+    #[test]
+    fn shared_values_are_validated() {
+        for ok in ["/srv/x", "/", "vol_1", "my.vol-2"] {
+            assert!(validate_shared(ok).is_ok(), "{ok}");
+        }
+        for (bad, needle) in [
+            ("", "empty"),
+            ("/srv/../etc", "'..'"),
+            ("srv/x", "relative"),
+            ("bad name", "not a valid volume name"),
+        ] {
+            let e = validate_shared(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn remapped_root_is_read_from_the_root_dir_name() {
+        for (dir, want) in [
+            ("/var/lib/docker/100000.100000", Some((100000, 100000))),
+            ("/x/d/docker/231072.231073/", Some((231072, 231073))),
+            ("/var/lib/docker", None),
+            ("/var/lib/docker/1.", None),
+            ("/var/lib/docker/a.b", None),
+            ("/var/lib/docker/1.2.3", None),
+            ("", None),
+        ] {
+            assert_eq!(remapped_root(dir), want, "{dir}");
+        }
+    }
 
     #[test]
     fn messages_round_trip_through_frames() {
@@ -343,6 +463,8 @@ mod tests {
                 fault: Some(Fault::TargetRestore),
                 compression: Compression::On,
                 bandwidth_limit_bytes_per_s: 50 << 20,
+                overwrite_volumes: true,
+                shared: vec!["/srv/shared".into()],
             }),
             Message::Error(ErrorInfo {
                 step: "restore".into(),

@@ -123,6 +123,19 @@ pub struct CompressionReport {
     pub streams_plain: u64,
 }
 
+/// How a named volume travelled: the first pass while the container ran, the final pass of
+/// what changed, taken while it was frozen (and so part of the downtime).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VolumeTransfer {
+    pub name: String,
+    pub first_pass_bytes: u64,
+    pub first_pass_ms: u64,
+    pub final_pass_bytes: u64,
+    pub final_pass_ms: u64,
+    /// Entries (files, dirs, links) the final pass carried.
+    pub final_pass_entries: u64,
+}
+
 /// The `--bandwidth-limit` of a migration and what it cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BandwidthReport {
@@ -161,4 +174,6 @@ pub struct Report {
     pub rollback_errors: Vec<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeTransfer>,
 }

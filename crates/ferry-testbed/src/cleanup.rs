@@ -90,12 +90,31 @@ fn netns_pids_sync(ns: &str) -> Vec<i32> {
 fn our_container_ids(cfg: &TestbedConfig, hosts: &[&str]) -> HashSet<String> {
     let mut ids = HashSet::new();
     for h in hosts {
-        let dir = cfg.layout(h).data_root().join("containers");
-        if let Ok(rd) = fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if let Some(name) = e.file_name().to_str() {
-                    if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        ids.insert(name.to_string());
+        let root = cfg.layout(h).data_root();
+        // Under userns-remap dockerd keeps its state in `<data-root>/<uid>.<gid>/`.
+        let mut dirs = vec![root.join("containers")];
+        if let Ok(rd) = fs::read_dir(&root) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| {
+                        e.file_name().to_str().is_some_and(|n| {
+                            n.split_once('.').is_some_and(|(u, g)| {
+                                !u.is_empty()
+                                    && !g.is_empty()
+                                    && u.bytes().chain(g.bytes()).all(|b| b.is_ascii_digit())
+                            })
+                        })
+                    })
+                    .map(|e| e.path().join("containers")),
+            );
+        }
+        for dir in dirs {
+            if let Ok(rd) = fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if let Some(name) = e.file_name().to_str() {
+                        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            ids.insert(name.to_string());
+                        }
                     }
                 }
             }

@@ -22,18 +22,27 @@ pub const BRIDGE_NETWORK: &str = "ferrybr";
 pub const BRIDGE_SUBNET: &str = "198.19.5.0/24";
 pub const WORKLOAD_IMAGE: &str = "ferry-workload:latest";
 pub const REDIS_IMAGE: &str = "ferry-redis:latest";
+/// Built only with [`TestbedConfig::with_userns_hosts`]: its server runs as uid 999.
+pub const POSTGRES_IMAGE: &str = "ferry-postgres:latest";
+pub const POSTGRES_PORT: u16 = 5432;
 /// Port `ferry-workload serve` listens on inside the workload image.
 pub const WORKLOAD_PORT: u16 = 7000;
 pub const REDIS_PORT: u16 = 6379;
 /// Set to `1` to tolerate a ferry binary that cannot yet run `pki init` / `agent`.
 pub const NO_AGENTS_ENV: &str = "FERRY_TESTBED_NO_AGENTS";
 
-/// Every host the test bed may create; `c` only with [`TestbedConfig::with_incompatible_host`].
-pub(crate) const ALL_HOSTS: [(&str, Ipv4Addr); 3] = [
+/// Every host the test bed may create; `c` only with [`TestbedConfig::with_incompatible_host`],
+/// `d` and `e` only with [`TestbedConfig::with_userns_hosts`].
+pub(crate) const ALL_HOSTS: [(&str, Ipv4Addr); 5] = [
     ("a", Ipv4Addr::new(198, 18, 0, 1)),
     ("b", Ipv4Addr::new(198, 18, 0, 2)),
     ("c", Ipv4Addr::new(198, 18, 0, 3)),
+    ("d", Ipv4Addr::new(198, 18, 0, 4)),
+    ("e", Ipv4Addr::new(198, 18, 0, 5)),
 ];
+
+/// Hosts whose dockerd runs with `"userns-remap": "default"`.
+pub(crate) const USERNS_HOSTS: [&str; 2] = ["d", "e"];
 
 #[derive(Clone, Debug)]
 pub struct TestbedConfig {
@@ -48,6 +57,11 @@ pub struct TestbedConfig {
     /// Adds host `c`, whose Docker lacks experimental mode and the ferry runtime, so
     /// preflight refusals can be tested.
     pub with_incompatible_host: bool,
+    /// Adds hosts `d` and `e`, whose dockerds remap container root to an unprivileged host
+    /// uid range (`userns-remap`). Root here lacks CAP_SYS_RESOURCE, so CRIU can dump
+    /// processes of non-root uids only inside a user namespace owned by root: these hosts are
+    /// where containers that must not run as root (PostgreSQL) are migrated.
+    pub with_userns_hosts: bool,
 }
 
 impl TestbedConfig {
@@ -58,12 +72,20 @@ impl TestbedConfig {
             ferry_exe,
             workload_exe,
             with_incompatible_host: false,
+            with_userns_hosts: false,
         }
     }
 
     pub(crate) fn host_names(&self) -> Vec<&'static str> {
-        let n = if self.with_incompatible_host { 3 } else { 2 };
-        ALL_HOSTS[..n].iter().map(|(h, _)| *h).collect()
+        ALL_HOSTS
+            .iter()
+            .map(|(h, _)| *h)
+            .filter(|h| match *h {
+                "c" => self.with_incompatible_host,
+                h if USERNS_HOSTS.contains(&h) => self.with_userns_hosts,
+                _ => true,
+            })
+            .collect()
     }
 
     pub(crate) fn info_path(&self) -> PathBuf {
@@ -105,6 +127,7 @@ impl TestbedConfig {
             state_dir: l.state_dir(),
             agent_log: l.agent_log(),
             compatible: name != "c",
+            userns_remap: USERNS_HOSTS.contains(&name),
         }
     }
 
@@ -127,6 +150,7 @@ impl TestbedConfig {
             client_tls_dir: self.pki_dir().join("client"),
             workload_image: WORKLOAD_IMAGE.to_string(),
             redis_image: REDIS_IMAGE.to_string(),
+            postgres_image: self.with_userns_hosts.then(|| POSTGRES_IMAGE.to_string()),
         }
     }
 }
@@ -197,6 +221,9 @@ pub struct HostInfo {
     pub agent_log: PathBuf,
     /// False for host `c`: no experimental mode, no ferry runtime.
     pub compatible: bool,
+    /// True for hosts `d` and `e`: dockerd runs with `userns-remap`.
+    #[serde(default)]
+    pub userns_remap: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -213,6 +240,8 @@ pub struct TestbedInfo {
     pub client_tls_dir: PathBuf,
     pub workload_image: String,
     pub redis_image: String,
+    #[serde(default)]
+    pub postgres_image: Option<String>,
 }
 
 impl TestbedInfo {

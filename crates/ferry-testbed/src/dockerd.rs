@@ -128,6 +128,9 @@ pub(crate) fn daemon_json(host: &HostInfo, runtime_script: &Path) -> serde_json:
     if host.compatible {
         v["runtimes"] = json!({"ferry": {"path": runtime_script}});
     }
+    if host.userns_remap {
+        v["userns-remap"] = json!("default");
+    }
     v
 }
 
@@ -497,6 +500,11 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert_eq!(jc["experimental"], false);
         assert!(jc.get("runtimes").is_none());
         assert_eq!(ja["default-address-pools"][0]["base"], "198.19.0.0/16");
+        assert!(ja.get("userns-remap").is_none());
+        let d = cfg.host_info("d", std::net::Ipv4Addr::new(198, 18, 0, 4));
+        let jd = daemon_json(&d, Path::new("/var/lib/ferry-testbed/d/ferry-runtime"));
+        assert_eq!(jd["userns-remap"], "default");
+        assert_eq!(jd["experimental"], true);
     }
 
     #[test]

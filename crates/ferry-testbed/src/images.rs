@@ -13,16 +13,36 @@ use futures::future::try_join_all;
 
 use crate::cmd::{self, command};
 use crate::config::{
-    HostInfo, TestbedConfig, REDIS_IMAGE, REDIS_PORT, WORKLOAD_IMAGE, WORKLOAD_PORT,
+    HostInfo, TestbedConfig, POSTGRES_IMAGE, POSTGRES_PORT, REDIS_IMAGE, REDIS_PORT,
+    WORKLOAD_IMAGE, WORKLOAD_PORT,
 };
 use crate::dockerd::{docker_command, DOCKER_TIMEOUT};
 use crate::error::TestbedError;
 
 pub(crate) const KEY_LABEL: &str = "ferry.testbed.key";
 /// Bump when the image recipe changes so existing images are rebuilt.
-const RECIPE_VERSION: &str = "2";
+const RECIPE_VERSION: &str = "3";
 const BUSYBOX: &str = "/bin/busybox";
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// Debian's PostgreSQL 15 server, the same build as the host's pgbench and psql clients.
+pub(crate) const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PG_LIB: &str = "/usr/lib/postgresql/15/lib";
+const PG_SHARE: &str = "/usr/share/postgresql/15";
+/// PostgreSQL refuses to run as root; this uid is what CRIU must dump (see `with_userns_hosts`).
+const PG_UID: u32 = 999;
+const PG_DATA: &str = "/var/lib/postgresql/data";
+/// Initialises the cluster in the (volume-backed) data directory on first start, then becomes
+/// the server. Trust authentication and `fsync` on: a test database whose every committed row
+/// is counted after a migration.
+const PG_START: &str = r#"#!/bin/sh
+set -e
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  initdb -D "$PGDATA" -U postgres --auth=trust --locale=C -E UTF8 >/tmp/initdb.log 2>&1
+  echo "host all all 0.0.0.0/0 trust" >> "$PGDATA/pg_hba.conf"
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp \
+  -c shared_buffers=32MB -c max_connections=20 -c fsync=on
+"#;
 /// Applets linked in both images so `docker exec` has a shell and the basics.
 const APPLETS: &[&str] = &[
     "sh", "cat", "ls", "sleep", "echo", "ps", "kill", "grep", "env", "true", "false", "mkdir", "rm",
@@ -37,6 +57,12 @@ pub(crate) struct ImageSpec {
     /// (source on this machine, path in the image)
     files: Vec<(PathBuf, String)>,
     dirs: Vec<(&'static str, u32)>,
+    /// Directories owned by a non-root uid: (path, mode, uid).
+    owned_dirs: Vec<(&'static str, u32, u32)>,
+    /// Extra lines for /etc/passwd and /etc/group.
+    users: Vec<(String, String)>,
+    /// Files generated here: (path in the image, content, mode).
+    generated: Vec<(&'static str, String, u32)>,
     changes: Vec<String>,
     pub key: String,
 }
@@ -92,7 +118,19 @@ async fn spec(
     dirs: Vec<(&'static str, u32)>,
     changes: Vec<String>,
 ) -> Result<ImageSpec, TestbedError> {
+    spec_with(name, exes, vec![], dirs, changes).await
+}
+
+/// Like [`spec`], plus `data`: files copied as they are (no library lookup).
+async fn spec_with(
+    name: &'static str,
+    exes: Vec<(PathBuf, String)>,
+    data: Vec<(PathBuf, String)>,
+    dirs: Vec<(&'static str, u32)>,
+    changes: Vec<String>,
+) -> Result<ImageSpec, TestbedError> {
     let mut files: Vec<(PathBuf, String)> = exes.clone();
+    files.extend(data);
     let mut seen: BTreeSet<String> = files.iter().map(|(_, d)| d.clone()).collect();
     for (exe, _) in &exes {
         for lib in ldd(exe).await? {
@@ -120,9 +158,107 @@ async fn spec(
         name,
         files,
         dirs,
+        owned_dirs: vec![],
+        users: vec![],
+        generated: vec![],
         changes,
         key: format!("{h:016x}"),
     })
+}
+
+/// Every regular file under `dir` (recursively), skipping entries `skip` rejects by name.
+fn tree_files(
+    dir: &Path,
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(PathBuf, String)>, TestbedError> {
+    let step = format!("list {}", dir.display());
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = fs::read_dir(&d).map_err(|e| TestbedError::io(&step, &d, e))?;
+        for e in rd {
+            let e = e.map_err(|e| TestbedError::io(&step, &d, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if skip(&name) {
+                continue;
+            }
+            let path = e.path();
+            let meta = fs::metadata(&path).map_err(|e| TestbedError::io(&step, &path, e))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let dest = path.to_string_lossy().into_owned();
+                out.push((path, dest));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// PostgreSQL 15 from the host's own packages, running as uid 999 with its data directory
+/// meant for a named volume.
+async fn postgres_spec() -> Result<ImageSpec, TestbedError> {
+    let bin = Path::new(PG_BIN);
+    if !bin.join("postgres").is_file() {
+        return Err(TestbedError::Precondition {
+            step: "build the PostgreSQL image".into(),
+            detail: format!(
+                "{PG_BIN}/postgres is missing: install postgresql-15 (scripts/install-deps.sh does)"
+            ),
+        });
+    }
+    let exes = vec![
+        (bin.join("postgres"), format!("{PG_BIN}/postgres")),
+        (bin.join("initdb"), format!("{PG_BIN}/initdb")),
+        (PathBuf::from(BUSYBOX), BUSYBOX.to_string()),
+    ];
+    let mut data = tree_files(Path::new(PG_LIB), &|n| {
+        n.starts_with("llvmjit") || n == "bitcode"
+    })?;
+    data.extend(tree_files(Path::new(PG_SHARE), &|n| {
+        n == "man" || n == "contrib"
+    })?);
+    let utc = PathBuf::from("/usr/share/zoneinfo/Etc/UTC");
+    if utc.is_file() {
+        data.push((utc.clone(), "/usr/share/zoneinfo/Etc/UTC".into()));
+        data.push((utc, "/usr/share/zoneinfo/UTC".into()));
+    }
+    let pg_port = POSTGRES_PORT.to_string();
+    let mut s = spec_with(
+        POSTGRES_IMAGE,
+        exes,
+        data,
+        vec![
+            ("/tmp", 0o1777),
+            ("/root", 0o700),
+            ("/proc", 0o555),
+            ("/sys", 0o555),
+            ("/dev", 0o755),
+        ],
+        vec![
+            format!("ENTRYPOINT {}", json_array(&["/usr/local/bin/pg-start"])),
+            format!("ENV PATH={PG_BIN}:/usr/local/bin:/usr/bin:/bin"),
+            format!("ENV PGDATA={PG_DATA}"),
+            "ENV TZ=UTC".to_string(),
+            format!("USER {PG_UID}:{PG_UID}"),
+            format!("LABEL ferry.testbed.port={pg_port}"),
+        ],
+    )
+    .await?;
+    s.owned_dirs = vec![
+        ("/var/lib/postgresql", 0o755, PG_UID),
+        (PG_DATA, 0o700, PG_UID),
+    ];
+    s.users = vec![(
+        format!("postgres:x:{PG_UID}:{PG_UID}:postgres:/var/lib/postgresql:/bin/sh"),
+        format!("postgres:x:{PG_UID}:"),
+    )];
+    s.generated = vec![("/usr/local/bin/pg-start", PG_START.to_string(), 0o755)];
+    let mut h = u64::from_str_radix(&s.key, 16).unwrap_or(0);
+    fnv(&mut h, PG_START.as_bytes());
+    s.key = format!("{h:016x}");
+    Ok(s)
 }
 
 fn json_array(v: &[&str]) -> String {
@@ -187,7 +323,11 @@ pub(crate) async fn specs(cfg: &TestbedConfig) -> Result<Vec<ImageSpec>, Testbed
             "WORKDIR /data".to_string(),
         ],
     );
-    Ok(vec![workload.await?, redis.await?])
+    let mut out = vec![workload.await?, redis.await?];
+    if cfg.with_userns_hosts {
+        out.push(postgres_spec().await?);
+    }
+    Ok(out)
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -235,6 +375,21 @@ impl RootfsBuilder {
         }
     }
 
+    fn owned_dir(&mut self, path: &str, mode: u32, uid: u32) -> Result<(), TestbedError> {
+        let rel = path.trim_start_matches('/').trim_end_matches('/');
+        if let Some((parent, _)) = rel.rsplit_once('/') {
+            self.dir(parent, 0o755)?;
+        }
+        let mut h = header(tar::EntryType::Directory, mode, 0);
+        h.set_uid(u64::from(uid));
+        h.set_gid(u64::from(uid));
+        self.tar
+            .append_data(&mut h, format!("{rel}/"), std::io::empty())
+            .map_err(|e| TestbedError::io(&self.step, rel, e))?;
+        self.dirs.insert(rel.to_string());
+        Ok(())
+    }
+
     fn file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), TestbedError> {
         self.parent(path)?;
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
@@ -263,8 +418,22 @@ fn build_rootfs(spec: &ImageSpec) -> Result<Vec<u8>, TestbedError> {
     for (d, mode) in &spec.dirs {
         b.dir(d, *mode)?;
     }
-    b.file("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
-    b.file("/etc/group", b"root:x:0:\n", 0o644)?;
+    for (d, mode, uid) in &spec.owned_dirs {
+        b.owned_dir(d, *mode, *uid)?;
+    }
+    let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
+    let mut group = String::from("root:x:0:\n");
+    for (p, g) in &spec.users {
+        passwd.push_str(p);
+        passwd.push('\n');
+        group.push_str(g);
+        group.push('\n');
+    }
+    b.file("/etc/passwd", passwd.as_bytes(), 0o644)?;
+    b.file("/etc/group", group.as_bytes(), 0o644)?;
+    for (path, content, mode) in &spec.generated {
+        b.file(path, content.as_bytes(), *mode)?;
+    }
     for (src, dest) in &spec.files {
         let data = fs::read(src).map_err(|e| b.io(src, e))?;
         let mode = fs::metadata(src)
@@ -493,6 +662,9 @@ mod tests {
             name: "t",
             files: vec![(PathBuf::from("/bin/busybox"), "/bin/busybox".into())],
             dirs: vec![("/tmp", 0o1777)],
+            owned_dirs: vec![("/var/lib/pg", 0o700, 999)],
+            users: vec![("pg:x:999:999::/:/bin/sh".into(), "pg:x:999:".into())],
+            generated: vec![("/usr/local/bin/start", "#!/bin/sh\n".into(), 0o755)],
             changes: vec![],
             key: "k".into(),
         };
@@ -519,5 +691,24 @@ mod tests {
         assert_eq!(names[pos("tmp/")].2, 0o1777);
         assert_eq!(names[pos("bin/sh")].1, tar::EntryType::Symlink);
         assert_eq!(names[pos("bin/busybox")].2 & 0o111, 0o111);
+        assert_eq!(names[pos("var/lib/pg/")].2, 0o700);
+        assert!(pos("var/lib/") < pos("var/lib/pg/"));
+        assert_eq!(names[pos("usr/local/bin/start")].2, 0o755);
+        let mut ar = tar::Archive::new(&data[..]);
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            if path == "var/lib/pg/" {
+                assert_eq!(e.header().uid().unwrap(), 999);
+            }
+            if path == "etc/passwd" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+                assert!(
+                    text.contains("root:x:0:0") && text.contains("pg:x:999:999"),
+                    "{text}"
+                );
+            }
+        }
     }
 }

@@ -83,6 +83,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         fault: None,
         compression: Default::default(),
         bandwidth_limit_bytes_per_s: 0,
+        overwrite_volumes: false,
+        shared: vec![],
     };
     let report = super::migrate::drive(&api, ha.agent_addr, req, a.json).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

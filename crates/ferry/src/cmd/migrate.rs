@@ -87,6 +87,15 @@ pub struct Args {
     /// default); the target holds its page requests to the same rate.
     #[arg(long, value_name = "RATE", value_parser = parse_limit)]
     bandwidth_limit: Option<u64>,
+    /// Replace the content of a volume of the same name that already has content on the
+    /// target (kept aside until the migration commits, put back if it rolls back).
+    #[arg(long)]
+    overwrite_volumes: bool,
+    /// Declare an absolute host PATH (bind mounts under it) or a VOLUME name (of any driver)
+    /// shared by both hosts: ferry leaves its data alone instead of refusing the container.
+    /// Repeat for several.
+    #[arg(long = "shared", value_name = "PATH|VOLUME")]
+    shared: Vec<String>,
     /// Test hook: make the target fail in the named step, to exercise rollback.
     #[arg(long, value_enum, hide = true)]
     inject_fault: Option<FaultArg>,
@@ -102,6 +111,9 @@ impl Args {
         }
         if self.step_timeout == 0 {
             bail!("--step-timeout must be at least 1 second");
+        }
+        for v in &self.shared {
+            ferry_proto::validate_shared(v).map_err(anyhow::Error::msg)?;
         }
         for f in ["ca.pem", "cert.pem", "key.pem"] {
             if !self.tls_dir.join(f).is_file() {
@@ -125,6 +137,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             .map(|FaultArg::TargetRestore| Fault::TargetRestore),
         compression: a.compress.into(),
         bandwidth_limit_bytes_per_s: a.bandwidth_limit.unwrap_or(0),
+        overwrite_volumes: a.overwrite_volumes,
+        shared: a.shared.clone(),
     };
     let report = drive(&client, a.from, req, a.json).await?;
     let json = a.json;
@@ -236,6 +250,17 @@ pub fn print_human(r: &Report) {
         .map(|(k, v)| format!("{k} {v} ms"))
         .collect();
     println!("  phases: {}", phases.join(", "));
+    for v in &r.volumes {
+        println!(
+            "  volume {}: first pass {} bytes in {} ms while running, final pass {} bytes ({} entries) in {} ms while frozen",
+            v.name,
+            v.first_pass_bytes,
+            v.first_pass_ms,
+            v.final_pass_bytes,
+            v.final_pass_entries,
+            v.final_pass_ms
+        );
+    }
     for n in &r.networks {
         println!("  network: {}", n.note);
     }

@@ -16,6 +16,10 @@ enum Action {
         /// Also start host c: a dockerd without experimental mode or the ferry runtime.
         #[arg(long)]
         with_incompatible_host: bool,
+        /// Also start hosts d and e, whose dockerds run with userns-remap (for containers
+        /// whose processes are not root, on hosts where root lacks CAP_SYS_RESOURCE).
+        #[arg(long)]
+        with_userns_hosts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -46,9 +50,11 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.action {
         Action::Up {
             with_incompatible_host,
+            with_userns_hosts,
             json,
         } => {
             cfg.with_incompatible_host = with_incompatible_host;
+            cfg.with_userns_hosts = with_userns_hosts;
             let info = ferry_testbed::up(&cfg).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
