@@ -78,6 +78,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
+    /// Queues a data or chunk frame; like [`Conn::send_data`], flushed by the next `send`.
+    pub async fn feed_frame(&mut self, frame: Frame) -> Result<(), ConnError> {
+        self.framed.feed(frame).await?;
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), ConnError> {
         self.framed.flush().await?;
         Ok(())
@@ -94,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Next control message; a peer's `Error` becomes `ConnError::Remote`.
     pub async fn recv(&mut self, timeout: Duration) -> Result<Message, ConnError> {
         let f = self.recv_frame(timeout).await?;
-        if f.kind == FrameKind::Data {
+        if f.kind != FrameKind::Control {
             return Err(ConnError::Proto(ProtoError::UnexpectedData));
         }
         match f.into_message()? {
@@ -110,16 +116,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-/// Copies bytes both ways between a greeted channel and a local socket until either side ends.
-pub async fn bridge<S, T>(conn: Conn<S>, mut local: T) -> std::io::Result<(u64, u64)>
+/// Tunnels bytes both ways between a greeted channel and a local socket until both sides end:
+/// as `Chunk` frames when both agents agreed on them, else raw (see `ferry_transfer::bridge`).
+pub async fn bridge<S, T>(
+    conn: Conn<S>,
+    local: T,
+    opts: ferry_transfer::BridgeOptions,
+) -> Result<ferry_transfer::BridgeTotals, ferry_transfer::BridgeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    use tokio::io::AsyncWriteExt;
-    let (mut remote, pending) = conn.into_parts();
-    if !pending.is_empty() {
-        local.write_all(&pending).await?;
-    }
-    tokio::io::copy_bidirectional(&mut remote, &mut local).await
+    let (remote, pending) = conn.into_parts();
+    ferry_transfer::bridge(remote, pending, local, opts).await
 }

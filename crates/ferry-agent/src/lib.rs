@@ -8,6 +8,7 @@ pub mod host;
 pub mod server;
 pub mod source;
 pub mod target;
+pub mod upload;
 pub mod userns;
 pub mod volumes;
 

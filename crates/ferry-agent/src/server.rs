@@ -1,10 +1,15 @@
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_migrate::{Engine, EngineOptions, MigrationPlan};
-use ferry_proto::{ErrorInfo, Message, MigrateRequest, Purpose, PROTOCOL_VERSION};
+use ferry_proto::{
+    BandwidthReport, ErrorInfo, Message, MigrateRequest, Purpose, Report, TransferSettings,
+    FEATURE_CHUNKS, PROTOCOL_VERSION,
+};
+use ferry_transfer::{BridgeOptions, Pacer, TransferStats};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -53,8 +58,44 @@ struct Shared {
     env: HostEnv,
     listen: SocketAddr,
     pages: crate::source::PageServers,
+    /// How each migration leaving this host sends its bulk streams, by migration id, for the
+    /// page tunnel the target opens after the images went.
+    transfers: std::sync::Mutex<HashMap<String, MigrationTransfer>>,
     targets: Targets,
     client_tls: Arc<rustls::ClientConfig>,
+}
+
+/// One migration's compression policy, and the pacer and counters its image upload and page
+/// tunnel share: one bandwidth budget for everything it sends to the target.
+#[derive(Clone, Default)]
+struct MigrationTransfer {
+    settings: TransferSettings,
+    pacer: Pacer,
+    stats: Arc<TransferStats>,
+}
+
+impl MigrationTransfer {
+    fn new(settings: TransferSettings) -> Self {
+        MigrationTransfer {
+            settings,
+            pacer: Pacer::new(settings.bandwidth_limit_bytes_per_s),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Adds to `report` what compression saved and what the bandwidth limit cost.
+    fn fill(&self, report: &mut Report) {
+        let snap = self.stats.snapshot();
+        report.bytes_uncompressed = report.bytes_sent.saturating_add(snap.saved());
+        report.compression = Some(snap.report(self.settings.compression));
+        let limit = self.settings.bandwidth_limit_bytes_per_s;
+        if limit > 0 {
+            report.bandwidth = Some(BandwidthReport {
+                limit_bytes_per_s: limit,
+                paced_ms: u64::try_from(self.pacer.paced().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+    }
 }
 
 pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
@@ -80,6 +121,7 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
         client_tls,
         listen: opts.listen,
         pages: Default::default(),
+        transfers: Default::default(),
     });
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -142,6 +184,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     conn.send(&Message::HelloOk {
         protocol: PROTOCOL_VERSION,
         agent: shared.env.name.clone(),
+        features: vec![FEATURE_CHUNKS.to_string()],
     })
     .await?;
     info!(peer = %who, ?purpose, "session");
@@ -154,7 +197,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .await;
             Ok(())
         }
-        Purpose::Pages { migration_id } => {
+        Purpose::Pages {
+            migration_id,
+            chunks,
+        } => {
             let server = shared
                 .pages
                 .lock()
@@ -182,10 +228,22 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     ))
                 })?;
             let _ = local.set_nodelay(true);
-            match crate::conn::bridge(conn, local).await {
-                Ok((up, down)) => {
-                    bytes.fetch_add(down, std::sync::atomic::Ordering::Relaxed);
-                    info!(migration = %migration_id, to_criu = up, from_criu = down, "page tunnel closed")
+            let transfer = shared
+                .transfers
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&migration_id).cloned())
+                .unwrap_or_default();
+            let opts = BridgeOptions {
+                framed: chunks,
+                compression: transfer.settings.compression,
+                pacer: transfer.pacer,
+                stats: transfer.stats,
+            };
+            match crate::conn::bridge(conn, local, opts).await {
+                Ok(t) => {
+                    bytes.fetch_add(t.to_peer.wire, std::sync::atomic::Ordering::Relaxed);
+                    info!(migration = %migration_id, to_criu = t.from_peer.raw, from_criu = t.to_peer.raw, to_target_wire = t.to_peer.wire, framed = chunks, "page tunnel closed")
                 }
                 Err(e) => warn!(migration = %migration_id, "page tunnel: {e}"),
             }
@@ -264,7 +322,16 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         return Ok(());
     }
+    if let Err(problem) = ferry_transfer::check_bandwidth_limit(req.bandwidth_limit_bytes_per_s) {
+        conn.send(&Message::Error(bad(format!("bandwidth limit: {problem}"))))
+            .await?;
+        return Ok(());
+    }
     let id = crate::new_id();
+    let transfer = MigrationTransfer::new(req.transfer());
+    if let Ok(mut m) = shared.transfers.lock() {
+        m.insert(id.clone(), transfer.clone());
+    }
     let step_timeout = Duration::from_secs(req.step_timeout_s);
     let source = LocalSource::new(
         shared.env.clone(),
@@ -276,8 +343,14 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
         Some(shared.listen.to_string()),
     )
     .with_data_options(req.overwrite_volumes, req.shared.clone());
-    let remote = RemoteTarget::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
-    let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout);
+    let remote = RemoteTarget::new(target, shared.client_tls.clone(), id.clone(), step_timeout)
+        .with_transfer(transfer.settings);
+    let images = ImagesChannel::new(target, shared.client_tls.clone(), id.clone(), step_timeout)
+        .with_transfer(
+            transfer.settings,
+            transfer.pacer.clone(),
+            transfer.stats.clone(),
+        );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let engine = Engine::new(
@@ -322,13 +395,19 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
+    if let Ok(mut m) = shared.transfers.lock() {
+        m.remove(&id);
+    }
     while let Ok(ev) = rx.try_recv() {
         if cli_alive && conn.send(&Message::Event(ev)).await.is_err() {
             cli_alive = false;
         }
     }
     let report = match report {
-        Ok(r) => r,
+        Ok(mut r) => {
+            transfer.fill(&mut r);
+            r
+        }
         Err(e) => {
             let info = bad(format!("migration task failed: {e}"));
             if cli_alive {

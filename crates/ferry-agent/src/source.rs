@@ -395,6 +395,7 @@ impl SourceSide for LocalSource {
         let prepare = PrepareRequest {
             migration_id: self.migration_id.clone(),
             strategy: Strategy::StopAndCopy,
+            transfer: Default::default(),
             container_name: view.name.clone(),
             image_id: view.image_id.clone(),
             image_ref: Some(view.image_ref.clone())

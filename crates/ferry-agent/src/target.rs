@@ -7,14 +7,13 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use ferry_migrate::{DumpedImages, ProgressFn, SideError, SideErrorKind, TargetSide, Transport};
 use ferry_proto::{
     ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo,
     Strategy, TargetState, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -36,9 +35,6 @@ impl Drop for NotifyOnDrop {
         self.0.notify_one();
     }
 }
-
-/// Chunk size of image streams: large enough to keep TLS records full, far below the frame limit.
-const CHUNK: usize = 1024 * 1024;
 
 fn err(step: &str, message: impl std::fmt::Display) -> ErrorInfo {
     ErrorInfo {
@@ -181,11 +177,13 @@ impl Targets {
             .await
             .map_err(|e| err(step, format!("binding a loopback port: {e}")))?;
         let local = listener.local_addr().map_err(|e| err(step, e))?;
-        let tunnel = dial(
+        let ask_chunks = prepare.transfer.compression != ferry_proto::Compression::Off;
+        let (tunnel, features) = dial_features(
             source,
             self.client_tls.clone(),
             Purpose::Pages {
                 migration_id: id.to_string(),
+                chunks: ask_chunks,
             },
             Duration::from_secs(10),
         )
@@ -201,6 +199,12 @@ impl Targets {
         // The daemon dials the page server only once the restore attaches to it, so the tunnel
         // is joined in the background and a daemon that never dials is killed with the restore.
         let mid = id.to_string();
+        let opts = ferry_transfer::BridgeOptions {
+            framed: ask_chunks && features.iter().any(|f| f == ferry_proto::FEATURE_CHUNKS),
+            compression: prepare.transfer.compression,
+            pacer: ferry_transfer::Pacer::new(prepare.transfer.bandwidth_limit_bytes_per_s),
+            stats: Arc::default(),
+        };
         let tunnel_closed = Arc::new(tokio::sync::Notify::new());
         let closed = tunnel_closed.clone();
         tokio::spawn(async move {
@@ -218,9 +222,9 @@ impl Targets {
                 }
             };
             let _ = sock.set_nodelay(true);
-            match crate::conn::bridge(tunnel, sock).await {
-                Ok((down, up)) => {
-                    info!(migration = %mid, from_source = down, to_source = up, "page tunnel closed")
+            match crate::conn::bridge(tunnel, sock, opts).await {
+                Ok(t) => {
+                    info!(migration = %mid, from_source = t.from_peer.raw, from_source_wire = t.from_peer.wire, to_source = t.to_peer.raw, "page tunnel closed")
                 }
                 Err(e) => warn!(migration = %mid, "page tunnel: {e}"),
             }
@@ -445,6 +449,9 @@ impl Targets {
                 Err(e) => break Err(err(step, e)),
             };
             match frame.kind {
+                FrameKind::Chunk => {
+                    break Err(err(step, "unexpected chunk frame in an image pull"))
+                }
                 FrameKind::Data => {
                     got += frame.payload.len() as u64;
                     if tx.send(frame.payload).await.is_err() {
@@ -506,6 +513,7 @@ impl Targets {
             m.dir.join("images")
         };
         let (mut files, mut bytes) = (0u64, 0u64);
+        let mut chunks = ferry_transfer::ChunkDecoder::new();
         loop {
             let msg = conn.recv(timeout).await.map_err(|e| err(step, e))?;
             match msg {
@@ -544,8 +552,11 @@ impl Targets {
                     let want = loop {
                         let frame = conn.recv_frame(timeout).await.map_err(|e| err(step, e))?;
                         match frame.kind {
-                            FrameKind::Data => {
-                                got += frame.payload.len() as u64;
+                            FrameKind::Data | FrameKind::Chunk => {
+                                let payload = chunks
+                                    .frame_bytes(frame)
+                                    .map_err(|e| err(step, format!("{path}: {e}")))?;
+                                got += payload.len() as u64;
                                 if got > size {
                                     return Err(err(
                                         step,
@@ -554,8 +565,8 @@ impl Targets {
                                         ),
                                     ));
                                 }
-                                hasher.update(&frame.payload);
-                                sink.write(frame.payload)
+                                hasher.update(&payload);
+                                sink.write(payload)
                                     .await
                                     .map_err(|e| err(step, format!("{path}: {e}")))?;
                             }
@@ -1282,12 +1293,22 @@ pub async fn dial(
     purpose: Purpose,
     timeout: Duration,
 ) -> Result<Conn<ClientTls>, ConnError> {
+    Ok(dial_features(addr, tls, purpose, timeout).await?.0)
+}
+
+/// [`dial`], also returning the optional wire features the agent listed in its `HelloOk`.
+pub async fn dial_features(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    purpose: Purpose,
+    timeout: Duration,
+) -> Result<(Conn<ClientTls>, Vec<String>), ConnError> {
     let stream = ferry_tls::connect(addr, tls, timeout)
         .await
         .map_err(|e| ConnError::Unexpected(format!("connecting to agent {addr}: {e}")))?;
     let mut conn = Conn::new(stream);
     match conn.call(&Message::Hello { protocol: PROTOCOL_VERSION, purpose }, timeout).await {
-        Ok(Message::HelloOk { .. }) => Ok(conn),
+        Ok(Message::HelloOk { features, .. }) => Ok((conn, features)),
         Ok(other) => Err(ConnError::Unexpected(describe(&other))),
         Err(ConnError::Closed) => Err(ConnError::Unexpected(format!("agent {addr} closed the connection during the greeting (is this client's certificate signed by the agent's CA?)"))),
         Err(e) => Err(e),
@@ -1302,6 +1323,7 @@ pub struct RemoteTarget {
     migration_id: String,
     conn: Option<Conn<ClientTls>>,
     step_timeout: Duration,
+    transfer: ferry_proto::TransferSettings,
 }
 
 impl RemoteTarget {
@@ -1317,7 +1339,14 @@ impl RemoteTarget {
             migration_id,
             conn: None,
             step_timeout,
+            transfer: Default::default(),
         }
+    }
+
+    /// The migration's compression and bandwidth limit, handed to the target in `Prepare`.
+    pub fn with_transfer(mut self, transfer: ferry_proto::TransferSettings) -> Self {
+        self.transfer = transfer;
+        self
     }
 
     async fn call(
@@ -1382,8 +1411,12 @@ impl TargetSide for RemoteTarget {
         }
     }
     async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
+        let req = PrepareRequest {
+            transfer: self.transfer,
+            ..req.clone()
+        };
         match self
-            .call("prepare", Message::Prepare(req.clone()), self.step_timeout)
+            .call("prepare", Message::Prepare(req), self.step_timeout)
             .await?
         {
             Message::Prepared { container_id } => Ok(container_id),
@@ -1436,6 +1469,9 @@ pub struct ImagesChannel {
     tls: Arc<rustls::ClientConfig>,
     migration_id: String,
     timeout: Duration,
+    transfer: ferry_proto::TransferSettings,
+    pacer: ferry_transfer::Pacer,
+    stats: Arc<ferry_transfer::TransferStats>,
 }
 
 impl ImagesChannel {
@@ -1450,7 +1486,24 @@ impl ImagesChannel {
             tls,
             migration_id,
             timeout,
+            transfer: Default::default(),
+            pacer: Default::default(),
+            stats: Default::default(),
         }
+    }
+
+    /// Compresses under `transfer.compression` and sends through `pacer` (shared with the
+    /// migration's page tunnel), counting into `stats`.
+    pub fn with_transfer(
+        mut self,
+        transfer: ferry_proto::TransferSettings,
+        pacer: ferry_transfer::Pacer,
+        stats: Arc<ferry_transfer::TransferStats>,
+    ) -> Self {
+        self.transfer = transfer;
+        self.pacer = pacer;
+        self.stats = stats;
+        self
     }
 }
 
@@ -1462,7 +1515,7 @@ impl Transport for ImagesChannel {
     ) -> Result<u64, SideError> {
         let step = "transfer";
         let lost = |e: ConnError| e.into_side(step);
-        let mut conn = dial(
+        let (mut conn, features) = dial_features(
             self.addr,
             self.tls.clone(),
             Purpose::Images {
@@ -1472,6 +1525,12 @@ impl Transport for ImagesChannel {
         )
         .await
         .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?;
+        let mut uploader = crate::upload::Uploader::new(
+            self.transfer,
+            features.iter().any(|f| f == ferry_proto::FEATURE_CHUNKS),
+            self.pacer.clone(),
+            self.stats.clone(),
+        );
         let total = images.total_bytes();
         let mut done = 0u64;
         let mut wire = 0u64;
@@ -1483,40 +1542,27 @@ impl Transport for ImagesChannel {
             })
             .await
             .map_err(lost)?;
-            let mut file = tokio::fs::File::open(&f.path)
+            let sent = uploader
+                .send_file(&mut conn, &f.path, |n| {
+                    done += n;
+                    progress(done, total);
+                })
                 .await
-                .map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
-            let mut hasher = Sha256::new();
-            let mut sent = 0u64;
-            loop {
-                let mut buf = BytesMut::zeroed(CHUNK);
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| SideError::failed(step, format!("{}: {e}", f.path.display())))?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                hasher.update(&buf);
-                sent += n as u64;
-                conn.send_data(buf.freeze()).await.map_err(lost)?;
-                done += n as u64;
-                wire += n as u64 + 5;
-                progress(done, total);
-            }
-            if sent != f.size {
+                .map_err(|e| e.into_side(step))?;
+            wire += sent.wire;
+            if sent.bytes != f.size {
                 return Err(SideError::failed(
                     step,
                     format!(
-                        "{} changed size while being sent ({} → {sent})",
+                        "{} changed size while being sent ({} → {})",
                         f.path.display(),
-                        f.size
+                        f.size,
+                        sent.bytes
                     ),
                 ));
             }
             conn.send(&Message::FileEnd {
-                sha256: hex::encode(hasher.finalize()),
+                sha256: sent.sha256,
             })
             .await
             .map_err(lost)?;

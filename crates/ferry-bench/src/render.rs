@@ -97,7 +97,14 @@ fn breakdown(c: &CaseReport) -> String {
             .iter()
             .filter_map(|p| r.phases_ms.get(*p).map(|ms| format!("{p} {ms}")))
             .collect();
-        return format!("{} ms; downtime {} ms", parts.join(", "), r.downtime_ms);
+        let mut line = format!("{} ms; downtime {} ms", parts.join(", "), r.downtime_ms);
+        if let Some(z) = &r.compression {
+            line.push_str(&format!("; compression {} → {}", z.policy, z.decision));
+            if r.bytes_uncompressed > r.bytes_sent {
+                line.push_str(&format!(" ({} before)", mib(r.bytes_uncompressed)));
+            }
+        }
+        return line;
     }
     "–".into()
 }

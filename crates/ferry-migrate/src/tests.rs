@@ -70,6 +70,7 @@ impl SourceSide for FakeSource {
             prepare: PrepareRequest {
                 migration_id: String::new(),
                 strategy: Strategy::Auto,
+                transfer: Default::default(),
                 container_name: "c".into(),
                 image_id: "sha256:x".into(),
                 image_ref: None,
@@ -78,6 +79,8 @@ impl SourceSide for FakeSource {
                 fault: None,
                 source_agent: None,
                 volumes: vec![],
+                overwrite_volumes: false,
+                shared_paths: vec![],
             },
             networks: vec![],
             warnings: vec![],

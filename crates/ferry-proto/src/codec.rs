@@ -18,13 +18,23 @@ pub enum FrameKind {
     Control = 1,
     /// Raw bytes continuing the stream announced by the last control message.
     Data = 2,
+    /// Like `Data`, but the payload starts with a chunk header saying how the bytes are encoded
+    /// (plain, zstd, all zero; see the `ferry-transfer` crate). Sent only to peers that listed
+    /// [`FEATURE_CHUNKS`] in their `HelloOk`, so an older peer never sees one; if one did, it
+    /// would refuse the unknown kind instead of taking encoded bytes for data.
+    Chunk = 3,
 }
+
+/// Feature a peer lists in `HelloOk` (and asks for in a `Pages` hello) when it reads
+/// [`FrameKind::Chunk`] frames.
+pub const FEATURE_CHUNKS: &str = "chunks";
 
 impl FrameKind {
     fn from_u8(v: u8) -> Result<Self, ProtoError> {
         match v {
             1 => Ok(FrameKind::Control),
             2 => Ok(FrameKind::Data),
+            3 => Ok(FrameKind::Chunk),
             other => Err(ProtoError::UnknownKind(other)),
         }
     }
@@ -52,13 +62,20 @@ impl Frame {
         }
     }
 
+    pub fn chunk(payload: Bytes) -> Frame {
+        Frame {
+            kind: FrameKind::Chunk,
+            payload,
+        }
+    }
+
     /// Parses a control frame's JSON; a data frame where a message was expected is an error.
     pub fn into_message(self) -> Result<crate::msg::Message, ProtoError> {
         match self.kind {
             FrameKind::Control => {
                 serde_json::from_slice(&self.payload).map_err(|e| ProtoError::Json(e.to_string()))
             }
-            FrameKind::Data => Err(ProtoError::UnexpectedData),
+            FrameKind::Data | FrameKind::Chunk => Err(ProtoError::UnexpectedData),
         }
     }
 }
@@ -141,7 +158,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn kind_strategy() -> impl Strategy<Value = FrameKind> {
-        prop_oneof![Just(FrameKind::Control), Just(FrameKind::Data)]
+        prop_oneof![
+            Just(FrameKind::Control),
+            Just(FrameKind::Data),
+            Just(FrameKind::Chunk)
+        ]
     }
 
     proptest! {

@@ -2,13 +2,14 @@
 //!
 //! Nothing here performs I/O: the agents wrap [`codec::FrameCodec`] around their TLS streams.
 //! Control messages are JSON (debuggable, tolerant to added fields); bulk data travels in raw
-//! `Data` frames so image and page streams are never re-encoded.
+//! `Data` frames, or in `Chunk` frames when both peers speak them (compressed or plain, each frame
+//! saying which).
 
 pub mod codec;
 pub mod msg;
 pub mod report;
 
-pub use codec::{Frame, FrameCodec, FrameKind, ProtoError, MAX_FRAME_PAYLOAD};
+pub use codec::{Frame, FrameCodec, FrameKind, ProtoError, FEATURE_CHUNKS, MAX_FRAME_PAYLOAD};
 pub use msg::*;
 pub use report::*;
 

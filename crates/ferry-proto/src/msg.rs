@@ -15,6 +15,10 @@ pub enum Message {
     HelloOk {
         protocol: u32,
         agent: String,
+        /// Optional wire features this agent reads (e.g. [`crate::FEATURE_CHUNKS`]); an older
+        /// agent sends none, so a peer only uses what is listed here.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     Error(ErrorInfo),
 
@@ -86,6 +90,10 @@ pub enum Purpose {
     /// page server, which itself only ever listens on the source's loopback.
     Pages {
         migration_id: String,
+        /// The dialler wants `Chunk` frames instead of a raw byte tunnel; both sides switch only
+        /// if the answering agent also lists [`crate::FEATURE_CHUNKS`] in its `HelloOk`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chunks: bool,
     },
     /// The target pulls an image it lacks from the source (`docker save` streamed as `Data`
     /// frames, closed by `ImagesDone`).
@@ -151,6 +159,46 @@ pub enum Fault {
     TargetRestore,
 }
 
+/// Whether the bulk streams (checkpoint images, post-copy pages) are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Bytes go as they are, in plain `Data` frames as before compression existed.
+    Off,
+    /// Every chunk is compressed (and still sent plain when zstd does not make it smaller).
+    On,
+    /// Each stream measures zstd on its first chunks and keeps compressing only where it gains.
+    #[default]
+    Auto,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Off => "off",
+            Compression::On => "on",
+            Compression::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one migration's bulk streams travel: chosen by the operator on the source and handed to
+/// the target, which applies them to what it sends back (post-copy page requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TransferSettings {
+    #[serde(default)]
+    pub compression: Compression,
+    /// Most bytes per second a host sends to its peer for this migration; 0 is unlimited.
+    #[serde(default)]
+    pub bandwidth_limit_bytes_per_s: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateRequest {
     pub container: String,
@@ -161,6 +209,11 @@ pub struct MigrateRequest {
     pub step_timeout_s: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    #[serde(default)]
+    pub compression: Compression,
+    /// 0 (or absent, from an older CLI) is unlimited.
+    #[serde(default)]
+    pub bandwidth_limit_bytes_per_s: u64,
     /// Replace the content of a same-named volume that already exists on the target (its old
     /// content is kept aside until commit and put back on rollback).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -169,6 +222,15 @@ pub struct MigrateRequest {
     /// mounts under them and those volumes are left alone instead of refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared: Vec<String>,
+}
+
+impl MigrateRequest {
+    pub fn transfer(&self) -> TransferSettings {
+        TransferSettings {
+            compression: self.compression,
+            bandwidth_limit_bytes_per_s: self.bandwidth_limit_bytes_per_s,
+        }
+    }
 }
 
 /// Whether `declared` (from `--shared`) covers a mount: a volume by its name, or any mount
@@ -215,6 +277,10 @@ pub fn validate_shared(value: &str) -> Result<(), String> {
 pub struct PrepareRequest {
     pub migration_id: String,
     pub strategy: Strategy,
+    /// Compression and bandwidth limit of this migration, stamped by the source agent when it
+    /// sends the request; absent from an older source, which never speaks `Chunk` frames.
+    #[serde(default)]
+    pub transfer: TransferSettings,
     pub container_name: String,
     pub image_id: String,
     /// The name the container was created from (`Config.Image`), kept on the target when it
@@ -395,6 +461,8 @@ mod tests {
                 strategy: Strategy::StopAndCopy,
                 step_timeout_s: 60,
                 fault: Some(Fault::TargetRestore),
+                compression: Compression::On,
+                bandwidth_limit_bytes_per_s: 50 << 20,
                 overwrite_volumes: true,
                 shared: vec!["/srv/shared".into()],
             }),
@@ -420,5 +488,57 @@ mod tests {
             "\"stop-and-copy\""
         );
         assert_eq!(Strategy::PostCopy.as_str(), "post-copy");
+    }
+
+    /// Messages from agents that predate compression still parse, with compression left to
+    /// `auto`, no bandwidth limit, no features and a raw page tunnel.
+    #[test]
+    fn older_peers_messages_get_defaults() {
+        let m: Message = serde_json::from_str(
+            r#"{"type":"migrate","container":"c","target":"1.2.3.4:1","strategy":"auto","step_timeout_s":5}"#,
+        )
+        .unwrap();
+        let Message::Migrate(req) = m else {
+            panic!("not a migrate: {m:?}")
+        };
+        assert_eq!(req.transfer(), TransferSettings::default());
+        assert_eq!(req.compression, Compression::Auto);
+
+        let m: Message =
+            serde_json::from_str(r#"{"type":"hello_ok","protocol":1,"agent":"a"}"#).unwrap();
+        assert_eq!(
+            m,
+            Message::HelloOk {
+                protocol: 1,
+                agent: "a".into(),
+                features: vec![]
+            }
+        );
+        let m: Message = serde_json::from_str(
+            r#"{"type":"hello","protocol":1,"purpose":{"kind":"pages","migration_id":"m"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Message::Hello {
+                protocol: 1,
+                purpose: Purpose::Pages {
+                    migration_id: "m".into(),
+                    chunks: false
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn compression_names_are_kebab_case() {
+        for (c, s) in [
+            (Compression::Off, "off"),
+            (Compression::On, "on"),
+            (Compression::Auto, "auto"),
+        ] {
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{s}\""));
+            assert_eq!(c.as_str(), s);
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::msg::{ErrorInfo, Strategy};
+use crate::msg::{Compression, ErrorInfo, Strategy};
 
 /// Phases of a migration, in the order the state machine walks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -74,6 +74,55 @@ pub struct NetworkReport {
     pub note: String,
 }
 
+/// What a compression policy came to over a migration's bulk streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionDecision {
+    /// The policy was `off`: plain `Data` frames throughout.
+    Off,
+    /// Every stream that was measured (or, under `on`, every stream) went compressed.
+    Compressed,
+    /// `auto` measured too little gain and sent the streams plain (all-zero chunks still elided).
+    Plain,
+    /// `auto` compressed some streams and not others.
+    Mixed,
+    /// The target predates compression, so everything went as plain `Data` frames.
+    PeerUnsupported,
+}
+
+impl CompressionDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompressionDecision::Off => "off",
+            CompressionDecision::Compressed => "compressed",
+            CompressionDecision::Plain => "plain",
+            CompressionDecision::Mixed => "mixed",
+            CompressionDecision::PeerUnsupported => "peer-unsupported",
+        }
+    }
+}
+
+impl std::fmt::Display for CompressionDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressionReport {
+    pub policy: Compression,
+    pub decision: CompressionDecision,
+    /// Uncompressed over compressed size of the chunks zstd was tried on while `auto` measured
+    /// (all-zero chunks left out: they say nothing about the rest); absent if none was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_ratio: Option<f64>,
+    /// Streams `auto` kept compressing, and streams it sent plain, after measuring.
+    #[serde(default)]
+    pub streams_compressed: u64,
+    #[serde(default)]
+    pub streams_plain: u64,
+}
+
 /// How a named volume travelled: the first pass while the container ran, the final pass of
 /// what changed, taken while it was frozen (and so part of the downtime).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -87,7 +136,15 @@ pub struct VolumeTransfer {
     pub final_pass_entries: u64,
 }
 
+/// The `--bandwidth-limit` of a migration and what it cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthReport {
+    pub limit_bytes_per_s: u64,
+    /// Total time sends to the target were held back to stay under the limit.
+    pub paced_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub migration_id: String,
     pub container: String,
@@ -99,7 +156,16 @@ pub struct Report {
     /// Time the container was frozen, from freeze until the target reported it running.
     pub downtime_ms: u64,
     pub total_ms: u64,
+    /// Bytes on the wire to the target (images and post-copy pages, after compression).
     pub bytes_sent: u64,
+    /// What `bytes_sent` would have been without compression; equal to it when nothing was
+    /// compressed (0 in reports of agents that predate compression).
+    #[serde(default)]
+    pub bytes_uncompressed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<BandwidthReport>,
     pub phases_ms: BTreeMap<String, u64>,
     pub networks: Vec<NetworkReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

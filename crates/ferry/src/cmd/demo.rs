@@ -81,6 +81,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         strategy: Strategy::StopAndCopy,
         step_timeout_s: 120,
         fault: None,
+        compression: Default::default(),
+        bandwidth_limit_bytes_per_s: 0,
         overwrite_volumes: false,
         shared: vec![],
     };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use ferry_agent::client::AgentClient;
-use ferry_proto::{Event, Fault, MigrateRequest, Outcome, Phase, Report, Strategy};
+use ferry_proto::{Compression, Event, Fault, MigrateRequest, Outcome, Phase, Report, Strategy};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,29 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::Hybrid => Strategy::Hybrid,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressArg {
+    /// Measure each stream's first chunks and compress only where zstd gains enough.
+    Auto,
+    On,
+    Off,
+}
+
+impl From<CompressArg> for Compression {
+    fn from(c: CompressArg) -> Compression {
+        match c {
+            CompressArg::Auto => Compression::Auto,
+            CompressArg::On => Compression::On,
+            CompressArg::Off => Compression::Off,
+        }
+    }
+}
+
+/// Clap's parser for `--bandwidth-limit`, so a bad rate stops the command before it connects.
+fn parse_limit(s: &str) -> Result<u64, String> {
+    ferry_transfer::parse_bandwidth_limit(s).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -56,6 +79,14 @@ pub struct Args {
     /// Upper bound for each remote step, in seconds.
     #[arg(long, default_value_t = 120)]
     step_timeout: u64,
+    /// Compress checkpoint images and post-copy pages with zstd (`auto`: only streams whose
+    /// first chunks compress well).
+    #[arg(long, value_enum, default_value = "auto")]
+    compress: CompressArg,
+    /// Most the source sends to the target, e.g. 50MiB/s or 400Mbit/s (0: unlimited, the
+    /// default); the target holds its page requests to the same rate.
+    #[arg(long, value_name = "RATE", value_parser = parse_limit)]
+    bandwidth_limit: Option<u64>,
     /// Replace the content of a volume of the same name that already has content on the
     /// target (kept aside until the migration commits, put back if it rolls back).
     #[arg(long)]
@@ -104,6 +135,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         fault: a
             .inject_fault
             .map(|FaultArg::TargetRestore| Fault::TargetRestore),
+        compression: a.compress.into(),
+        bandwidth_limit_bytes_per_s: a.bandwidth_limit.unwrap_or(0),
         overwrite_volumes: a.overwrite_volumes,
         shared: a.shared.clone(),
     };
@@ -208,6 +241,9 @@ pub fn print_human(r: &Report) {
         "  downtime {} ms, total {} ms, {} bytes sent",
         r.downtime_ms, r.total_ms, r.bytes_sent
     );
+    if let Some(line) = transfer_line(r) {
+        println!("  {line}");
+    }
     let phases: Vec<String> = r
         .phases_ms
         .iter()
@@ -236,5 +272,85 @@ pub fn print_human(r: &Report) {
     }
     for w in &r.warnings {
         println!("  warning: {w}");
+    }
+}
+
+/// One line on compression and pacing, when the agent reported them.
+fn transfer_line(r: &Report) -> Option<String> {
+    let c = r.compression.as_ref()?;
+    let mut line = format!("compression {} → {}", c.policy, c.decision);
+    if let Some(ratio) = c.measured_ratio {
+        line.push_str(&format!(" (zstd measured {ratio:.2}×)"));
+    }
+    if r.bytes_uncompressed > r.bytes_sent {
+        line.push_str(&format!(
+            ", {} bytes before compression",
+            r.bytes_uncompressed
+        ));
+    }
+    if let Some(b) = &r.bandwidth {
+        line.push_str(&format!(
+            "; bandwidth limit {}, held back {} ms",
+            ferry_transfer::format_rate(b.limit_bytes_per_s),
+            b.paced_ms
+        ));
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Args, String> {
+        let base = [
+            "ferry",
+            "redis",
+            "--from",
+            "10.0.0.1:7070",
+            "--to",
+            "10.0.0.2:7070",
+            "--tls-dir",
+            "/x",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra))
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn transfer_flags_default_to_auto_and_unlimited() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.compress, CompressArg::Auto);
+        assert_eq!(a.bandwidth_limit, None);
+    }
+
+    #[test]
+    fn transfer_flags_parse() {
+        let a = parse(&["--compress", "off", "--bandwidth-limit", "400Mbit/s"]).unwrap();
+        assert_eq!(Compression::from(a.compress), Compression::Off);
+        assert_eq!(a.bandwidth_limit, Some(50_000_000));
+        let a = parse(&["--bandwidth-limit", "0"]).unwrap();
+        assert_eq!(a.bandwidth_limit, Some(0));
+    }
+
+    #[test]
+    fn bad_transfer_flags_are_refused_with_the_reason() {
+        let e = parse(&["--bandwidth-limit", "12 parsecs"])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("bandwidth limit '12 parsecs': unknown unit 'parsecs'"),
+            "{e}"
+        );
+        let e = parse(&["--compress", "max"]).err().unwrap_or_default();
+        assert!(e.contains("'max'"), "{e}");
     }
 }
