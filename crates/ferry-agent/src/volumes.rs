@@ -306,7 +306,7 @@ mod pass_tests {
             want,
             tree_digest(&ferry_fs::manifest(&src, TreeMode::Plain).unwrap())
         );
-        apply_passes(&[second.clone()], &dst, &want, Some(&before)).unwrap();
+        apply_passes(std::slice::from_ref(&second), &dst, &want, Some(&before)).unwrap();
         assert_eq!(
             want,
             tree_digest(&ferry_fs::manifest(&dst, TreeMode::Plain).unwrap())
