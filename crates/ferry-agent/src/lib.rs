@@ -4,7 +4,9 @@
 
 pub mod client;
 pub mod conn;
+pub mod freezer;
 pub mod host;
+pub mod logs;
 pub mod server;
 pub mod source;
 pub mod target;

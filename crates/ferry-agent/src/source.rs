@@ -44,6 +44,23 @@ pub struct LocalSource {
     overwrite_volumes: bool,
     /// `--shared` declarations: mounts they cover are neither carried nor refused.
     shared: Vec<String>,
+    /// Post-copy: the container's cgroup was frozen by us (rollback thaws it).
+    frozen: bool,
+    /// Post-copy: our network lock and ARP switch-off, done while the images cross (CRIU's own
+    /// lock already holds then); joined before the target restores (`settle`).
+    late_lock: Option<tokio::task::JoinHandle<LateLock>>,
+    /// Post-copy: interfaces whose ARP answers go off once the dump is taken.
+    pending_arp_off: Vec<String>,
+    /// Where the pause went on this side, for the report.
+    steps_ms: std::collections::BTreeMap<String, u64>,
+}
+
+/// What the post-copy lock task managed before it ended.
+#[derive(Debug, Default)]
+struct LateLock {
+    locked: bool,
+    arp_off: Vec<String>,
+    error: Option<String>,
 }
 
 /// Name of the writable-layer stream among the images sent to the target.
@@ -77,40 +94,15 @@ fn free_loopback_port() -> std::io::Result<u16> {
 }
 
 /// Thaws the container's freezer cgroup: a post-copy dump killed half-way leaves the tasks frozen
-/// by CRIU, not by Docker, so `docker unpause` would not know to.
-fn thaw(pid: u32) -> Result<(), String> {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
-    for line in cg.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (
-            parts.next(),
-            parts.next().unwrap_or(""),
-            parts.next().unwrap_or(""),
-        );
-        if ctrls.split(',').any(|c| c == "freezer") {
-            let f = format!("/sys/fs/cgroup/freezer{path}/freezer.state");
-            if std::fs::read_to_string(&f)
-                .map(|s| s.trim() != "THAWED")
-                .unwrap_or(false)
-            {
-                std::fs::write(&f, "THAWED").map_err(|e| format!("{f}: {e}"))?;
-            }
-        } else if ctrls.is_empty() {
-            for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-                let f = format!("{base}{path}/cgroup.freeze");
-                if std::path::Path::new(&f).exists()
-                    && std::fs::read_to_string(&f)
-                        .map(|s| s.trim() == "1")
-                        .unwrap_or(false)
-                {
-                    std::fs::write(&f, "0").map_err(|e| format!("{f}: {e}"))?;
-                }
-            }
-        }
-    }
-    Ok(())
+/// by CRIU or by us, not by Docker, so `docker unpause` would not know to.
+fn thaw(pid: u32) -> Result<bool, String> {
+    crate::freezer::Freezer::of(pid)
+        .and_then(|f| f.thaw())
+        .map_err(|e| e.to_string())
 }
+
+/// How long the kernel may take to freeze every task of the container.
+const FREEZE_LIMIT: Duration = Duration::from_secs(5);
 
 fn side_err(step: &str, e: impl std::fmt::Display) -> SideError {
     SideError::failed(step, e.to_string())
@@ -151,6 +143,10 @@ impl LocalSource {
             source_agent,
             overwrite_volumes: false,
             shared: Vec::new(),
+            frozen: false,
+            late_lock: None,
+            pending_arp_off: Vec::new(),
+            steps_ms: Default::default(),
         }
     }
 
@@ -159,6 +155,20 @@ impl LocalSource {
         self.overwrite_volumes = overwrite_volumes;
         self.shared = shared;
         self
+    }
+
+    /// Waits for the post-copy lock and ARP switch-off begun after the dump, recording what
+    /// holds so a rollback undoes exactly that.
+    async fn join_late_lock(&mut self) -> Result<(), String> {
+        let Some(h) = self.late_lock.take() else {
+            return Ok(());
+        };
+        let done = h
+            .await
+            .map_err(|e| format!("the lock task ended abnormally: {e}"))?;
+        self.locked |= done.locked;
+        self.arp_off.extend(done.arp_off);
+        done.error.map_or(Ok(()), Err)
     }
 
     fn view(&self) -> Result<&ContainerView, SideError> {
@@ -472,27 +482,47 @@ impl SourceSide for LocalSource {
             .update_restart_policy(&view.id, &serde_json::json!({"Name": "no"}))
             .await
             .map_err(|e| side_err(step, format!("setting restart policy to no: {e}")))?;
-        ferry_net::lock(view.pid)
+        let ifaces: Vec<String> = ferry_net::interfaces(view.pid)
             .await
-            .map_err(|e| side_err(step, e))?;
-        self.locked = true;
-        let ifaces = ferry_net::interfaces(view.pid)
-            .await
-            .map_err(|e| side_err(step, e))?;
-        for i in ifaces.iter().filter(|i| !i.ipv4.is_empty()) {
-            ferry_net::set_arp(view.pid, &i.name, false)
+            .map_err(|e| side_err(step, e))?
+            .into_iter()
+            .filter(|i| !i.ipv4.is_empty())
+            .map(|i| i.name)
+            .collect();
+        // The processes stop before the network does: a reply written after the lock (or after
+        // ARP off, which flushes the neighbour table) would sit unsent in the socket and reach
+        // the client only when the target's retransmission timer fires, a second later. What
+        // clients send meanwhile is ACKed and queued by the kernel and dumped with the socket.
+        if strategy == Strategy::PostCopy {
+            // A lazy dump must end the source itself once the pages are served, which a cgroup
+            // frozen by Docker would prevent; CRIU leaves a cgroup it found frozen to die.
+            // CRIU locks the network itself before it reads the sockets; ours follows the dump
+            // (see `settle`). See `crate::freezer`.
+            let freezer = crate::freezer::Freezer::of(view.pid).map_err(|e| side_err(step, e))?;
+            self.frozen = true;
+            let took = tokio::task::spawn_blocking(move || freezer.freeze(FREEZE_LIMIT))
                 .await
-                .map_err(|e| side_err(step, format!("ARP off on {}: {e}", i.name)))?;
-            self.arp_off.push(i.name.clone());
-        }
-        // A lazy dump must end the source itself once the pages are served, which a cgroup
-        // frozen by Docker would prevent: CRIU freezes it instead.
-        if strategy != Strategy::PostCopy {
+                .map_err(|e| side_err(step, e))?
+                .map_err(|e| side_err(step, e))?;
+            self.steps_ms
+                .insert("source_freeze_cgroup".into(), took.as_millis() as u64);
+            self.pending_arp_off = ifaces;
+        } else {
             self.docker
                 .pause(&view.id)
                 .await
                 .map_err(|e| side_err(step, format!("pausing: {e}")))?;
             self.paused = true;
+            ferry_net::lock(view.pid)
+                .await
+                .map_err(|e| side_err(step, e))?;
+            self.locked = true;
+            for name in ifaces {
+                ferry_net::set_arp(view.pid, &name, false)
+                    .await
+                    .map_err(|e| side_err(step, format!("ARP off on {name}: {e}")))?;
+                self.arp_off.push(name);
+            }
         }
         Ok(())
     }
@@ -531,15 +561,43 @@ impl SourceSide for LocalSource {
                 );
             }
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let started = std::time::Instant::now();
             let lazy = ferry_criu::checkpoint_lazy(&handle, &opts, addr)
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+            self.steps_ms.insert(
+                "source_criu_dump".into(),
+                started.elapsed().as_millis() as u64,
+            );
             self.lazy = Some(lazy);
+            let (pid, ifaces) = (view.pid, std::mem::take(&mut self.pending_arp_off));
+            self.late_lock = Some(tokio::spawn(async move {
+                let mut done = LateLock::default();
+                if let Err(e) = ferry_net::lock(pid).await {
+                    done.error = Some(e.to_string());
+                    return done;
+                }
+                done.locked = true;
+                for name in ifaces {
+                    if let Err(e) = ferry_net::set_arp(pid, &name, false).await {
+                        done.error = Some(format!("ARP off on {name}: {e}"));
+                        return done;
+                    }
+                    done.arp_off.push(name);
+                }
+                done
+            }));
         } else {
+            let started = std::time::Instant::now();
             ferry_criu::checkpoint(&handle, &opts)
                 .await
                 .map_err(|e| SideError::failed("dump", e.to_string()).with_log(e.log().to_vec()))?;
+            self.steps_ms.insert(
+                "source_criu_dump".into(),
+                started.elapsed().as_millis() as u64,
+            );
         }
+        let data_started = std::time::Instant::now();
         for (i, v) in self.volumes.iter_mut().enumerate() {
             let Some(baseline) = v.baseline.clone() else {
                 continue;
@@ -573,6 +631,10 @@ impl SourceSide for LocalSource {
                 .map_err(|e| side_err("dump: writable layer", e))?
                 .map_err(|e| side_err("dump: writable layer", e))?;
         }
+        self.steps_ms.insert(
+            "source_volumes_and_layer".into(),
+            data_started.elapsed().as_millis() as u64,
+        );
         let files = ferry_criu::checkpoint::image_files(&image_dir)
             .map_err(|e| side_err("dump", format!("{}: {e}", image_dir.display())))?;
         Ok(DumpedImages {
@@ -592,6 +654,10 @@ impl SourceSide for LocalSource {
     async fn commit(&mut self) -> Result<Vec<String>, SideError> {
         let mut warnings = Vec::new();
         let view = self.view()?.clone();
+        if let Err(e) = self.join_late_lock().await {
+            // CRIU's own lock still silences the kill; ours is the second layer.
+            warnings.push(format!("network lock after the dump: {e}"));
+        }
         if let Some(lazy) = self.lazy.as_mut() {
             // Every page has reached the target when the target commits; CRIU then ends.
             if let Err(e) = lazy.wait_done(Duration::from_secs(60)).await {
@@ -609,6 +675,12 @@ impl SourceSide for LocalSource {
                 m.remove(&self.migration_id);
             }
         }
+        warnings.extend(crate::logs::keep(
+            &self.env.state_dir,
+            &self.migration_id,
+            "source",
+            &self.dir.join("work"),
+        ));
         // The lock rules stay until the namespace is gone, so the kill sends nothing on the wire.
         if let Err(e) = self.docker.remove_container(&view.id, true).await {
             warnings.push(format!("removing the source container {}: {e}", view.name));
@@ -626,6 +698,9 @@ impl SourceSide for LocalSource {
         let Some(view) = self.view.clone() else {
             return errs;
         };
+        if let Err(e) = self.join_late_lock().await {
+            errs.push(side_err("rollback: network lock", e));
+        }
         if let Some(mut lazy) = self.lazy.take() {
             lazy.abort().await;
             // CRIU killed mid-dump leaves the sockets in repair mode: they would answer the
@@ -637,8 +712,11 @@ impl SourceSide for LocalSource {
                 ),
                 Err(e) => errs.push(side_err("rollback: TCP repair off", e)),
             }
-            if let Err(e) = thaw(view.pid) {
-                errs.push(side_err("rollback: thaw", e));
+        }
+        if self.frozen {
+            match thaw(view.pid) {
+                Ok(_) => self.frozen = false,
+                Err(e) => errs.push(side_err("rollback: thaw", e)),
             }
         }
         if let Ok(mut m) = self.pages.lock() {
@@ -671,6 +749,14 @@ impl SourceSide for LocalSource {
                 errs.push(side_err("rollback: restart policy", e));
             }
         }
+        for p in crate::logs::keep(
+            &self.env.state_dir,
+            &self.migration_id,
+            "source",
+            &self.dir.join("work"),
+        ) {
+            warn!("keeping CRIU's logs: {p}");
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 errs.push(side_err(
@@ -681,6 +767,18 @@ impl SourceSide for LocalSource {
         }
         let _ = SideErrorKind::Failed;
         errs
+    }
+
+    async fn settle(&mut self) -> Result<(), SideError> {
+        let started = std::time::Instant::now();
+        let res = self.join_late_lock().await;
+        self.steps_ms
+            .insert("source_settle".into(), started.elapsed().as_millis() as u64);
+        res.map_err(|e| side_err("settle: network lock", e))
+    }
+
+    fn step_times(&self) -> std::collections::BTreeMap<String, u64> {
+        self.steps_ms.clone()
     }
 
     fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {

@@ -61,6 +61,16 @@ struct TargetMigration {
     replaced: Vec<(PathBuf, PathBuf)>,
     /// Manifest of each volume read back after its first pass, by volume index.
     first_pass_manifests: HashMap<usize, ferry_fs::Manifest>,
+    /// Learnt while preparing, so the restore (inside the pause) asks nobody.
+    restore_env: RestoreEnv,
+}
+
+/// What the restore needs to know about this host, found out before the source freezes.
+#[derive(Debug, Clone, Default)]
+struct RestoreEnv {
+    docker_root: Option<String>,
+    /// CRIU locks the restored network namespace with nftables rather than iptables.
+    nft_lock: bool,
 }
 
 /// Where a received file goes: a file in the images dir, or (a volume's first pass) straight
@@ -377,6 +387,17 @@ impl Targets {
                 serde_json::Value::String(crate::FERRY_RUNTIME.into()),
             );
         }
+        let restore_env = RestoreEnv {
+            docker_root: docker.info().await.ok().and_then(|i| {
+                i.get("DockerRootDir")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            }),
+            nft_lock: match &self.env.criu {
+                Some(criu) => ferry_criu::facts::has_feature(criu, "network_lock_nftables").await,
+                None => false,
+            },
+        };
         let dir = self.env.state_dir.join("incoming").join(&req.migration_id);
         std::fs::create_dir_all(dir.join("images"))
             .map_err(|e| err(step, format!("{}: {e}", dir.display())))?;
@@ -397,6 +418,7 @@ impl Targets {
                 replaceable_volumes,
                 replaced: Vec::new(),
                 first_pass_manifests: HashMap::new(),
+                restore_env,
             },
         );
         drop(map);
@@ -628,7 +650,7 @@ impl Targets {
 
     pub async fn restore(&self, id: &str, timeout: Duration) -> Result<RestoreInfo, ErrorInfo> {
         let step = "restore (target)";
-        let (container_id, dir, prepare) = {
+        let (container_id, dir, prepare, renv) = {
             let map = self.map.lock().await;
             let m = map
                 .get(id)
@@ -640,7 +662,7 @@ impl Targets {
                 .container_id
                 .clone()
                 .ok_or_else(|| err(step, "no target container"))?;
-            (cid, m.dir.clone(), m.prepare.clone())
+            (cid, m.dir.clone(), m.prepare.clone(), m.restore_env.clone())
         };
         let images = dir.join("images");
         let work = dir.join("work");
@@ -648,38 +670,65 @@ impl Targets {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
             warn!("fault injected: process tree image damaged before restore");
         }
+        let mut steps = std::collections::BTreeMap::new();
+        let mut clock = Instant::now();
+        let mut lap = |name: &str| {
+            steps.insert(name.to_string(), clock.elapsed().as_millis() as u64);
+            clock = Instant::now();
+        };
         self.apply_volumes(id, &images).await?;
+        lap("volumes");
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
             self.apply_layer(&container_id, &stream, &dir).await?;
         }
+        lap("layer");
         let mut extra_args = vec![];
         if prepare.strategy == Strategy::PostCopy {
             self.start_lazy_pages(id, &prepare, &images, &work).await?;
             extra_args.push("--lazy-pages".to_string());
         }
-        let overrides = ferry_criu::runtime::RestoreOverrides {
-            image_path: images.clone(),
-            work_path: work.clone(),
-            tcp_established: true,
-            extra_args,
-            timeout_s: timeout.as_secs().saturating_sub(10).max(10),
-        };
+        lap("lazy_pages_daemon");
         let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
         if let Some(parent) = opath.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
         }
+        let criu_config = if renv.nft_lock {
+            let conf = ferry_criu::runtime::criu_config_path(&self.env.state_dir, &container_id);
+            std::fs::write(&conf, "network-lock nftables\n")
+                .map_err(|e| err(step, format!("{}: {e}", conf.display())))?;
+            Some(conf)
+        } else {
+            None
+        };
+        let overrides = ferry_criu::runtime::RestoreOverrides {
+            image_path: images.clone(),
+            work_path: work.clone(),
+            tcp_established: true,
+            extra_args,
+            timeout_s: timeout.as_secs().saturating_sub(10).max(10),
+            criu_config,
+        };
         let _ = std::fs::remove_file(&rpath);
         std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default())
             .map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
 
-        let info = self.env.docker.info().await.map_err(|e| err(step, e))?;
-        let root = info
-            .get("DockerRootDir")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?;
+        let root = match renv.docker_root {
+            Some(r) => r,
+            None => self
+                .env
+                .docker
+                .info()
+                .await
+                .map_err(|e| err(step, e))?
+                .get("DockerRootDir")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?,
+        };
+        let root = root.as_str();
         if let Some(owner) = crate::userns::remapped_root(root) {
             let blocked = crate::userns::unreachable_ancestors(&self.env.state_dir);
             if !blocked.is_empty() {
@@ -719,6 +768,7 @@ impl Targets {
         if let Some(m) = self.map.lock().await.get_mut(id) {
             m.checkpoint_dir = Some(cp_dir.clone());
         }
+        lap("overrides");
 
         let started = Instant::now();
         let start_res = tokio::time::timeout(
@@ -729,6 +779,7 @@ impl Targets {
         )
         .await;
         let docker_start_ms = started.elapsed().as_millis() as u64;
+        lap("docker_start");
         let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -774,7 +825,9 @@ impl Targets {
             .pointer("/State/Pid")
             .and_then(|p| p.as_u64())
             .unwrap_or(0) as u32;
+        lap("wait_running");
         let garp_sent = self.announce(pid, &prepare).await;
+        lap("announce");
         if let Some(m) = self.map.lock().await.get_mut(id) {
             m.state = TargetState::Restored;
         }
@@ -784,6 +837,7 @@ impl Targets {
             pid,
             docker_start_ms,
             garp_sent,
+            steps_ms: steps,
         })
     }
 
@@ -976,7 +1030,12 @@ impl Targets {
     }
 
     fn cleanup_files(&self, m: &TargetMigration) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = crate::logs::keep(
+            &self.env.state_dir,
+            &m.prepare.migration_id,
+            "target",
+            &m.dir.join("work"),
+        );
         let mut rm = |p: &Path| {
             let r = if p.is_dir() {
                 std::fs::remove_dir_all(p)
@@ -1005,6 +1064,10 @@ impl Targets {
                 cid,
             ));
             rm(&ferry_criu::runtime::record_path(&self.env.state_dir, cid));
+            rm(&ferry_criu::runtime::criu_config_path(
+                &self.env.state_dir,
+                cid,
+            ));
         }
         problems
     }
@@ -1122,6 +1185,7 @@ impl Targets {
                     replaceable_volumes: m.replaceable_volumes.clone(),
                     replaced: m.replaced.clone(),
                     first_pass_manifests: HashMap::new(),
+                    restore_env: m.restore_env.clone(),
                 },
             )
         };

@@ -65,7 +65,21 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
     facts.features.uffd = feature("uffd").await?;
     facts.features.uffd_noncoop = feature("uffd-noncoop").await?;
     facts.features.mem_dirty_track = feature("mem_dirty_track").await?;
+    facts.features.network_lock_nftables = feature("network_lock_nftables").await?;
     Ok(facts)
+}
+
+/// Whether `criu check --feature name` succeeds (false when it cannot even run).
+pub async fn has_feature(criu: &str, name: &str) -> bool {
+    run(
+        "criu check --feature",
+        criu,
+        &["check", "--feature", name],
+        PROBE_TIMEOUT,
+    )
+    .await
+    .map(|o| o.status == 0)
+    .unwrap_or(false)
 }
 
 pub async fn runc_version(runc: &str) -> Result<String, ToolError> {

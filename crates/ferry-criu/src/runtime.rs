@@ -23,6 +23,11 @@ pub struct RestoreOverrides {
     /// the daemon's start call; past this the wrapper kills runc and CRIU and reports failure.
     #[serde(default = "default_restore_timeout")]
     pub timeout_s: u64,
+    /// A CRIU configuration file for this restore only, handed to runc through the bundle's
+    /// `org.criu.config` annotation: the one way to give CRIU options runc has no flag for
+    /// (`network-lock nftables`) without touching the host-wide `/etc/criu/runc.conf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_config: Option<PathBuf>,
 }
 
 fn default_restore_timeout() -> u64 {
@@ -44,6 +49,54 @@ pub fn overrides_path(state_dir: &Path, id: &str) -> PathBuf {
 
 pub fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("runtime").join(format!("{id}.result.json"))
+}
+
+pub fn criu_config_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("runtime").join(format!("{id}.criu.conf"))
+}
+
+/// runc's annotation naming the CRIU configuration file of a container.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// The bundle directory of a runc subcommand (`--bundle`/`-b`, else the working directory).
+pub fn bundle_dir(args: &[String], sub: usize) -> PathBuf {
+    let mut it = args[sub + 1..].iter();
+    while let Some(a) = it.next() {
+        if a == "--bundle" || a == "-b" {
+            if let Some(v) = it.next() {
+                return PathBuf::from(v);
+            }
+        } else if let Some(v) = a.strip_prefix("--bundle=") {
+            return PathBuf::from(v);
+        }
+    }
+    PathBuf::from(".")
+}
+
+/// Sets the bundle's `org.criu.config` annotation to `conf` (rewriting `config.json` whole, by
+/// rename, so runc never reads half of it).
+pub fn set_criu_config(bundle: &Path, conf: &Path) -> Result<(), String> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| format!("{} is not a JSON object", path.display()))?;
+    let ann = obj
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    let ann = ann
+        .as_object_mut()
+        .ok_or_else(|| format!("{}: annotations is not an object", path.display()))?;
+    ann.insert(
+        CRIU_CONFIG_ANNOTATION.into(),
+        serde_json::Value::String(conf.to_string_lossy().into_owned()),
+    );
+    let bytes = serde_json::to_vec(&spec).map_err(|e| format!("encoding the spec: {e}"))?;
+    let tmp = bundle.join(".config.json.ferry");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("replacing {}: {e}", path.display()))
 }
 
 /// runc's global flags that take a value, so the subcommand can be told from their values.
@@ -163,6 +216,12 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         return 127;
     };
     let (new_args, original) = rewrite_restore(&args, sub, &o);
+    if let Some(conf) = &o.criu_config {
+        if let Err(e) = set_criu_config(&bundle_dir(&args, sub), conf) {
+            eprintln!("ferry runtime: cannot hand CRIU its configuration: {e}");
+            return 1;
+        }
+    }
     let code = run_with_deadline(
         &runc,
         &new_args,
@@ -197,28 +256,37 @@ fn run_with_deadline(runc: &str, args: &[String], limit: std::time::Duration) ->
             return 127;
         }
     };
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return st.code().unwrap_or(128),
-            Ok(None) if std::time::Instant::now() >= deadline => {
-                let pgid = child.id() as i32;
-                // SAFETY: kill(2) with a negative pid signals the process group we created.
-                unsafe {
-                    libc::kill(-pgid, libc::SIGKILL);
-                }
-                let _ = child.wait();
-                eprintln!(
-                    "ferry runtime: runc restore did not finish within {} s and was killed",
-                    limit.as_secs()
-                );
-                return 124;
+    // The restore is inside the migration's pause: wait on the child itself, not by polling,
+    // and let a watchdog thread enforce the deadline.
+    let pgid = child.id() as i32;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(limit) {
+            // SAFETY: kill(2) with a negative pid signals the process group we created. Only a
+            // kill racing the reap at the very deadline could meet a group whose leader had just
+            // exited, and the kernel does not hand that id out again within microseconds.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
             }
-            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            Err(e) => {
-                eprintln!("ferry runtime: waiting for runc: {e}");
-                return 127;
-            }
+            return true;
+        }
+        false
+    });
+    let status = child.wait();
+    let _ = done_tx.send(());
+    let killed = watchdog.join().unwrap_or(false);
+    match status {
+        Ok(_) if killed => {
+            eprintln!(
+                "ferry runtime: runc restore did not finish within {} s and was killed",
+                limit.as_secs()
+            );
+            124
+        }
+        Ok(st) => st.code().unwrap_or(128),
+        Err(e) => {
+            eprintln!("ferry runtime: waiting for runc: {e}");
+            127
         }
     }
 }
@@ -229,6 +297,67 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn runc_exit_codes_pass_through_and_the_deadline_kills_the_group() {
+        let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
+        let long = std::time::Duration::from_secs(30);
+        assert_eq!(run_with_deadline("/bin/sh", &sh("exit 0"), long), 0);
+        assert_eq!(run_with_deadline("/bin/sh", &sh("exit 3"), long), 3);
+        // A grandchild in the same group dies with it: the shell waits for it otherwise.
+        let short = std::time::Duration::from_millis(200);
+        assert_eq!(
+            run_with_deadline("/bin/sh", &sh("sleep 30 & wait"), short),
+            124
+        );
+        assert_eq!(run_with_deadline("/nonexistent/runc", &[], long), 127);
+    }
+
+    #[test]
+    fn the_bundle_is_found_in_every_spelling() {
+        assert_eq!(
+            bundle_dir(&s(&["--root", "/r", "restore", "--bundle", "/b", "x"]), 2),
+            PathBuf::from("/b")
+        );
+        assert_eq!(
+            bundle_dir(&s(&["restore", "-b", "/c", "x"]), 0),
+            PathBuf::from("/c")
+        );
+        assert_eq!(
+            bundle_dir(&s(&["restore", "--bundle=/d", "x"]), 0),
+            PathBuf::from("/d")
+        );
+        assert_eq!(bundle_dir(&s(&["restore", "x"]), 0), PathBuf::from("."));
+    }
+
+    #[test]
+    fn the_criu_config_annotation_is_added_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({"ociVersion": "1.0.2", "annotations": {"a": "b"}, "process": {"args": ["redis"]}});
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        set_criu_config(dir.path(), Path::new("/s/x.criu.conf")).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(back["annotations"]["org.criu.config"], "/s/x.criu.conf");
+        assert_eq!(back["annotations"]["a"], "b");
+        assert_eq!(back["process"], spec["process"]);
+        // No annotations at all yet.
+        std::fs::write(dir.path().join("config.json"), r#"{"ociVersion":"1"}"#).unwrap();
+        set_criu_config(dir.path(), Path::new("/c")).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(back["annotations"]["org.criu.config"], "/c");
+        // A broken spec is named, not overwritten.
+        std::fs::write(dir.path().join("config.json"), "not json").unwrap();
+        let e = set_criu_config(dir.path(), Path::new("/c")).unwrap_err();
+        assert!(e.contains("config.json is not JSON"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
+            "not json"
+        );
     }
 
     #[test]
@@ -261,6 +390,7 @@ mod tests {
             tcp_established: true,
             extra_args: vec![],
             timeout_s: 90,
+            criu_config: None,
         };
         let args = s(&[
             "--root",
@@ -304,6 +434,7 @@ mod tests {
             tcp_established: false,
             extra_args: vec!["--lazy-pages".into()],
             timeout_s: 90,
+            criu_config: None,
         };
         let args = s(&["restore", "--image-path=/tmp/c", "--tcp-established", "cid"]);
         let (new, orig) = rewrite_restore(&args, 0, &o);

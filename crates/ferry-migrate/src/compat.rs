@@ -192,6 +192,7 @@ mod tests {
                 uffd: true,
                 uffd_noncoop: true,
                 mem_dirty_track: false,
+                network_lock_nftables: false,
             },
             docker_experimental: true,
             ferry_runtime: true,

@@ -123,6 +123,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 compression: None,
                 bandwidth: None,
                 phases_ms: BTreeMap::new(),
+                downtime_steps_ms: BTreeMap::new(),
                 networks: Vec::new(),
                 error: None,
                 rollback_errors: Vec::new(),
@@ -268,6 +269,10 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             let sent = res.map_err(fail(Reached::SourceFrozen))?;
             report.bytes_sent += sent;
         }
+        {
+            step!(self, Phase::Transfer, step_to, self.source.settle())
+                .map_err(fail(Reached::SourceFrozen))?;
+        }
         let restored = {
             step!(self, Phase::Restore, step_to, self.target.restore())
                 .map_err(fail(Reached::SourceFrozen))?
@@ -275,6 +280,13 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         if let Some(t) = frozen_at {
             report.downtime_ms = t.elapsed().as_millis() as u64;
         }
+        report.downtime_steps_ms = self.source.step_times();
+        report.downtime_steps_ms.extend(
+            restored
+                .steps_ms
+                .iter()
+                .map(|(k, v)| (format!("target_{k}"), *v)),
+        );
         if restored.garp_sent.is_empty() {
             report
                 .warnings

@@ -122,6 +122,11 @@ pub trait SourceSide: Send {
         strategy: ferry_proto::Strategy,
     ) -> impl Future<Output = Result<(), SideError>> + Send;
     fn dump(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send;
+    /// Finishes what the dump left running in the background (post-copy locks the source's
+    /// network while its images cross) before the target may resume. A failure rolls back.
+    fn settle(&mut self) -> impl Future<Output = Result<(), SideError>> + Send {
+        async { Ok(()) }
+    }
     /// The container now runs on the target: remove it here. Failures are warnings, since the
     /// migration itself has succeeded.
     fn commit(&mut self) -> impl Future<Output = Result<Vec<String>, SideError>> + Send;
@@ -135,6 +140,11 @@ pub trait SourceSide: Send {
     /// How each named volume travelled (first and final pass), for the report.
     fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {
         Vec::new()
+    }
+    /// Milliseconds of the pause spent in this side's own steps (freezing, CRIU's dump, ...),
+    /// so the report can say what the downtime was made of.
+    fn step_times(&self) -> std::collections::BTreeMap<String, u64> {
+        Default::default()
     }
 }
 

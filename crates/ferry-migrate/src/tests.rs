@@ -26,6 +26,7 @@ enum At {
     Freeze,
     Dump,
     Transfer,
+    Settle,
     TransferHang,
     Restore,
     RestoreHang,
@@ -44,6 +45,7 @@ fn facts(name: &str) -> HostFacts {
             uffd: true,
             uffd_noncoop: true,
             mem_dirty_track: false,
+            network_lock_nftables: true,
         },
         docker_experimental: true,
         ferry_runtime: true,
@@ -109,6 +111,13 @@ impl SourceSide for FakeSource {
             }],
         })
     }
+    async fn settle(&mut self) -> Result<(), SideError> {
+        push(&self.log, "source.settle");
+        if self.at == At::Settle {
+            return Err(SideError::failed("settle: network lock", "iptables failed"));
+        }
+        Ok(())
+    }
     async fn commit(&mut self) -> Result<Vec<String>, SideError> {
         push(&self.log, "source.commit");
         Ok(vec![])
@@ -160,6 +169,7 @@ impl TargetSide for FakeTarget {
                 pid: 42,
                 docker_start_ms: 1,
                 garp_sent: vec!["eth0".into()],
+                steps_ms: Default::default(),
             }),
         }
     }
@@ -282,6 +292,7 @@ const FORWARD: &[&str] = &[
     "source.freeze",
     "source.dump",
     "transport.send",
+    "source.settle",
     "target.restore",
 ];
 
@@ -380,11 +391,27 @@ async fn failures_roll_back_exactly_what_was_done() {
                 "source.freeze",
                 "source.dump",
                 "transport.send",
+                "source.settle",
                 "target.restore",
                 "target.rollback",
                 "source.rollback",
             ],
             "restore",
+        ),
+        (
+            At::Settle,
+            &[
+                "source.preflight",
+                "target.preflight",
+                "target.prepare",
+                "source.freeze",
+                "source.dump",
+                "transport.send",
+                "source.settle",
+                "target.rollback",
+                "source.rollback",
+            ],
+            "settle: network lock",
         ),
     ];
     for (at, want, step) in cases {

@@ -82,7 +82,8 @@ pub async fn set_arp(pid: u32, iface: &str, on: bool) -> Result<(), NetError> {
 }
 
 /// Announces `ip` at `mac` from inside the namespace of `pid`, `count` times [`GARP_INTERVAL`]
-/// apart.
+/// apart. Returns once the first announcement is out (the repeats, which only cover a lost
+/// frame, follow from the same thread), so a restore is not held up by the intervals.
 ///
 /// `setns` changes only the calling thread, so the work runs on a dedicated thread that exits
 /// afterwards: doing it on a tokio worker (or a reused blocking-pool thread) would silently move
@@ -105,7 +106,19 @@ pub async fn gratuitous_arp(
     std::thread::Builder::new()
         .name("ferry-garp".into())
         .spawn(move || {
-            let _ = tx.send(send_garps(&thread_step, pid, &iface, ip, mac, count));
+            let mut tx = Some(tx);
+            let res = send_garps(&thread_step, pid, &iface, ip, mac, count, || {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            });
+            match (res, tx.take()) {
+                (Err(e), Some(tx)) => {
+                    let _ = tx.send(Err(e));
+                }
+                (Err(e), None) => tracing::warn!("{thread_step}: a repeat failed: {e}"),
+                (Ok(()), _) => {}
+            }
         })
         .map_err(|cause| NetError::Io {
             step: format!("{step}: starting a thread"),
@@ -124,6 +137,7 @@ fn send_garps(
     ip: Ipv4Addr,
     mac: [u8; 6],
     count: u32,
+    mut first_sent: impl FnMut(),
 ) -> Result<(), NetError> {
     let io_err = |what: &str, cause: std::io::Error| NetError::Io {
         step: format!("{step}: {what}"),
@@ -169,6 +183,9 @@ fn send_garps(
                 "sending",
                 std::io::Error::other(format!("sent {sent} of {} bytes", frame.len())),
             ));
+        }
+        if n == 0 {
+            first_sent();
         }
     }
     Ok(())

@@ -321,6 +321,10 @@ pub struct RestoreInfo {
     /// Wall time of Docker's start-from-checkpoint call on the target.
     pub docker_start_ms: u64,
     pub garp_sent: Vec<String>,
+    /// Milliseconds of each step of the restore on the target (volumes, layer, lazy-pages
+    /// daemon, Docker's start, the wait for it to run, the ARP announcement).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub steps_ms: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,6 +345,10 @@ pub struct CriuFeatures {
     pub uffd: bool,
     pub uffd_noncoop: bool,
     pub mem_dirty_track: bool,
+    /// CRIU was built with libnftables: its network lock is one in-process transaction instead
+    /// of six `iptables-restore` runs (~50 ms of a restore's pause here).
+    #[serde(default)]
+    pub network_lock_nftables: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

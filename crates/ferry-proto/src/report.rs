@@ -167,6 +167,10 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<BandwidthReport>,
     pub phases_ms: BTreeMap<String, u64>,
+    /// What the pause was made of: the source's and the target's own steps inside the freeze,
+    /// dump and restore phases, in milliseconds (`source_*`, `target_*`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub downtime_steps_ms: BTreeMap<String, u64>,
     pub networks: Vec<NetworkReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
