@@ -702,6 +702,19 @@ impl SourceSide for LocalSource {
             errs.push(side_err("rollback: network lock", e));
         }
         if let Some(mut lazy) = self.lazy.take() {
+            // CRIU thaws a cgroup it found frozen once it holds the tasks by ptrace; killed, it
+            // lets them run with their sockets still in repair mode, where a read fails and
+            // the application drops the connection (a queued request makes that immediate).
+            // Frozen again first, they only run once repair mode is off.
+            let refrozen = tokio::task::spawn_blocking(move || {
+                crate::freezer::Freezer::of(view.pid).and_then(|f| f.freeze(FREEZE_LIMIT))
+            })
+            .await;
+            match refrozen {
+                Ok(Ok(_)) => self.frozen = true,
+                Ok(Err(e)) => errs.push(side_err("rollback: freeze before stopping CRIU", e)),
+                Err(e) => errs.push(side_err("rollback: freeze before stopping CRIU", e)),
+            }
             lazy.abort().await;
             // CRIU killed mid-dump leaves the sockets in repair mode: they would answer the
             // clients' next segments with resets.

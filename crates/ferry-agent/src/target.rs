@@ -1536,6 +1536,8 @@ pub struct ImagesChannel {
     transfer: ferry_proto::TransferSettings,
     pacer: ferry_transfer::Pacer,
     stats: Arc<ferry_transfer::TransferStats>,
+    /// A connection opened before the pause (`warm_up`), taken by the next `send_images`.
+    warm: Option<(Conn<ClientTls>, Vec<String>)>,
 }
 
 impl ImagesChannel {
@@ -1553,6 +1555,7 @@ impl ImagesChannel {
             transfer: Default::default(),
             pacer: Default::default(),
             stats: Default::default(),
+            warm: None,
         }
     }
 
@@ -1571,15 +1574,9 @@ impl ImagesChannel {
     }
 }
 
-impl Transport for ImagesChannel {
-    async fn send_images(
-        &mut self,
-        images: &DumpedImages,
-        progress: &ProgressFn,
-    ) -> Result<u64, SideError> {
-        let step = "transfer";
-        let lost = |e: ConnError| e.into_side(step);
-        let (mut conn, features) = dial_features(
+impl ImagesChannel {
+    async fn dial_images(&self) -> Result<(Conn<ClientTls>, Vec<String>), ConnError> {
+        dial_features(
             self.addr,
             self.tls.clone(),
             Purpose::Images {
@@ -1588,7 +1585,31 @@ impl Transport for ImagesChannel {
             self.timeout,
         )
         .await
-        .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?;
+    }
+}
+
+impl Transport for ImagesChannel {
+    async fn warm_up(&mut self) {
+        match self.dial_images().await {
+            Ok(c) => self.warm = Some(c),
+            Err(e) => warn!("opening the images channel ahead of the pause: {e}"),
+        }
+    }
+
+    async fn send_images(
+        &mut self,
+        images: &DumpedImages,
+        progress: &ProgressFn,
+    ) -> Result<u64, SideError> {
+        let step = "transfer";
+        let lost = |e: ConnError| e.into_side(step);
+        let (mut conn, features) = match self.warm.take() {
+            Some(c) => c,
+            None => self
+                .dial_images()
+                .await
+                .map_err(|e| SideError::new(SideErrorKind::ConnectionLost, step, e.to_string()))?,
+        };
         let mut uploader = crate::upload::Uploader::new(
             self.transfer,
             features.iter().any(|f| f == ferry_proto::FEATURE_CHUNKS),

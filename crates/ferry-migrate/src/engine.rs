@@ -230,6 +230,11 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             self.add_phase(Phase::Precopy, ms);
             report.bytes_sent += res.map_err(fail(Reached::TargetPrepared))?;
         }
+        if report.strategy == Strategy::PostCopy {
+            // Only where the dump is short: a channel left idle through a long stop-and-copy
+            // dump could outlive the target's wait for its first file.
+            self.transport.warm_up().await;
+        }
         {
             *frozen_at = Some(Instant::now());
             step!(

@@ -174,4 +174,9 @@ pub trait Transport: Send {
         images: &DumpedImages,
         progress: &ProgressFn,
     ) -> impl Future<Output = Result<u64, SideError>> + Send;
+    /// Opens the channel the next `send_images` will use, so a short pause does not include
+    /// its handshake. Best effort: `send_images` connects itself when this did not.
+    fn warm_up(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
