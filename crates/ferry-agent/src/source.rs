@@ -1,10 +1,13 @@
 //! The source side of a migration on this host.
 //!
-//! Freezing keeps everything needed to resume: the cgroup is frozen by `docker pause`, the
-//! container's network namespace is locked by our own rules (so the frozen kernel neither ACKs
-//! data the target will never see nor leaks a FIN/RST when the source is finally removed), ARP
-//! answers are switched off for the moving addresses, and the dump leaves the processes in
-//! place. Rollback is therefore an unlock and unpause — no restore on the source, nothing lost.
+//! Freezing keeps everything needed to resume. The processes stop first — `docker pause` for
+//! stop-and-copy, the freezer cgroup written directly for post-copy (see `crate::freezer`) —
+//! and only then the network: our own rules lock the container's network namespace (so the
+//! frozen kernel neither ACKs data the target will never see nor leaks a FIN/RST when the
+//! source is finally removed) and ARP answers go off for the moving addresses. What clients
+//! send in between is queued by the kernel and dumped with the socket. The dump leaves the
+//! processes in place (a post-copy dump keeps them seized until every page is served).
+//! Rollback is therefore an unlock and a thaw — no restore on the source, nothing lost.
 
 use std::path::PathBuf;
 use std::time::Duration;

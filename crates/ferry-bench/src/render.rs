@@ -98,6 +98,14 @@ fn breakdown(c: &CaseReport) -> String {
             .filter_map(|p| r.phases_ms.get(*p).map(|ms| format!("{p} {ms}")))
             .collect();
         let mut line = format!("{} ms; downtime {} ms", parts.join(", "), r.downtime_ms);
+        if !r.downtime_steps_ms.is_empty() {
+            let steps: Vec<String> = r
+                .downtime_steps_ms
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line.push_str(&format!(" (of which {} ms)", steps.join(", ")));
+        }
         if let Some(z) = &r.compression {
             line.push_str(&format!("; compression {} → {}", z.policy, z.decision));
             if r.bytes_uncompressed > r.bytes_sent {
