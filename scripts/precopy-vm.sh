@@ -143,8 +143,10 @@ copy_with_libs "$root" "$runc" /usr/sbin/runc
 copy_with_libs "$root" "$tar" /bin/tar
 copy_with_libs "$root" "$gzip" /bin/gzip
 copy_with_libs "$root" "$guest" /bin/ferry-precopy-guest
-# CRIU gathers sockets through the sock_diag modules; the cloud kernel builds them as modules.
-for m in inet_diag tcp_diag udp_diag unix_diag netlink_diag af_packet_diag; do
+# CRIU gathers sockets through the sock_diag modules, and its kernel probe (built with
+# libnftables) needs nf_tables; the cloud kernel builds them as modules. Listed in load order.
+modules="inet_diag tcp_diag udp_diag unix_diag netlink_diag af_packet_diag crc32c_generic libcrc32c nfnetlink nf_tables"
+for m in $modules; do
   [[ -n $moddir ]] || break
   f=$(find "$moddir" -name "$m.ko" | head -n1)
   if [[ -n $f ]]; then cp "$f" "$root/lib/modules/"; fi
@@ -176,7 +178,7 @@ fi
 exec </dev/console >/dev/console 2>&1
 # CRIU's kernel probe connects a TCP socket over loopback (for TCP repair).
 \$bb ip link set lo up
-for m in inet_diag tcp_diag udp_diag unix_diag netlink_diag af_packet_diag; do
+for m in $modules; do
   [ -e /lib/modules/\$m.ko ] && \$bb insmod /lib/modules/\$m.ko
 done
 /bin/ferry-precopy-guest guest $guest_args
