@@ -52,16 +52,7 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
     if basic.status != 0 {
         facts.check_log = quote_text(&format!("{}\n{}", basic.stdout, basic.stderr));
     }
-    let feature = |name: &'static str| async move {
-        run(
-            "criu check --feature",
-            criu,
-            &["check", "--feature", name],
-            PROBE_TIMEOUT,
-        )
-        .await
-        .map(|o| o.status == 0)
-    };
+    let feature = |name: &'static str| feature_status(criu, name);
     facts.features.uffd = feature("uffd").await?;
     facts.features.uffd_noncoop = feature("uffd-noncoop").await?;
     facts.features.mem_dirty_track = feature("mem_dirty_track").await?;
@@ -69,8 +60,8 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
     Ok(facts)
 }
 
-/// Whether `criu check --feature name` succeeds (false when it cannot even run).
-pub async fn has_feature(criu: &str, name: &str) -> bool {
+/// Whether `criu check --feature name` succeeds; an error when criu cannot even run.
+async fn feature_status(criu: &str, name: &str) -> Result<bool, ToolError> {
     run(
         "criu check --feature",
         criu,
@@ -79,7 +70,11 @@ pub async fn has_feature(criu: &str, name: &str) -> bool {
     )
     .await
     .map(|o| o.status == 0)
-    .unwrap_or(false)
+}
+
+/// Whether `criu check --feature name` succeeds (false when it cannot even run).
+pub async fn has_feature(criu: &str, name: &str) -> bool {
+    feature_status(criu, name).await.unwrap_or(false)
 }
 
 pub async fn runc_version(runc: &str) -> Result<String, ToolError> {

@@ -783,6 +783,35 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
             < report["phases_ms"]["commit"].as_u64().unwrap(),
         "pages must move after the restore: {report}"
     );
+    // The report says where the pause went, from both sides.
+    for step in [
+        "source_freeze_cgroup",
+        "source_criu_dump",
+        "source_settle",
+        "target_docker_start",
+        "target_lazy_pages_daemon",
+    ] {
+        assert!(
+            report["downtime_steps_ms"][step].is_u64(),
+            "{step} missing from downtime_steps_ms: {report}"
+        );
+    }
+    // CRIU's logs outlive the migration's scratch directories, and the restore read the
+    // configuration ferry handed it through the bundle (its nftables network lock).
+    let id = report["migration_id"].as_str().unwrap();
+    let logs = |h: &str| {
+        PathBuf::from(host(h)["state_dir"].as_str().unwrap())
+            .join("logs")
+            .join(id)
+    };
+    assert!(logs("a").join("source-dump.log").is_file(), "{report}");
+    let restore_log = std::fs::read_to_string(logs("b").join("target-restore.log"))
+        .expect("the target keeps CRIU's restore log");
+    assert!(
+        restore_log.contains("Parsing config file") && restore_log.contains(".criu.conf"),
+        "CRIU did not read ferry's configuration file"
+    );
+    assert!(logs("b").join("target-lazy-pages.log").is_file());
     settle();
     let summary = client.finish();
     assert_redis_intact(&target, 200_000, &expected, &summary);
