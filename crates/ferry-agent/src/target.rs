@@ -673,8 +673,10 @@ impl Targets {
         let mut steps = std::collections::BTreeMap::new();
         let mut clock = Instant::now();
         let mut lap = |name: &str| {
-            steps.insert(name.to_string(), clock.elapsed().as_millis() as u64);
+            let ms = clock.elapsed().as_millis() as u64;
+            steps.insert(name.to_string(), ms);
             clock = Instant::now();
+            ms
         };
         self.apply_volumes(id, &images).await?;
         lap("volumes");
@@ -770,7 +772,6 @@ impl Targets {
         }
         lap("overrides");
 
-        let started = Instant::now();
         let start_res = tokio::time::timeout(
             timeout,
             self.env
@@ -778,8 +779,7 @@ impl Targets {
                 .start_container(&container_id, Some(&cp_name)),
         )
         .await;
-        let docker_start_ms = started.elapsed().as_millis() as u64;
-        lap("docker_start");
+        let docker_start_ms = lap("docker_start");
         let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());

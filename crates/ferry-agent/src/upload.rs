@@ -57,14 +57,9 @@ pub struct Uploader {
     encoder: Option<ChunkEncoder>,
     pacer: Pacer,
     stats: Arc<TransferStats>,
-    /// Measured link throughput in bytes/s (0 until enough was sent), read by the encoder.
-    link: Arc<std::sync::atomic::AtomicU64>,
-    link_bytes: std::sync::atomic::AtomicU64,
-    link_ns: std::sync::atomic::AtomicU64,
+    /// Measured link throughput, read by the encoder.
+    link: ferry_transfer::policy::LinkMeter,
 }
-
-/// Sending time below which the link estimate is not trusted yet.
-const LINK_MIN_NS: u64 = 5_000_000;
 
 impl Uploader {
     /// `peer_reads_chunks`: the target listed `chunks` in its `HelloOk`.
@@ -78,17 +73,16 @@ impl Uploader {
         if wanted && !peer_reads_chunks {
             stats.mark_peer_unsupported();
         }
-        let link = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let link = ferry_transfer::policy::LinkMeter::default();
         let encoder = (wanted && peer_reads_chunks).then(|| {
-            ChunkEncoder::new(settings.compression, stats.clone()).with_link_estimate(link.clone())
+            ChunkEncoder::new(settings.compression, stats.clone())
+                .with_link_estimate(link.estimate())
         });
         Uploader {
             encoder,
             pacer,
             stats,
             link,
-            link_bytes: Default::default(),
-            link_ns: Default::default(),
         }
     }
 
@@ -169,29 +163,6 @@ impl Uploader {
         Ok(sent)
     }
 
-    /// Keeps the link estimate the encoder's `auto` policy reads: bytes handed to the channel
-    /// over the time the hand-over took (pacing and backpressure included), never above an
-    /// operator's `--bandwidth-limit`. Early on, socket
-    /// buffers absorb writes and make the link look fast, which leans towards sending plain;
-    /// `auto` measures again later in a stream, once the estimate has settled.
-    fn measure_link(&self, wire: u64, took: std::time::Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let bytes = self.link_bytes.fetch_add(wire, Relaxed) + wire;
-        let ns = self.link_ns.fetch_add(took.as_nanos() as u64, Relaxed) + took.as_nanos() as u64;
-        let limit = self.pacer.limit();
-        if ns >= LINK_MIN_NS {
-            let measured = (bytes as u128 * 1_000_000_000 / ns as u128) as u64;
-            let link = if limit > 0 {
-                measured.min(limit)
-            } else {
-                measured
-            };
-            self.link.store(link, Relaxed);
-        } else if limit > 0 {
-            self.link.store(limit, Relaxed);
-        }
-    }
-
     async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         conn: &mut Conn<S>,
@@ -205,7 +176,9 @@ impl Uploader {
         self.pacer.pace(wire as usize).await;
         let plain = frame.kind == FrameKind::Data;
         conn.feed_frame(frame).await?;
-        self.measure_link(wire, started.elapsed());
+        // Bytes handed to the channel over the time the hand-over took, pacing included.
+        self.link
+            .record(wire, started.elapsed(), self.pacer.limit());
         if plain {
             self.stats.record(wire, wire);
         }

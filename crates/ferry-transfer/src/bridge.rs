@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::chunk::{frame_len, ChunkDecoder, ChunkError};
 use crate::pacer::Pacer;
-use crate::policy::ChunkEncoder;
+use crate::policy::{ChunkEncoder, LinkMeter};
 use crate::stats::TransferStats;
 
 /// Largest read from the local socket, and so the largest chunk: CRIU answers a page request
@@ -92,10 +92,12 @@ where
     let read_len = opts.pacer.chunk_len(READ_LEN);
     let up = async {
         if opts.framed {
-            let link = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            // A page tunnel over a link faster than zstd stays plain, where compressing would
+            // only delay the page a fault waits for.
+            let meter = LinkMeter::default();
             let enc = ChunkEncoder::new(opts.compression, opts.stats.clone())
-                .with_link_estimate(link.clone());
-            send_frames(local_rd, remote_wr, enc, &opts.pacer, read_len, &link).await
+                .with_link_estimate(meter.estimate());
+            send_frames(local_rd, remote_wr, enc, &opts.pacer, read_len, &meter).await
         } else {
             send_raw(local_rd, remote_wr, &opts.pacer, &opts.stats, read_len).await
         }
@@ -117,7 +119,7 @@ async fn send_frames<R, W>(
     mut enc: ChunkEncoder,
     pacer: &Pacer,
     read_len: usize,
-    link: &std::sync::atomic::AtomicU64,
+    meter: &LinkMeter,
 ) -> Result<DirectionTotals, BridgeError>
 where
     R: AsyncRead + Unpin,
@@ -126,7 +128,6 @@ where
     let mut buf = vec![0u8; read_len];
     let mut frame = BytesMut::new();
     let mut t = DirectionTotals::default();
-    let mut meter = LinkMeter::default();
     loop {
         let n = from
             .read(&mut buf)
@@ -154,42 +155,9 @@ where
             .await
             .map_err(io("writing to the peer"))?;
         to.flush().await.map_err(io("writing to the peer"))?;
-        if let Some(bps) = meter.add(frame.len() as u64, started.elapsed(), pacer.limit()) {
-            link.store(bps, std::sync::atomic::Ordering::Relaxed);
-        }
+        meter.record(frame.len() as u64, started.elapsed(), pacer.limit());
         t.raw += n as u64;
         t.wire += frame.len() as u64;
-    }
-}
-
-/// How long frames must have taken in all before their rate counts as the link's: shorter
-/// samples mostly measure socket buffers filling.
-const LINK_MIN_NS: u64 = 5_000_000;
-
-/// The link's throughput as this side's writes see it (pacing and backpressure included), for
-/// the `auto` policy: a page tunnel over a link faster than zstd then stays plain, where
-/// compressing would only delay the page a fault waits for.
-#[derive(Debug, Default)]
-struct LinkMeter {
-    bytes: u64,
-    ns: u64,
-}
-
-impl LinkMeter {
-    /// Adds one write; returns the estimate once there is enough to go on, never above an
-    /// operator's limit (bytes/s, 0 = none).
-    fn add(&mut self, bytes: u64, took: std::time::Duration, limit: u64) -> Option<u64> {
-        self.bytes += bytes;
-        self.ns += took.as_nanos() as u64;
-        if self.ns < LINK_MIN_NS {
-            return (limit > 0).then_some(limit);
-        }
-        let measured = (self.bytes as u128 * 1_000_000_000 / self.ns as u128) as u64;
-        Some(if limit > 0 {
-            measured.min(limit)
-        } else {
-            measured
-        })
     }
 }
 

@@ -51,6 +51,50 @@ pub const AUTO_LINK_MARGIN: f64 = 1.25;
 /// bytes) come out larger.
 pub const MIN_TRY_LEN: usize = 256;
 
+/// Sending time below which a link estimate is not trusted: shorter samples mostly measure
+/// socket buffers filling.
+pub const LINK_MIN_NS: u64 = 5_000_000;
+
+/// The link's throughput as a sender's writes see it (pacing and backpressure included),
+/// published for the `auto` policy of that sender's [`ChunkEncoder`]s
+/// ([`ChunkEncoder::with_link_estimate`]). Early on, socket buffers absorb writes and make the
+/// link look fast, which leans towards sending plain; `auto` measures again later in a stream,
+/// once the estimate has settled.
+#[derive(Debug, Default)]
+pub struct LinkMeter {
+    bytes: std::sync::atomic::AtomicU64,
+    ns: std::sync::atomic::AtomicU64,
+    /// bytes/s, 0 until enough was sent.
+    estimate: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LinkMeter {
+    /// The estimate an encoder reads.
+    pub fn estimate(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.estimate.clone()
+    }
+
+    /// Adds one write of `bytes` that took `took`; the estimate never exceeds an operator's
+    /// `limit` (bytes/s, 0 = none), which stands in for it until enough was measured.
+    pub fn record(&self, bytes: u64, took: std::time::Duration, limit: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let took = took.as_nanos() as u64;
+        let bytes = self.bytes.fetch_add(bytes, Relaxed) + bytes;
+        let ns = self.ns.fetch_add(took, Relaxed) + took;
+        if ns >= LINK_MIN_NS {
+            let measured = (bytes as u128 * 1_000_000_000 / ns as u128) as u64;
+            let link = if limit > 0 {
+                measured.min(limit)
+            } else {
+                measured
+            };
+            self.estimate.store(link, Relaxed);
+        } else if limit > 0 {
+            self.estimate.store(limit, Relaxed);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AutoPhase {
     /// Measuring: every chunk is compressed (and sent plain when that did not shrink it).
@@ -331,6 +375,22 @@ impl Drop for ChunkEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_meter_waits_for_enough_time_and_respects_the_limit() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ms = std::time::Duration::from_millis;
+        let m = LinkMeter::default();
+        m.record(1 << 20, ms(1), 0);
+        assert_eq!(m.estimate().load(Relaxed), 0);
+        m.record(1 << 20, ms(1), 50 << 20);
+        assert_eq!(m.estimate().load(Relaxed), 50 << 20);
+        // 4 MiB in 8 ms in all: 500 MiB/s.
+        m.record(2 << 20, ms(6), 0);
+        assert_eq!(m.estimate().load(Relaxed), 500 << 20);
+        m.record(0, ms(0), 100 << 20);
+        assert_eq!(m.estimate().load(Relaxed), 100 << 20);
+    }
 
     #[test]
     fn auto_compresses_only_where_zstd_outruns_the_link() {
