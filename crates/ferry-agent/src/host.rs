@@ -170,6 +170,10 @@ impl HostEnv {
                     f.docker_runtimes = rt.keys().cloned().collect();
                 }
                 f.ferry_runtime = f.docker_runtimes.iter().any(|r| r == crate::FERRY_RUNTIME);
+                f.prewire_netns = f
+                    .docker_data_root
+                    .as_deref()
+                    .is_some_and(|r| ferry_proto::remapped_root(r).is_none());
                 if !f.docker_experimental {
                     f.problems.push("dockerd is not in experimental mode (\"experimental\": true in daemon.json): it cannot start containers from checkpoints".into());
                 }

@@ -22,6 +22,23 @@ use tracing::{info, warn};
 
 use crate::host::{has_cap_sys_resource, HostEnv};
 
+impl LocalSource {
+    /// CRIU's configuration for a dump whose network namespace the target wired ahead.
+    fn external_netns_config(&self, pid: u32) -> Result<PathBuf, SideError> {
+        use std::os::unix::fs::MetadataExt;
+        let ns = format!("/proc/{pid}/ns/net");
+        let ino = std::fs::metadata(&ns)
+            .map_err(|e| side_err("dump", format!("{ns}: {e}")))?
+            .ino();
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| side_err("dump", format!("{}: {e}", self.dir.display())))?;
+        let path = self.dir.join("criu-dump.conf");
+        std::fs::write(&path, ferry_criu::prewire::external_netns_line(ino))
+            .map_err(|e| side_err("dump", format!("{}: {e}", path.display())))?;
+        Ok(path)
+    }
+}
+
 pub struct LocalSource {
     env: HostEnv,
     docker: Arc<Docker>,
@@ -56,6 +73,8 @@ pub struct LocalSource {
     pending_arp_off: Vec<String>,
     /// Where the pause went on this side, for the report.
     steps_ms: std::collections::BTreeMap<String, u64>,
+    /// The target wired the container's network namespace ahead: dump it as external.
+    external_netns: bool,
 }
 
 /// What the post-copy lock task managed before it ended.
@@ -150,6 +169,7 @@ impl LocalSource {
             late_lock: None,
             pending_arp_off: Vec::new(),
             steps_ms: Default::default(),
+            external_netns: false,
         }
     }
 
@@ -420,6 +440,10 @@ impl SourceSide for LocalSource {
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
             overwrite_volumes: self.overwrite_volumes,
             shared_paths,
+            // Only a namespace of its own that Docker wires from its hook: not the host's,
+            // none, or another container's.
+            prewire_netns: !matches!(view.network_mode.as_str(), "host" | "none")
+                && !view.network_mode.starts_with("container:"),
         };
         let mut warnings = vec![];
         match (
@@ -473,6 +497,10 @@ impl SourceSide for LocalSource {
             });
         }
         Ok(DumpedImages { dir, files })
+    }
+
+    fn target_prepared(&mut self, target: &ferry_migrate::PreparedTarget) {
+        self.external_netns = target.prewired_netns;
     }
 
     async fn freeze(&mut self, strategy: Strategy) -> Result<(), SideError> {
@@ -545,6 +573,11 @@ impl SourceSide for LocalSource {
             tcp_established: true,
             leave_running: self.strategy != Strategy::PostCopy,
             timeout: self.dump_timeout,
+            criu_config: if self.external_netns {
+                Some(self.external_netns_config(view.pid)?)
+            } else {
+                None
+            },
         };
         if self.strategy == Strategy::PostCopy {
             let port = free_loopback_port().map_err(|e| {

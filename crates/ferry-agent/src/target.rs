@@ -7,7 +7,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_migrate::{DumpedImages, ProgressFn, SideError, SideErrorKind, TargetSide, Transport};
+use ferry_migrate::{
+    DumpedImages, PreparedTarget, ProgressFn, SideError, SideErrorKind, TargetSide, Transport,
+};
 use ferry_proto::{
     ErrorInfo, Fault, FrameKind, HostFacts, Message, PrepareRequest, Purpose, RestoreInfo,
     Strategy, TargetState, PROTOCOL_VERSION,
@@ -71,6 +73,135 @@ struct RestoreEnv {
     docker_root: Option<String>,
     /// CRIU locks the restored network namespace with nftables rather than iptables.
     nft_lock: bool,
+    /// The runtime wrapper wired the container's network namespace while the migration was
+    /// prepared (see `ferry_criu::prewire`); every restore of it must join that namespace.
+    prewired: bool,
+    /// The container's overlay upper dir, learnt before a parked start.
+    upper_dir: Option<PathBuf>,
+    /// The container's `Mounts`, learnt before a parked start (while it is parked Docker
+    /// answers no inspect of the container).
+    mounts: Option<serde_json::Value>,
+}
+
+/// A `docker start --checkpoint` begun while the migration was prepared: Docker's whole start
+/// path has run and the runtime wrapper waits on `fifo` for the images.
+struct Parked {
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    fifo: PathBuf,
+    /// See [`looked_up_paths`].
+    looked_up: Vec<Vec<u8>>,
+}
+
+impl Parked {
+    /// Tells the wrapper to go on (`GO`) or give up (`ABORT`). The fifo is opened without
+    /// blocking: with no reader the wrapper is gone, which the start task reports.
+    fn signal(&self, word: u8) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.fifo)
+            .map_err(|e| {
+                format!(
+                    "the parked restore is not listening on {}: {e}",
+                    self.fifo.display()
+                )
+            })?;
+        f.write_all(&[word])
+            .map_err(|e| format!("writing to {}: {e}", self.fifo.display()))
+    }
+
+    /// Calls the parked start off and waits for Docker to report it ended.
+    async fn abort(self) {
+        let _ = self.signal(ferry_criu::runtime::ABORT);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// How long a parked restore waits for its images before Docker's start gives up: the dump
+/// and transfer of a stop-and-copy grow with memory, a post-copy's images are small. A lost
+/// source ends the wait sooner, through the rollback that follows.
+fn park_limit(strategy: Strategy) -> Duration {
+    match strategy {
+        Strategy::PostCopy => Duration::from_secs(300),
+        _ => Duration::from_secs(3600),
+    }
+}
+
+fn upper_dir_of(inspect: &serde_json::Value) -> Option<PathBuf> {
+    inspect
+        .pointer("/GraphDriver/Data/UpperDir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+}
+
+/// Paths Docker's start looks up in the container's root before the runtime runs: the working
+/// directory and every mount point. A parked start has the overlay mounted with these lookups
+/// cached, so the upper dir may then change anywhere except at them or their ancestors (an
+/// overlay dentry cached without an upper would hide what arrives under it).
+fn looked_up_paths(inspect: &serde_json::Value) -> Vec<Vec<u8>> {
+    let mut out: Vec<String> = [
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/dev/shm",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(w) = inspect
+        .pointer("/Config/WorkingDir")
+        .and_then(|v| v.as_str())
+    {
+        out.push(w.to_string());
+    }
+    for m in inspect
+        .get("Mounts")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(d) = m.get("Destination").and_then(|v| v.as_str()) {
+            out.push(d.to_string());
+        }
+    }
+    if let Some(t) = inspect
+        .pointer("/HostConfig/Tmpfs")
+        .and_then(|v| v.as_object())
+    {
+        out.extend(t.keys().cloned());
+    }
+    out.into_iter()
+        .map(|p| p.trim_matches('/').as_bytes().to_vec())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Whether `entry` (a layer path, relative) is one of `looked_up` or an ancestor of one.
+fn shadows(entry: &[u8], looked_up: &[Vec<u8>]) -> bool {
+    looked_up.iter().any(|l| {
+        l.as_slice() == entry || (l.starts_with(entry) && l.get(entry.len()) == Some(&b'/'))
+    })
+}
+
+/// Whether the writable-layer stream must not be applied under a parked start's mounted
+/// overlay (see [`looked_up_paths`]).
+fn layer_conflicts(stream: &Path, looked_up: &[Vec<u8>]) -> Result<bool, String> {
+    let f = std::fs::File::open(stream).map_err(|e| format!("{}: {e}", stream.display()))?;
+    let mut r =
+        ferry_fs::StreamReader::new(std::io::BufReader::new(f)).map_err(|e| e.to_string())?;
+    loop {
+        match r.next_record().map_err(|e| e.to_string())? {
+            ferry_fs::Record::Entry(e)
+                if !e.path().is_root() && shadows(e.path().as_bytes(), looked_up) =>
+            {
+                return Ok(true)
+            }
+            ferry_fs::Record::End(_) => return Ok(false),
+            _ => {}
+        }
+    }
 }
 
 /// Where a received file goes: a file in the images dir, or (a volume's first pass) straight
@@ -125,7 +256,18 @@ pub struct Targets {
     map: Arc<Mutex<HashMap<String, TargetMigration>>>,
     /// Post-copy: the lazy-pages daemon of each restored migration, until all pages arrived.
     lazy: Arc<Mutex<HashMap<String, LazyFetch>>>,
+    /// Restores started while their migration was prepared, waiting for the images.
+    parked: Arc<Mutex<HashMap<String, Parked>>>,
     client_tls: Arc<rustls::ClientConfig>,
+}
+
+/// Writes a script CRIU runs, readable and executable by root only.
+fn write_executable(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A file name inside a flat CRIU image directory: one normal component, nothing else.
@@ -159,6 +301,7 @@ impl Targets {
             env,
             map: Arc::default(),
             lazy: Arc::default(),
+            parked: Arc::default(),
             client_tls,
         }
     }
@@ -263,7 +406,7 @@ impl Targets {
             .unwrap_or(TargetState::Unknown)
     }
 
-    pub async fn prepare(&self, req: PrepareRequest) -> Result<String, ErrorInfo> {
+    pub async fn prepare(&self, req: PrepareRequest) -> Result<PreparedTarget, ErrorInfo> {
         let step = "prepare (target)";
         if req.migration_id.is_empty() || !safe_image_name(&req.migration_id) {
             return Err(err(
@@ -397,6 +540,9 @@ impl Targets {
                 Some(criu) => ferry_criu::facts::has_feature(criu, "network_lock_nftables").await,
                 None => false,
             },
+            prewired: false,
+            upper_dir: None,
+            mounts: None,
         };
         let dir = self.env.state_dir.join("incoming").join(&req.migration_id);
         std::fs::create_dir_all(dir.join("images"))
@@ -431,7 +577,250 @@ impl Targets {
             m.created_volumes = created_volumes;
         }
         info!(container = %req.container_name, id = %id, "target container created");
-        Ok(id)
+        let prewired = if req.prewire_netns {
+            self.arm(&req.migration_id, Duration::from_secs(120))
+                .await?
+        } else {
+            false
+        };
+        Ok(PreparedTarget {
+            container_id: id,
+            prewired_netns: prewired,
+        })
+    }
+
+    /// Starts the restore now, outside the pause: `docker start --checkpoint` runs Docker's
+    /// whole start path, and the runtime wrapper wires the network namespace and then waits
+    /// for `restore` to say the images are in place. Returns whether the namespace was wired.
+    async fn arm(&self, id: &str, timeout: Duration) -> Result<bool, ErrorInfo> {
+        let step = "prepare (target): parked restore";
+        let (cid, strategy) = {
+            let map = self.map.lock().await;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, "no target container"))?;
+            (
+                m.container_id
+                    .clone()
+                    .ok_or_else(|| err(step, "no target container"))?,
+                m.prepare.strategy,
+            )
+        };
+        let fifo = ferry_criu::runtime::go_fifo_path(&self.env.state_dir, &cid);
+        let report = ferry_criu::runtime::arm_report_path(&self.env.state_dir, &cid);
+        if let Some(parent) = fifo.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
+        }
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&report);
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .map_err(|e| err(step, format!("mkfifo {}: {e}", fifo.display())))?;
+        let prewire = ferry_criu::runtime::Prewire {
+            park: true,
+            go_fifo: fifo.clone(),
+            report: report.clone(),
+            park_timeout_s: park_limit(strategy).as_secs(),
+        };
+        let cp_name = self.stage(id, timeout, Some(prewire)).await?;
+        // Learnt now: while the start is parked Docker answers no inspect of the container.
+        let inspect = self
+            .env
+            .docker
+            .inspect_container(&cid)
+            .await
+            .map_err(|e| err(step, e))?
+            .ok_or_else(|| err(step, "target container vanished"))?;
+        let looked_up = looked_up_paths(&inspect);
+        if let Some(m) = self.map.lock().await.get_mut(id) {
+            m.restore_env.upper_dir = upper_dir_of(&inspect);
+            m.restore_env.mounts = inspect.get("Mounts").cloned();
+        }
+        let docker = self.env.docker.clone();
+        let start_cid = cid.clone();
+        let task = tokio::spawn(async move {
+            docker
+                .start_container(&start_cid, Some(&cp_name))
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let parked = Parked {
+            task,
+            fifo,
+            looked_up,
+        };
+        let deadline = Instant::now() + timeout;
+        let armed = loop {
+            if let Ok(bytes) = std::fs::read(&report) {
+                match serde_json::from_slice::<ferry_criu::runtime::ArmReport>(&bytes) {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        parked.abort().await;
+                        return Err(err(step, format!("{}: {e}", report.display())));
+                    }
+                }
+            }
+            if parked.task.is_finished() {
+                let why = match parked.task.await {
+                    Ok(Ok(())) => "it ended without restoring".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                };
+                return Err(err(
+                    step,
+                    format!("docker start from checkpoint ended before the restore was armed: {why} (is the container's runtime {}?)", crate::FERRY_RUNTIME),
+                ));
+            }
+            if Instant::now() > deadline {
+                parked.abort().await;
+                return Err(err(
+                    step,
+                    format!(
+                        "the runtime wrapper did not arm the restore within {} s",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if let Some(e) = armed.error {
+            parked.abort().await;
+            return Err(err(step, format!("wiring the network namespace: {e}")));
+        }
+        if let Some(m) = self.map.lock().await.get_mut(id) {
+            m.restore_env.prewired = armed.prewired;
+        }
+        self.parked.lock().await.insert(id.to_string(), parked);
+        info!(
+            id,
+            prewired = armed.prewired,
+            "restore parked until the images arrive"
+        );
+        Ok(armed.prewired)
+    }
+
+    /// Leaves everything the runtime wrapper reads for this restore: its overrides, CRIU's
+    /// configuration and the checkpoint stub Docker insists on. Returns the checkpoint's name.
+    async fn stage(
+        &self,
+        id: &str,
+        timeout: Duration,
+        prewire: Option<ferry_criu::runtime::Prewire>,
+    ) -> Result<String, ErrorInfo> {
+        let step = "restore (target)";
+        let (container_id, dir, prepare, renv) = {
+            let map = self.map.lock().await;
+            let m = map
+                .get(id)
+                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+            let cid = m
+                .container_id
+                .clone()
+                .ok_or_else(|| err(step, "no target container"))?;
+            (cid, m.dir.clone(), m.prepare.clone(), m.restore_env.clone())
+        };
+        let images = dir.join("images");
+        let work = dir.join("work");
+        let mut extra_args = vec![];
+        if prepare.strategy == Strategy::PostCopy {
+            extra_args.push("--lazy-pages".to_string());
+        }
+        let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
+        let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
+        if let Some(parent) = opath.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
+        }
+        let mut conf_text = String::new();
+        if renv.nft_lock {
+            conf_text.push_str("network-lock nftables\n");
+        }
+        if prewire.is_some() {
+            let script = ferry_criu::runtime::action_script_path(&self.env.state_dir);
+            let exe = std::env::current_exe()
+                .map_err(|e| err(step, format!("finding ferry's own binary: {e}")))?;
+            write_executable(&script, &ferry_criu::prewire::action_script(&exe))
+                .map_err(|e| err(step, format!("{}: {e}", script.display())))?;
+            conf_text.push_str(&format!("action-script {}\n", script.display()));
+        }
+        let criu_config = if conf_text.is_empty() {
+            None
+        } else {
+            let conf = ferry_criu::runtime::criu_config_path(&self.env.state_dir, &container_id);
+            std::fs::write(&conf, conf_text)
+                .map_err(|e| err(step, format!("{}: {e}", conf.display())))?;
+            Some(conf)
+        };
+        let overrides = ferry_criu::runtime::RestoreOverrides {
+            image_path: images.clone(),
+            work_path: work.clone(),
+            tcp_established: true,
+            extra_args,
+            timeout_s: timeout.as_secs().saturating_sub(10).max(10),
+            criu_config,
+            prewire,
+        };
+        let _ = std::fs::remove_file(&rpath);
+        std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default())
+            .map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
+
+        let root = match renv.docker_root {
+            Some(r) => r,
+            None => self
+                .env
+                .docker
+                .info()
+                .await
+                .map_err(|e| err(step, e))?
+                .get("DockerRootDir")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?,
+        };
+        let root = root.as_str();
+        if let Some(owner) = crate::userns::remapped_root(root) {
+            let blocked = crate::userns::unreachable_ancestors(&self.env.state_dir);
+            if !blocked.is_empty() {
+                return Err(err(
+                    step,
+                    format!(
+                        "this dockerd remaps container root to uid {}, which cannot reach the checkpoint images: give {} search permission (o+x)",
+                        owner.0,
+                        blocked.join(", ")
+                    ),
+                ));
+            }
+            crate::userns::grant(&self.env.state_dir, &dir, owner).map_err(|e| {
+                err(
+                    step,
+                    format!(
+                        "handing the checkpoint images to the remapped root uid {}: {e}",
+                        owner.0
+                    ),
+                )
+            })?;
+        }
+        let cp_name = format!("ferry-{id}");
+        let cp_dir = Path::new(root)
+            .join("containers")
+            .join(&container_id)
+            .join("checkpoints")
+            .join(&cp_name);
+        std::fs::create_dir_all(&cp_dir)
+            .map_err(|e| err(step, format!("{}: {e}", cp_dir.display())))?;
+        // Docker insists on a checkpoint directory; the real images are handed to runc by the
+        // runtime wrapper, so containerd copies only this note through its content store.
+        let _ = std::fs::write(
+            cp_dir.join("FERRY"),
+            format!("images for this restore are in {}\n", images.display()),
+        );
+        if let Some(m) = self.map.lock().await.get_mut(id) {
+            m.checkpoint_dir = Some(cp_dir.clone());
+        }
+        Ok(cp_name)
     }
 
     /// Brings the container's image from the source agent: `docker save` there, streamed over
@@ -680,105 +1069,80 @@ impl Targets {
         };
         self.apply_volumes(id, &images).await?;
         lap("volumes");
+        // A parked start stays registered until it is told to go, so that a failure before
+        // then leaves it to the rollback to call off.
+        let looked_up = self
+            .parked
+            .lock()
+            .await
+            .get(id)
+            .map(|p| p.looked_up.clone());
         let stream = images.join(crate::source::ROOTFS_STREAM);
         if stream.exists() {
-            self.apply_layer(&container_id, &stream, &dir).await?;
+            let conflicts = match &looked_up {
+                Some(l) => layer_conflicts(&stream, l).map_err(|e| err(step, e))?,
+                None => false,
+            };
+            if conflicts {
+                if let Some(p) = self.parked.lock().await.remove(id) {
+                    // Docker's parked start cached lookups the layer would change under its
+                    // overlay: start again once the layer is in place, wiring the namespace
+                    // inline.
+                    info!(id, "the writable layer changes paths Docker's start looked up: the parked restore starts over");
+                    p.abort().await;
+                }
+            }
+            self.apply_layer(&container_id, renv.upper_dir.clone(), &stream, &dir)
+                .await?;
         }
         lap("layer");
-        let mut extra_args = vec![];
         if prepare.strategy == Strategy::PostCopy {
             self.start_lazy_pages(id, &prepare, &images, &work).await?;
-            extra_args.push("--lazy-pages".to_string());
         }
         lap("lazy_pages_daemon");
-        let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
-        if let Some(parent) = opath.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
-        }
-        let criu_config = if renv.nft_lock {
-            let conf = ferry_criu::runtime::criu_config_path(&self.env.state_dir, &container_id);
-            std::fs::write(&conf, "network-lock nftables\n")
-                .map_err(|e| err(step, format!("{}: {e}", conf.display())))?;
-            Some(conf)
-        } else {
-            None
-        };
-        let overrides = ferry_criu::runtime::RestoreOverrides {
-            image_path: images.clone(),
-            work_path: work.clone(),
-            tcp_established: true,
-            extra_args,
-            timeout_s: timeout.as_secs().saturating_sub(10).max(10),
-            criu_config,
-        };
-        let _ = std::fs::remove_file(&rpath);
-        std::fs::write(&opath, serde_json::to_vec(&overrides).unwrap_or_default())
-            .map_err(|e| err(step, format!("{}: {e}", opath.display())))?;
-
-        let root = match renv.docker_root {
-            Some(r) => r,
-            None => self
-                .env
-                .docker
-                .info()
-                .await
-                .map_err(|e| err(step, e))?
-                .get("DockerRootDir")
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| err(step, "Docker does not report DockerRootDir"))?,
-        };
-        let root = root.as_str();
-        if let Some(owner) = crate::userns::remapped_root(root) {
-            let blocked = crate::userns::unreachable_ancestors(&self.env.state_dir);
-            if !blocked.is_empty() {
-                return Err(err(
-                    step,
-                    format!(
-                        "this dockerd remaps container root to uid {}, which cannot reach the checkpoint images: give {} search permission (o+x)",
-                        owner.0,
-                        blocked.join(", ")
-                    ),
-                ));
+        let parked = self.parked.lock().await.remove(id);
+        let start_res = match parked {
+            Some(p) => {
+                let go = p.signal(ferry_criu::runtime::GO);
+                lap("overrides");
+                match go {
+                    Ok(()) => match tokio::time::timeout(timeout, p.task).await {
+                        Ok(Ok(r)) => Ok(r.map_err(|e| e.to_string())),
+                        Ok(Err(e)) => Ok(Err(e.to_string())),
+                        Err(_) => Err(()),
+                    },
+                    Err(e) => {
+                        p.abort().await;
+                        Ok(Err(e))
+                    }
+                }
             }
-            crate::userns::grant(&self.env.state_dir, &dir, owner).map_err(|e| {
-                err(
-                    step,
-                    format!(
-                        "handing the checkpoint images to the remapped root uid {}: {e}",
-                        owner.0
+            None => {
+                let prewire = renv.prewired.then(|| ferry_criu::runtime::Prewire {
+                    park: false,
+                    go_fifo: ferry_criu::runtime::go_fifo_path(&self.env.state_dir, &container_id),
+                    report: ferry_criu::runtime::arm_report_path(
+                        &self.env.state_dir,
+                        &container_id,
                     ),
+                    park_timeout_s: timeout.as_secs().max(1),
+                });
+                let cp_name = self.stage(id, timeout, prewire).await?;
+                lap("overrides");
+                match tokio::time::timeout(
+                    timeout,
+                    self.env
+                        .docker
+                        .start_container(&container_id, Some(&cp_name)),
                 )
-            })?;
-        }
-        let cp_name = format!("ferry-{id}");
-        let cp_dir = Path::new(root)
-            .join("containers")
-            .join(&container_id)
-            .join("checkpoints")
-            .join(&cp_name);
-        std::fs::create_dir_all(&cp_dir)
-            .map_err(|e| err(step, format!("{}: {e}", cp_dir.display())))?;
-        // Docker insists on a checkpoint directory; the real images are handed to runc by the
-        // runtime wrapper, so containerd copies only this note through its content store.
-        let _ = std::fs::write(
-            cp_dir.join("FERRY"),
-            format!("images for this restore are in {}\n", images.display()),
-        );
-        if let Some(m) = self.map.lock().await.get_mut(id) {
-            m.checkpoint_dir = Some(cp_dir.clone());
-        }
-        lap("overrides");
-
-        let start_res = tokio::time::timeout(
-            timeout,
-            self.env
-                .docker
-                .start_container(&container_id, Some(&cp_name)),
-        )
-        .await;
+                .await
+                {
+                    Ok(r) => Ok(r.map_err(|e| e.to_string())),
+                    Err(_) => Err(()),
+                }
+            }
+        };
         let docker_start_ms = lap("docker_start");
         let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath)
             .ok()
@@ -789,7 +1153,7 @@ impl Targets {
             }
         }
         let start_err = match start_res {
-            Err(_) => Some(format!(
+            Err(()) => Some(format!(
                 "docker start from checkpoint did not finish within {} s",
                 timeout.as_secs()
             )),
@@ -847,7 +1211,7 @@ impl Targets {
     /// `--overwrite-volumes`, a volume that had content here gets it set aside first (once).
     async fn volume_dest(&self, id: &str, index: usize) -> Result<(String, PathBuf), ErrorInfo> {
         let step = "volumes (target)";
-        let (name, container_id, replaceable) = {
+        let (name, container_id, replaceable, cached) = {
             let map = self.map.lock().await;
             let m = map
                 .get(id)
@@ -863,18 +1227,23 @@ impl Targets {
                 .clone()
                 .ok_or_else(|| err(step, "no target container"))?;
             let replaceable = m.replaceable_volumes.contains(&name);
-            (name, cid, replaceable)
+            (name, cid, replaceable, m.restore_env.mounts.clone())
         };
-        let inspect = self
-            .env
-            .docker
-            .inspect_container(&container_id)
-            .await
-            .map_err(|e| err(step, e))?
-            .unwrap_or_default();
-        let dest = inspect
-            .get("Mounts")
-            .and_then(|m| m.as_array())
+        let mounts = match cached {
+            Some(m) => m,
+            None => self
+                .env
+                .docker
+                .inspect_container(&container_id)
+                .await
+                .map_err(|e| err(step, e))?
+                .unwrap_or_default()
+                .get("Mounts")
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let dest = mounts
+            .as_array()
             .and_then(|ms| {
                 ms.iter()
                     .find(|m| m.get("Name").and_then(|n| n.as_str()) == Some(name.as_str()))
@@ -954,30 +1323,34 @@ impl Targets {
 
     /// Writes the source's writable layer into the new container's own upper dir before CRIU
     /// restores: files the processes hold open must be where they were.
+    /// `upper`: the layer's directory when it was learnt before a parked start (Docker then
+    /// answers no inspect of the container until the start ends).
     async fn apply_layer(
         &self,
         container_id: &str,
+        upper: Option<PathBuf>,
         stream: &Path,
         dir: &Path,
     ) -> Result<(), ErrorInfo> {
         let step = "restore (target): writable layer";
-        let inspect = self
-            .env
-            .docker
-            .inspect_container(container_id)
-            .await
-            .map_err(|e| err(step, e))?
-            .ok_or_else(|| err(step, "target container vanished"))?;
-        let upper = inspect
-            .pointer("/GraphDriver/Data/UpperDir")
-            .and_then(|v| v.as_str())
-            .map(PathBuf::from)
-            .ok_or_else(|| {
-                err(
-                    step,
-                    "the target's storage driver is not overlay2: cannot place the writable layer",
-                )
-            })?;
+        let upper = match upper {
+            Some(u) => u,
+            None => {
+                let inspect = self
+                    .env
+                    .docker
+                    .inspect_container(container_id)
+                    .await
+                    .map_err(|e| err(step, e))?
+                    .ok_or_else(|| err(step, "target container vanished"))?;
+                upper_dir_of(&inspect).ok_or_else(|| {
+                    err(
+                        step,
+                        "the target's storage driver is not overlay2: cannot place the writable layer",
+                    )
+                })?
+            }
+        };
         let kept = dir.join(crate::source::ROOTFS_STREAM);
         std::fs::rename(stream, &kept)
             .map_err(|e| err(step, format!("{}: {e}", stream.display())))?;
@@ -1190,6 +1563,9 @@ impl Targets {
             )
         };
         let mut problems = Vec::new();
+        if let Some(p) = self.parked.lock().await.remove(id) {
+            p.abort().await;
+        }
         if let Some((mut daemon, _)) = self.lazy.lock().await.remove(id) {
             daemon.kill().await;
         }
@@ -1312,7 +1688,10 @@ impl Targets {
                     Message::CheckReply(self.env.facts(cpuinfo.as_deref()).await)
                 }
                 Message::Prepare(req) if req.migration_id == id => match self.prepare(req).await {
-                    Ok(container_id) => Message::Prepared { container_id },
+                    Ok(p) => Message::Prepared {
+                        container_id: p.container_id,
+                        prewired_netns: p.prewired_netns,
+                    },
                     Err(e) => Message::Error(e),
                 },
                 Message::Restore => match self.restore(&id, step_timeout).await {
@@ -1474,7 +1853,7 @@ impl TargetSide for RemoteTarget {
             }
         }
     }
-    async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
+    async fn prepare(&mut self, req: &PrepareRequest) -> Result<PreparedTarget, SideError> {
         let req = PrepareRequest {
             transfer: self.transfer,
             ..req.clone()
@@ -1483,7 +1862,13 @@ impl TargetSide for RemoteTarget {
             .call("prepare", Message::Prepare(req), self.step_timeout)
             .await?
         {
-            Message::Prepared { container_id } => Ok(container_id),
+            Message::Prepared {
+                container_id,
+                prewired_netns,
+            } => Ok(PreparedTarget {
+                container_id,
+                prewired_netns,
+            }),
             other => Err(unexpected("prepare", &other)),
         }
     }
@@ -1673,6 +2058,47 @@ impl Transport for ImagesChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_conflicts_with_a_parked_start_only_where_docker_looked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).expect("mkdir");
+        let stream = dir.path().join("layer.stream");
+        crate::volumes::write_with(&stream, |w| {
+            w.write_tree(&upper, ferry_fs::TreeMode::OverlayUpper)
+        })
+        .expect("write");
+        let inspect = serde_json::json!({
+            "Config": {"WorkingDir": "/data"},
+            "Mounts": [{"Destination": "/srv/vol"}],
+            "HostConfig": {"Tmpfs": {"/run/t": ""}}
+        });
+        let looked = looked_up_paths(&inspect);
+        assert_eq!(layer_conflicts(&stream, &looked), Ok(false));
+        std::fs::create_dir_all(upper.join("tmp")).expect("tmp");
+        std::fs::create_dir_all(upper.join("srvx")).expect("srvx");
+        let rewrite = || {
+            crate::volumes::write_with(&stream, |w| {
+                w.write_tree(&upper, ferry_fs::TreeMode::OverlayUpper)
+            })
+            .expect("write")
+        };
+        rewrite();
+        assert_eq!(layer_conflicts(&stream, &looked), Ok(false), "/tmp, /srvx");
+        for (path, why) in [
+            ("etc", "/etc/hosts"),
+            ("srv", "/srv/vol"),
+            ("data", "workdir"),
+            ("run/t", "tmpfs"),
+        ] {
+            std::fs::create_dir_all(upper.join(path)).expect("dir");
+            rewrite();
+            assert_eq!(layer_conflicts(&stream, &looked), Ok(true), "{why}");
+            std::fs::remove_dir_all(upper.join(path.split('/').next().unwrap_or(path)))
+                .expect("rm");
+        }
+    }
 
     #[test]
     fn image_names_must_be_plain() {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::proc::{quote_log, quote_text, run, ToolError};
+use crate::proc::{quote_log, quote_text, ToolError};
 
 /// How to address one container's runc: binary, state root and bundle, all discovered from the
 /// container's containerd shim so nothing about the daemon's layout is assumed.
@@ -99,7 +99,14 @@ pub struct CheckpointOptions {
     /// rollback is then an unpause, with no restore on the source.
     pub leave_running: bool,
     pub timeout: Duration,
+    /// A CRIU configuration file for this dump only. runc has no flag for most CRIU options and
+    /// reads its own configuration host-wide, but the `criu swrk` it starts inherits its
+    /// environment, and CRIU reads the file `CRIU_CONFIG_FILE` names before runc's options.
+    pub criu_config: Option<PathBuf>,
 }
+
+/// The variable CRIU reads a configuration file's path from.
+pub const CRIU_CONFIG_ENV: &str = "CRIU_CONFIG_FILE";
 
 /// `runc checkpoint`. On failure the error quotes CRIU's dump.log and runc's own message.
 pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), ToolError> {
@@ -129,7 +136,12 @@ pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), Too
         args.push("--leave-running");
     }
     args.push(&h.id);
-    let out = run("checkpoint", &h.binary, &args, o.timeout)
+    let env: Vec<(&str, &std::ffi::OsStr)> = o
+        .criu_config
+        .iter()
+        .map(|c| (CRIU_CONFIG_ENV, c.as_os_str()))
+        .collect();
+    let out = crate::proc::run_with_env("checkpoint", &h.binary, &args, &env, o.timeout)
         .await
         .map_err(|e| match e {
             ToolError::Timeout {
@@ -256,6 +268,9 @@ pub async fn checkpoint_lazy(
         .arg("--page-server")
         .arg(page_server.to_string());
     cmd.arg("--status-fd").arg(tx_fd.to_string());
+    if let Some(c) = &o.criu_config {
+        cmd.env(CRIU_CONFIG_ENV, c);
+    }
     if o.tcp_established {
         cmd.arg("--tcp-established");
     }

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod facts;
 pub mod precopy;
+pub mod prewire;
 pub mod proc;
 pub mod runtime;
 

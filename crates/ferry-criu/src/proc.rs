@@ -70,7 +70,19 @@ pub async fn run(
     args: &[&str],
     timeout: Duration,
 ) -> Result<CmdOutput, ToolError> {
+    run_with_env(step, program, args, &[], timeout).await
+}
+
+/// [`run`] with extra environment variables.
+pub async fn run_with_env(
+    step: &str,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> Result<CmdOutput, ToolError> {
     let mut cmd = Command::new(program);
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

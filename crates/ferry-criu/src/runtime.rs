@@ -28,7 +28,38 @@ pub struct RestoreOverrides {
     /// (`network-lock nftables`) without touching the host-wide `/etc/criu/runc.conf`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub criu_config: Option<PathBuf>,
+    /// Wire the network namespace before the restore instead of from Docker's hook inside it
+    /// (see [`crate::prewire`]); the source dumped it as external.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewire: Option<Prewire>,
 }
+
+/// How the wrapper wires the namespace and, when parked, when it may go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prewire {
+    /// After wiring, wait for the agent's word on `go_fifo`: Docker's whole start path runs
+    /// while the source is still being frozen and dumped, and only CRIU's restore is left.
+    pub park: bool,
+    pub go_fifo: PathBuf,
+    /// Where the wrapper reports what it did (an [`ArmReport`]), once wired.
+    pub report: PathBuf,
+    /// Longest wait for the word; past it the restore gives up and Docker's start fails.
+    pub park_timeout_s: u64,
+}
+
+/// The wrapper's account of wiring, for the agent waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmReport {
+    /// The namespace was wired ahead (false: Docker sets this container's network up some
+    /// other way, and the restore goes on as Docker would run it).
+    pub prewired: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Words the agent writes on the go fifo.
+pub const GO: u8 = b'g';
+pub const ABORT: u8 = b'a';
 
 fn default_restore_timeout() -> u64 {
     90
@@ -55,6 +86,18 @@ pub fn criu_config_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("runtime").join(format!("{id}.criu.conf"))
 }
 
+pub fn arm_report_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("runtime").join(format!("{id}.armed.json"))
+}
+
+pub fn go_fifo_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("runtime").join(format!("{id}.go"))
+}
+
+pub fn action_script_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("runtime").join("criu-action.sh")
+}
+
 /// runc's annotation naming the CRIU configuration file of a container.
 const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 
@@ -73,30 +116,119 @@ pub fn bundle_dir(args: &[String], sub: usize) -> PathBuf {
     PathBuf::from(".")
 }
 
-/// Sets the bundle's `org.criu.config` annotation to `conf` (rewriting `config.json` whole, by
-/// rename, so runc never reads half of it).
-pub fn set_criu_config(bundle: &Path, conf: &Path) -> Result<(), String> {
+fn read_spec(bundle: &Path) -> Result<serde_json::Value, String> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
+}
+
+/// Rewrites `config.json` whole, by rename, so runc never reads half of it.
+fn write_spec(bundle: &Path, spec: &serde_json::Value) -> Result<(), String> {
+    let path = bundle.join("config.json");
+    let bytes = serde_json::to_vec(spec).map_err(|e| format!("encoding the spec: {e}"))?;
+    let tmp = bundle.join(".config.json.ferry");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("replacing {}: {e}", path.display()))
+}
+
+fn with_criu_config(spec: &mut serde_json::Value, conf: &Path) -> Result<(), String> {
     let obj = spec
         .as_object_mut()
-        .ok_or_else(|| format!("{} is not a JSON object", path.display()))?;
+        .ok_or_else(|| "the spec is not a JSON object".to_string())?;
     let ann = obj
         .entry("annotations")
         .or_insert_with(|| serde_json::json!({}));
     let ann = ann
         .as_object_mut()
-        .ok_or_else(|| format!("{}: annotations is not an object", path.display()))?;
+        .ok_or_else(|| "the spec's annotations are not an object".to_string())?;
     ann.insert(
         CRIU_CONFIG_ANNOTATION.into(),
         serde_json::Value::String(conf.to_string_lossy().into_owned()),
     );
-    let bytes = serde_json::to_vec(&spec).map_err(|e| format!("encoding the spec: {e}"))?;
-    let tmp = bundle.join(".config.json.ferry");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("replacing {}: {e}", path.display()))
+    Ok(())
+}
+
+/// Sets the bundle's `org.criu.config` annotation to `conf`.
+pub fn set_criu_config(bundle: &Path, conf: &Path) -> Result<(), String> {
+    let mut spec = read_spec(bundle)?;
+    with_criu_config(&mut spec, conf)?;
+    write_spec(bundle, &spec)
+}
+
+/// Wires the bundle's network namespace ahead (see [`crate::prewire`]) and hands CRIU its
+/// configuration; None when the bundle has no setkey hook (then only the configuration).
+fn prewire_bundle(
+    bundle: &Path,
+    conf: Option<&Path>,
+    timeout: std::time::Duration,
+) -> Result<Option<crate::prewire::QuietNetns>, String> {
+    let mut spec = read_spec(bundle)?;
+    let wired = match crate::prewire::find_setkey_hook(&spec) {
+        None => None,
+        Some(hook) => {
+            let ns = crate::prewire::QuietNetns::create()?;
+            crate::prewire::set_key(&hook, &ns.path(), timeout)?;
+            let path = ns
+                .docker_path(&hook.exec_root)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|| ns.path());
+            spec = crate::prewire::prewired_spec(&spec, &path)?;
+            Some(ns)
+        }
+    };
+    if let Some(conf) = conf {
+        with_criu_config(&mut spec, conf)?;
+    }
+    if wired.is_some() || conf.is_some() {
+        write_spec(bundle, &spec)?;
+    }
+    Ok(wired)
+}
+
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) {
+    if let Ok(bytes) = serde_json::to_vec_pretty(value) {
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// Waits for the agent's word on the fifo. Opened read-write, so it never blocks on open and
+/// never reads end-of-file while the agent has not written.
+fn wait_go(fifo: &Path, limit: std::time::Duration) -> Result<(), String> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fifo)
+        .map_err(|e| format!("opening {}: {e}", fifo.display()))?;
+    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    let timeout = nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
+    let mut fds = [nix::poll::PollFd::new(
+        f.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    loop {
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) => {
+                return Err(format!(
+                    "the agent gave no word to restore within {} s",
+                    limit.as_secs()
+                ))
+            }
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("waiting on {}: {e}", fifo.display())),
+        }
+    }
+    let mut b = [0u8; 1];
+    match f.read(&mut b) {
+        Ok(1) if b[0] == GO => Ok(()),
+        Ok(_) => Err("the agent called the restore off".into()),
+        Err(e) => Err(format!("reading {}: {e}", fifo.display())),
+    }
 }
 
 /// runc's global flags that take a value, so the subcommand can be told from their values.
@@ -216,8 +348,43 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         return 127;
     };
     let (new_args, original) = rewrite_restore(&args, sub, &o);
-    if let Some(conf) = &o.criu_config {
-        if let Err(e) = set_criu_config(&bundle_dir(&args, sub), conf) {
+    let bundle = bundle_dir(&args, sub);
+    // Holds the wired namespace open (its path is one of our fds) until runc is done.
+    let mut _wired = None;
+    if let Some(p) = &o.prewire {
+        let limit = std::time::Duration::from_secs(p.park_timeout_s.max(1));
+        match prewire_bundle(&bundle, o.criu_config.as_deref(), limit) {
+            Ok(ns) => {
+                let prewired = ns.is_some();
+                _wired = ns;
+                write_json_atomic(
+                    &p.report,
+                    &ArmReport {
+                        prewired,
+                        error: None,
+                    },
+                );
+            }
+            Err(e) => {
+                write_json_atomic(
+                    &p.report,
+                    &ArmReport {
+                        prewired: false,
+                        error: Some(e.clone()),
+                    },
+                );
+                eprintln!("ferry runtime: cannot wire the network namespace: {e}");
+                return 1;
+            }
+        }
+        if p.park {
+            if let Err(e) = wait_go(&p.go_fifo, limit) {
+                eprintln!("ferry runtime: {e}");
+                return 1;
+            }
+        }
+    } else if let Some(conf) = &o.criu_config {
+        if let Err(e) = set_criu_config(&bundle, conf) {
             eprintln!("ferry runtime: cannot hand CRIU its configuration: {e}");
             return 1;
         }
@@ -232,13 +399,7 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         args: new_args,
         exit_code: code,
     };
-    if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-        let path = record_path(state_dir, &id);
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, bytes).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
-    }
+    write_json_atomic(&record_path(state_dir, &id), &record);
     code
 }
 
@@ -294,6 +455,7 @@ fn run_with_deadline(runc: &str, args: &[String], limit: std::time::Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
@@ -361,6 +523,39 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_restore_goes_on_the_agents_word_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (word, ok) in [(Some(GO), true), (Some(ABORT), false), (None, false)] {
+            let fifo = dir.path().join("go");
+            let _ = std::fs::remove_file(&fifo);
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+            let writer = {
+                let fifo = fifo.clone();
+                std::thread::spawn(move || {
+                    if let Some(w) = word {
+                        use std::io::Write;
+                        // Opened like the agent does: it fails rather than blocks with no reader.
+                        loop {
+                            let f = std::fs::OpenOptions::new()
+                                .write(true)
+                                .custom_flags(libc::O_NONBLOCK)
+                                .open(&fifo);
+                            if let Ok(mut f) = f {
+                                f.write_all(&[w]).expect("write");
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                    }
+                })
+            };
+            let res = wait_go(&fifo, std::time::Duration::from_millis(500));
+            writer.join().expect("writer");
+            assert_eq!(res.is_ok(), ok, "{word:?}: {res:?}");
+        }
+    }
+
+    #[test]
     fn subcommand_is_found_after_global_flags() {
         assert_eq!(
             subcommand_index(&s(&[
@@ -391,6 +586,7 @@ mod tests {
             extra_args: vec![],
             timeout_s: 90,
             criu_config: None,
+            prewire: None,
         };
         let args = s(&[
             "--root",
@@ -435,6 +631,7 @@ mod tests {
             extra_args: vec!["--lazy-pages".into()],
             timeout_s: 90,
             criu_config: None,
+            prewire: None,
         };
         let args = s(&["restore", "--image-path=/tmp/c", "--tcp-established", "cid"]);
         let (new, orig) = rewrite_restore(&args, 0, &o);

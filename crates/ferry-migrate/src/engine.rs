@@ -213,11 +213,13 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         let mut prepare = sp.prepare.clone();
         prepare.migration_id = plan.migration_id.clone();
         prepare.strategy = report.strategy;
-        {
+        prepare.prewire_netns &= tf.prewire_netns;
+        let prepared = {
             // A prepare whose answer was lost may have created the container: roll it back too.
             step!(self, Phase::Prepare, step_to, self.target.prepare(&prepare))
-                .map_err(fail(Reached::TargetPrepared))?;
-        }
+                .map_err(fail(Reached::TargetPrepared))?
+        };
+        self.source.target_prepared(&prepared);
 
         let pre = step!(self, Phase::Precopy, step_to, self.source.precopy())
             .map_err(fail(Reached::TargetPrepared))?;

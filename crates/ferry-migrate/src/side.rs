@@ -122,6 +122,9 @@ pub trait SourceSide: Send {
         strategy: ferry_proto::Strategy,
     ) -> impl Future<Output = Result<(), SideError>> + Send;
     fn dump(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send;
+    /// What the target prepared, which shapes the dump (a network namespace the target wired
+    /// ahead is dumped as external).
+    fn target_prepared(&mut self, _target: &PreparedTarget) {}
     /// Finishes what the dump left running in the background (post-copy locks the source's
     /// network while its images cross) before the target may resume. A failure rolls back.
     fn settle(&mut self) -> impl Future<Output = Result<(), SideError>> + Send {
@@ -148,6 +151,14 @@ pub trait SourceSide: Send {
     }
 }
 
+/// What the target made of a prepare.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreparedTarget {
+    pub container_id: String,
+    /// The target's restore will join a network namespace it wired beforehand.
+    pub prewired_netns: bool,
+}
+
 /// The host the container goes to.
 pub trait TargetSide: Send {
     fn preflight(
@@ -157,7 +168,7 @@ pub trait TargetSide: Send {
     fn prepare(
         &mut self,
         req: &PrepareRequest,
-    ) -> impl Future<Output = Result<String, SideError>> + Send;
+    ) -> impl Future<Output = Result<PreparedTarget, SideError>> + Send;
     fn restore(&mut self) -> impl Future<Output = Result<RestoreInfo, SideError>> + Send;
     fn commit(&mut self) -> impl Future<Output = Result<(), SideError>> + Send;
     /// Removes the half-made container and every received file; Ok only when the target

@@ -56,11 +56,16 @@ fn facts(name: &str) -> HostFacts {
 
 struct FakeSource {
     log: Log,
+    /// What `target_prepared` told the source about the target's network namespace.
+    prewired: Arc<Mutex<Option<bool>>>,
     at: At,
     rollback_errors: usize,
 }
 
 impl SourceSide for FakeSource {
+    fn target_prepared(&mut self, target: &PreparedTarget) {
+        *self.prewired.lock().unwrap() = Some(target.prewired_netns);
+    }
     async fn preflight(&mut self) -> Result<SourcePreflight, SideError> {
         push(&self.log, "source.preflight");
         if self.at == At::SourcePreflight {
@@ -83,6 +88,7 @@ impl SourceSide for FakeSource {
                 volumes: vec![],
                 overwrite_volumes: false,
                 shared_paths: vec![],
+                prewire_netns: true,
             },
             networks: vec![],
             warnings: vec![],
@@ -134,6 +140,8 @@ struct FakeTarget {
     log: Log,
     at: At,
     incompatible: bool,
+    /// Whether this target says it can wire a network namespace ahead.
+    prewire: bool,
 }
 
 impl TargetSide for FakeTarget {
@@ -148,15 +156,23 @@ impl TargetSide for FakeTarget {
         if self.incompatible {
             f.docker_experimental = false;
         }
+        f.prewire_netns = self.prewire;
         Ok(f)
     }
-    async fn prepare(&mut self, req: &PrepareRequest) -> Result<String, SideError> {
+    async fn prepare(&mut self, req: &PrepareRequest) -> Result<PreparedTarget, SideError> {
         push(&self.log, "target.prepare");
         assert_eq!(req.migration_id, "m-1");
         if self.at == At::Prepare {
             return Err(SideError::failed("prepare", "name in use"));
         }
-        Ok("cid".into())
+        assert!(
+            self.prewire || !req.prewire_netns,
+            "prewiring is asked only of a target that offers it"
+        );
+        Ok(PreparedTarget {
+            container_id: "cid".into(),
+            prewired_netns: req.prewire_netns,
+        })
     }
     async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
         push(&self.log, "target.restore");
@@ -243,10 +259,23 @@ async fn run_with(
     rollback_errors: usize,
     cancel: Option<CancellationToken>,
 ) -> (ferry_proto::Report, Vec<String>) {
+    let (report, calls, _) = run_full(at, rollback_errors, cancel, true).await;
+    (report, calls)
+}
+
+/// [`run_with`], also saying whether the target offers prewiring and what the source learnt.
+async fn run_full(
+    at: At,
+    rollback_errors: usize,
+    cancel: Option<CancellationToken>,
+    target_prewires: bool,
+) -> (ferry_proto::Report, Vec<String>, Option<bool>) {
     let log: Log = Arc::default();
+    let prewired: Arc<Mutex<Option<bool>>> = Arc::default();
     let engine = Engine::new(
         FakeSource {
             log: log.clone(),
+            prewired: prewired.clone(),
             at,
             rollback_errors,
         },
@@ -254,6 +283,7 @@ async fn run_with(
             log: log.clone(),
             at,
             incompatible: at == At::Incompatible,
+            prewire: target_prewires,
         },
         FakeTransport {
             log: log.clone(),
@@ -278,7 +308,19 @@ async fn run_with(
         })
         .await;
     let calls = log.lock().unwrap().clone();
-    (report, calls)
+    let learnt = *prewired.lock().unwrap();
+    (report, calls, learnt)
+}
+
+#[tokio::test]
+async fn the_source_dumps_for_a_prewired_netns_only_when_the_target_offered_one() {
+    for (offers, want) in [(true, Some(true)), (false, Some(false))] {
+        let (report, _, learnt) = run_full(At::None, 0, None, offers).await;
+        assert_eq!(report.outcome, Outcome::Migrated);
+        assert_eq!(learnt, want, "target offers prewiring: {offers}");
+    }
+    let (_, _, learnt) = run_full(At::Prepare, 0, None, true).await;
+    assert_eq!(learnt, None, "a failed prepare tells the source nothing");
 }
 
 fn calls(v: &[&str]) -> Vec<String> {

@@ -40,6 +40,10 @@ pub enum Message {
     Prepare(PrepareRequest),
     Prepared {
         container_id: String,
+        /// The target wired the container's network namespace ahead of the restore (see
+        /// `PrepareRequest::prewire_netns`): the source must dump it as external.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prewired_netns: bool,
     },
     Restore,
     Restored(RestoreInfo),
@@ -303,6 +307,10 @@ pub struct PrepareRequest {
     /// Host paths of bind mounts declared shared: they must exist on the target too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_paths: Vec<String>,
+    /// Wire the container's network namespace while the migration is prepared, with Docker's
+    /// whole start path parked until the images arrive, instead of inside the pause.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prewire_netns: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +377,11 @@ pub struct HostFacts {
     pub ferry_runtime: bool,
     pub cap_sys_resource: bool,
     pub pipe_max_size: u64,
+    /// This host's agent can wire a restored container's network namespace before the pause
+    /// (not under user-namespace remapping, where the namespace must belong to the container's
+    /// user namespace).
+    #[serde(default)]
+    pub prewire_netns: bool,
     /// Result of `criu cpuinfo check` against the peer's CPU, when one was sent.
     pub cpu_compatible: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

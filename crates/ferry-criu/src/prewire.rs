@@ -1,0 +1,527 @@
+//! Wiring a restored container's network before the pause instead of inside it.
+//!
+//! Docker 20.10's libnetwork sets a container's network up from a runc prestart hook:
+//! `libnetwork-setkey` re-executes dockerd, whose daemon then moves the interfaces into the new
+//! namespace and re-executes itself twice more (the IPv6 setting, the embedded DNS's iptables
+//! rules). In a restore that hook runs inside CRIU's restore: ~160 ms of the pause here. The
+//! runtime wrapper instead makes the namespace itself while the migration is still being
+//! prepared, asks dockerd to wire it (the hook's own unix-socket call, so Docker's sandbox
+//! state is exactly what the hook would have left), points the bundle at it and drops the hook.
+//! CRIU then restores into it as an external namespace, which the source dumped as such.
+//!
+//! Until the restored sockets exist, the wired namespace holds the container's IP and MAC
+//! while the source still runs there: it is kept silent (no ARP answers, filter policies DROP
+//! but loopback), so it never answers for the address nor resets a connection it does not know
+//! yet. CRIU's `pre-resume` action script ([`unquiet`]) lifts that just before the restored
+//! tasks run.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// First argument of Docker's network hook.
+pub const SETKEY_ARG: &str = "libnetwork-setkey";
+/// runc's name for an external network namespace at checkpoint and restore
+/// (`extRoot` + `Net` + `NS`): the dump must use it for runc's restore to hand the namespace in.
+pub const EXTERNAL_NETNS_KEY: &str = "extRootNetNS";
+/// The hook kinds Docker has put the setkey hook under.
+const HOOK_KINDS: [&str; 2] = ["prestart", "createRuntime"];
+
+/// libnetwork's hook, as Docker wrote it into the bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetKeyHook {
+    pub exec_root: PathBuf,
+    pub container_id: String,
+    pub controller_id: String,
+}
+
+impl SetKeyHook {
+    /// The daemon's socket the hook talks to.
+    pub fn socket(&self) -> PathBuf {
+        self.exec_root
+            .join("libnetwork")
+            .join(format!("{}.sock", self.controller_id))
+    }
+}
+
+/// Parses the hook's arguments the way Go's `flag` package does for `-exec-root`
+/// (`-exec-root=X`, `--exec-root=X`, `-exec-root X`), then the container and controller ids.
+pub fn parse_setkey_args(args: &[String]) -> Option<SetKeyHook> {
+    let (first, rest) = args.split_first()?;
+    if first != SETKEY_ARG {
+        return None;
+    }
+    let mut exec_root = PathBuf::from("/run/docker");
+    let mut positional = Vec::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let flag = a.strip_prefix("--").or_else(|| a.strip_prefix('-'));
+        match flag {
+            Some(f) if !positional.is_empty() || f.is_empty() => positional.push(a.clone()),
+            Some(f) => match f.split_once('=') {
+                Some(("exec-root", v)) => exec_root = PathBuf::from(v),
+                None if f == "exec-root" => exec_root = PathBuf::from(it.next()?),
+                _ => return None,
+            },
+            None => positional.push(a.clone()),
+        }
+    }
+    match positional.as_slice() {
+        [cid, ctrl, ..] if !cid.is_empty() && !ctrl.is_empty() => Some(SetKeyHook {
+            exec_root,
+            container_id: cid.clone(),
+            controller_id: ctrl.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// The setkey hook of an OCI spec, if Docker configures this container's network through one.
+pub fn find_setkey_hook(spec: &Value) -> Option<SetKeyHook> {
+    let hooks = spec.get("hooks")?;
+    HOOK_KINDS.iter().find_map(|kind| {
+        hooks.get(kind)?.as_array()?.iter().find_map(|h| {
+            let args: Vec<String> = h
+                .get("args")?
+                .as_array()?
+                .iter()
+                .map(|a| a.as_str().map(str::to_string))
+                .collect::<Option<_>>()?;
+            parse_setkey_args(&args)
+        })
+    })
+}
+
+/// The spec with the setkey hook removed and its network namespace set to `netns`.
+pub fn prewired_spec(spec: &Value, netns: &str) -> Result<Value, String> {
+    let mut out = spec.clone();
+    if let Some(hooks) = out.get_mut("hooks").and_then(Value::as_object_mut) {
+        for kind in HOOK_KINDS {
+            if let Some(list) = hooks.get_mut(kind).and_then(Value::as_array_mut) {
+                list.retain(|h| {
+                    h.get("args")
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.first())
+                        .and_then(Value::as_str)
+                        != Some(SETKEY_ARG)
+                });
+            }
+        }
+    }
+    let namespaces = out
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+        .ok_or("the spec has no linux.namespaces list")?;
+    let net = namespaces
+        .iter_mut()
+        .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))
+        .ok_or("the spec has no network namespace to wire")?;
+    let net = net
+        .as_object_mut()
+        .ok_or("a namespace entry is not an object")?;
+    net.insert("path".into(), Value::String(netns.to_string()));
+    Ok(out)
+}
+
+/// What libnetwork's hook sends the daemon.
+#[derive(serde::Serialize)]
+struct SetKeyData<'a> {
+    #[serde(rename = "ContainerID")]
+    container_id: &'a str,
+    #[serde(rename = "Key")]
+    key: &'a str,
+}
+
+/// The daemon's answer when it wired the namespace.
+const SETKEY_SUCCESS: &[u8] = b"success";
+
+/// Asks dockerd to wire the namespace at `key` for the hook's container, as the hook would.
+pub fn set_key(hook: &SetKeyHook, key: &str, timeout: Duration) -> Result<(), String> {
+    let sock = hook.socket();
+    let mut c = std::os::unix::net::UnixStream::connect(&sock)
+        .map_err(|e| format!("connecting to dockerd's {}: {e}", sock.display()))?;
+    c.set_read_timeout(Some(timeout))
+        .and_then(|_| c.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let body = serde_json::to_vec(&SetKeyData {
+        container_id: &hook.container_id,
+        key,
+    })
+    .map_err(|e| format!("encoding the set-key request: {e}"))?;
+    c.write_all(&body)
+        .map_err(|e| format!("sending the set-key request to {}: {e}", sock.display()))?;
+    let mut buf = [0u8; 1024];
+    let n = c
+        .read(&mut buf)
+        .map_err(|e| format!("reading dockerd's set-key answer: {e}"))?;
+    if &buf[..n] == SETKEY_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!(
+            "dockerd refused to wire the network namespace: {}",
+            String::from_utf8_lossy(&buf[..n]).trim()
+        ))
+    }
+}
+
+/// Filter rules that let only loopback through; applied whole, replacing the (empty) table.
+const QUIET_RULES: &str = "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT DROP [0:0]\n-A INPUT -i lo -j ACCEPT\n-A OUTPUT -o lo -j ACCEPT\nCOMMIT\n";
+/// The kernel's defaults for a new namespace's filter table.
+const OPEN_RULES: &str =
+    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+/// `arp_ignore` 8: answer no ARP request at all; 0 is a new namespace's default.
+const ARP_IGNORE_ALL: &str = "8";
+const ARP_IGNORE_DEFAULT: &str = "0";
+/// An `iptables-restore` of a few lines; it waits for the xtables lock at most this long.
+const IPTABLES_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn find_tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs `tool` (an `*tables-restore`) with `rules` on stdin, in the calling thread's network
+/// namespace, killed past the timeout; the error quotes the tool's stderr.
+fn restore_rules(tool: &str, rules: &str) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    let path = find_tool(tool);
+    let mut child = Command::new(&path)
+        .arg("--wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {}: {e}", path.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .map_err(|e| format!("feeding {tool}: {e}"))?;
+    }
+    let deadline = std::time::Instant::now() + IPTABLES_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{tool} did not finish within {IPTABLES_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {tool}: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    Err(format!("{tool} failed ({status}): {}", err.trim()))
+}
+
+/// Sets the calling thread's namespace silent (`quiet`) or back to a new namespace's defaults.
+fn set_quiet(quiet: bool) -> Result<(), String> {
+    // /proc/sys shows the network namespace of the thread that opens it.
+    let arp = Path::new("/proc/sys/net/ipv4/conf/all/arp_ignore");
+    let value = if quiet {
+        ARP_IGNORE_ALL
+    } else {
+        ARP_IGNORE_DEFAULT
+    };
+    std::fs::write(arp, value).map_err(|e| format!("{}: {e}", arp.display()))?;
+    let rules = if quiet { QUIET_RULES } else { OPEN_RULES };
+    restore_rules("iptables-restore", rules)?;
+    if Path::new("/proc/thread-self/net/if_inet6").exists() {
+        restore_rules("ip6tables-restore", rules)?;
+    }
+    Ok(())
+}
+
+/// A new, silent network namespace held open by this process.
+pub struct QuietNetns {
+    fd: OwnedFd,
+}
+
+impl QuietNetns {
+    /// Made on a thread of its own, so this process's own namespace never changes.
+    pub fn create() -> Result<Self, String> {
+        let worker = std::thread::spawn(|| -> Result<OwnedFd, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+            let f = std::fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| format!("opening the new network namespace: {e}"))?;
+            set_quiet(true)?;
+            Ok(OwnedFd::from(f))
+        });
+        let fd = worker
+            .join()
+            .map_err(|_| "the namespace thread panicked".to_string())??;
+        Ok(QuietNetns { fd })
+    }
+
+    /// A path naming the namespace for as long as this process lives.
+    pub fn path(&self) -> String {
+        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+    }
+
+    pub fn inode(&self) -> Result<u64, String> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.path())
+            .map(|m| m.ino())
+            .map_err(|e| format!("{}: {e}", self.path()))
+    }
+
+    /// Where dockerd bind-mounted the namespace once it wired it (its sandbox key, under
+    /// `<exec-root>/netns`): the path that lives exactly as long as Docker's sandbox, so runc's
+    /// state of the restored container names it rather than an fd of this short-lived process
+    /// (runc reads that path again at the container's next checkpoint).
+    pub fn docker_path(&self, exec_root: &Path) -> Option<PathBuf> {
+        let ino = self.inode().ok()?;
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        find_nsfs_mount(&info, ino, &exec_root.join("netns"))
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount point under `under` of the network namespace `ino`, from a mountinfo table.
+pub fn find_nsfs_mount(mountinfo: &str, ino: u64, under: &Path) -> Option<PathBuf> {
+    let want_root = format!("net:[{ino}]");
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(sep + 1)?;
+        let (root, point) = (fields.get(3)?, fields.get(4)?);
+        if *fstype != "nsfs" || *root != want_root {
+            return None;
+        }
+        let point = PathBuf::from(unescape_mountinfo(point));
+        point.starts_with(under).then_some(point)
+    })
+}
+
+/// Lifts the silence from the network namespace of `pid` (the restored container's init).
+pub fn unquiet(pid: u32) -> Result<(), String> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("opening the network namespace of {pid}: {e}"))?;
+    std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the network namespace of {pid}: {e}"))?;
+        set_quiet(false)
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_string())?
+}
+
+/// Environment CRIU gives an action script.
+pub const SCRIPT_ACTION_ENV: &str = "CRTOOLS_SCRIPT_ACTION";
+pub const SCRIPT_INIT_PID_ENV: &str = "CRTOOLS_INIT_PID";
+/// The action at which the wired namespace is opened: every socket is restored and CRIU's own
+/// lock is off, and no restored task runs yet.
+pub const UNQUIET_ACTION: &str = "pre-resume";
+
+/// The action script CRIU runs at every step of the restore: a shell filter, so the steps that
+/// are not ours cost one `sh` each rather than a start of ferry.
+pub fn action_script(ferry: &Path) -> String {
+    format!(
+        "#!/bin/sh\n[ \"${SCRIPT_ACTION_ENV}\" = {UNQUIET_ACTION} ] || exit 0\nexec '{}' runtime --criu-action\n",
+        ferry.display().to_string().replace('\'', "'\\''")
+    )
+}
+
+/// `ferry runtime --criu-action`: what to do for the action CRIU names in the environment.
+pub fn run_action(action: Option<&str>, init_pid: Option<&str>) -> Result<(), String> {
+    if action != Some(UNQUIET_ACTION) {
+        return Ok(());
+    }
+    let pid: u32 = init_pid
+        .ok_or(format!("CRIU gave no {SCRIPT_INIT_PID_ENV}"))?
+        .parse()
+        .map_err(|e| format!("{SCRIPT_INIT_PID_ENV} is not a pid: {e}"))?;
+    unquiet(pid)
+}
+
+/// The CRIU configuration line that dumps the container's network namespace as external, for
+/// a restore into a namespace the target wired beforehand.
+pub fn external_netns_line(netns_inode: u64) -> String {
+    format!("external net[{netns_inode}]:{EXTERNAL_NETNS_KEY}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn setkey_arguments_parse_in_every_spelling_go_accepts() {
+        let want = |root: &str| SetKeyHook {
+            exec_root: PathBuf::from(root),
+            container_id: "c1".into(),
+            controller_id: "977a87ec5da8".into(),
+        };
+        let table: [(&[&str], Option<SetKeyHook>); 7] = [
+            (
+                &[SETKEY_ARG, "-exec-root=/run/x", "c1", "977a87ec5da8"],
+                Some(want("/run/x")),
+            ),
+            (
+                &[SETKEY_ARG, "--exec-root=/run/x", "c1", "977a87ec5da8"],
+                Some(want("/run/x")),
+            ),
+            (
+                &[SETKEY_ARG, "-exec-root", "/run/x", "c1", "977a87ec5da8"],
+                Some(want("/run/x")),
+            ),
+            (
+                &[SETKEY_ARG, "c1", "977a87ec5da8"],
+                Some(want("/run/docker")),
+            ),
+            (&[SETKEY_ARG, "c1"], None),
+            (&[SETKEY_ARG, "-bogus=1", "c1", "977a87ec5da8"], None),
+            (&["something-else", "c1", "977a87ec5da8"], None),
+        ];
+        for (args, expected) in table {
+            assert_eq!(parse_setkey_args(&s(args)), expected, "{args:?}");
+        }
+    }
+
+    fn docker_spec() -> Value {
+        json!({
+            "hooks": {"prestart": [
+                {"path": "/usr/bin/other", "args": ["other"]},
+                {"path": "/proc/10743/exe", "args": [SETKEY_ARG, "-exec-root=/run/b/exec", "c1", "977a87ec5da8"]}
+            ]},
+            "linux": {"namespaces": [{"type": "mount"}, {"type": "network"}, {"type": "pid"}]},
+            "annotations": {"keep": "me"}
+        })
+    }
+
+    #[test]
+    fn the_hook_is_found_and_replaced_by_the_wired_namespace() {
+        let spec = docker_spec();
+        let hook = find_setkey_hook(&spec).expect("hook");
+        assert_eq!(
+            hook.socket(),
+            PathBuf::from("/run/b/exec/libnetwork/977a87ec5da8.sock")
+        );
+        let out = prewired_spec(&spec, "/proc/1/fd/5").expect("rewrite");
+        assert_eq!(find_setkey_hook(&out), None);
+        assert_eq!(out["hooks"]["prestart"].as_array().map(Vec::len), Some(1));
+        assert_eq!(out["hooks"]["prestart"][0]["args"][0], "other");
+        assert_eq!(out["linux"]["namespaces"][1]["path"], "/proc/1/fd/5");
+        assert_eq!(out["linux"]["namespaces"][0].get("path"), None);
+        assert_eq!(out["annotations"]["keep"], "me");
+    }
+
+    #[test]
+    fn a_spec_without_a_network_namespace_is_refused() {
+        let spec = json!({"linux": {"namespaces": [{"type": "mount"}]}});
+        assert!(prewired_spec(&spec, "/x").is_err());
+        assert_eq!(find_setkey_hook(&spec), None);
+    }
+
+    #[test]
+    fn set_key_speaks_libnetworks_protocol() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hook = SetKeyHook {
+            exec_root: dir.path().to_path_buf(),
+            container_id: "c1".into(),
+            controller_id: "ctl".into(),
+        };
+        std::fs::create_dir_all(dir.path().join("libnetwork")).expect("mkdir");
+        for (answer, ok) in [
+            (&b"success"[..], true),
+            (&b"no sandbox present for c1"[..], false),
+        ] {
+            let l = std::os::unix::net::UnixListener::bind(hook.socket()).expect("bind");
+            let server = std::thread::spawn(move || {
+                let (mut c, _) = l.accept().expect("accept");
+                let mut buf = [0u8; 1280];
+                let n = c.read(&mut buf).expect("read");
+                c.write_all(answer).expect("write");
+                serde_json::from_slice::<Value>(&buf[..n]).expect("json")
+            });
+            let res = set_key(&hook, "/proc/7/ns/net", Duration::from_secs(5));
+            let got = server.join().expect("server");
+            assert_eq!(got, json!({"ContainerID": "c1", "Key": "/proc/7/ns/net"}));
+            assert_eq!(res.is_ok(), ok, "{res:?}");
+            if !ok {
+                assert!(res.unwrap_err().contains("no sandbox present"));
+            }
+            std::fs::remove_file(hook.socket()).expect("rm");
+        }
+    }
+
+    #[test]
+    fn only_the_pre_resume_action_does_anything() {
+        assert_eq!(run_action(None, None), Ok(()));
+        assert_eq!(run_action(Some("network-unlock"), Some("1")), Ok(()));
+        assert!(run_action(Some(UNQUIET_ACTION), None).is_err());
+        assert!(run_action(Some(UNQUIET_ACTION), Some("x")).is_err());
+        let script = action_script(Path::new("/opt/fer'ry"));
+        assert!(script.contains("= pre-resume ] || exit 0"));
+        assert!(script.contains("exec '/opt/fer'\\''ry' runtime --criu-action"));
+    }
+
+    #[test]
+    fn dockers_bind_mount_of_the_namespace_is_found_in_mountinfo() {
+        let info = "\
+24 1 0:22 / / rw,relatime - ext4 /dev/vda rw
+610 24 0:4 net:[4026532577] /run/other/netns/x rw shared:5 - nsfs nsfs rw
+611 24 0:4 net:[4026532999] /run/b\\040x/exec/netns/1a2b3c4d5e6f rw shared:5 - nsfs nsfs rw
+612 24 0:4 net:[4026532577] /run/b\\040x/exec/netns/0a0b0c0d0e0f rw - nsfs nsfs rw
+";
+        let under = Path::new("/run/b x/exec/netns");
+        assert_eq!(
+            find_nsfs_mount(info, 4026532577, under),
+            Some(PathBuf::from("/run/b x/exec/netns/0a0b0c0d0e0f"))
+        );
+        assert_eq!(find_nsfs_mount(info, 4026532000, under), None);
+        assert_eq!(
+            find_nsfs_mount(info, 4026532577, Path::new("/run/elsewhere")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_external_netns_line_uses_runcs_key() {
+        assert_eq!(
+            external_netns_line(4026532577),
+            "external net[4026532577]:extRootNetNS\n"
+        );
+    }
+}
