@@ -1102,6 +1102,7 @@ impl Targets {
         lap("lazy_pages_daemon");
         let rpath = ferry_criu::runtime::record_path(&self.env.state_dir, &container_id);
         let parked = self.parked.lock().await.remove(id);
+        let went_parked = parked.is_some();
         let start_res = match parked {
             Some(p) => {
                 let go = p.signal(ferry_criu::runtime::GO);
@@ -1202,6 +1203,7 @@ impl Targets {
             docker_start_ms,
             garp_sent,
             steps_ms: steps,
+            parked: went_parked,
         })
     }
 

@@ -124,6 +124,8 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 bandwidth: None,
                 phases_ms: BTreeMap::new(),
                 downtime_steps_ms: BTreeMap::new(),
+                prewired_netns: false,
+                restore_parked: false,
                 networks: Vec::new(),
                 error: None,
                 rollback_errors: Vec::new(),
@@ -220,6 +222,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 .map_err(fail(Reached::TargetPrepared))?
         };
         self.source.target_prepared(&prepared);
+        report.prewired_netns = prepared.prewired_netns;
 
         let pre = step!(self, Phase::Precopy, step_to, self.source.precopy())
             .map_err(fail(Reached::TargetPrepared))?;
@@ -287,6 +290,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         if let Some(t) = frozen_at {
             report.downtime_ms = t.elapsed().as_millis() as u64;
         }
+        report.restore_parked = restored.parked;
         report.downtime_steps_ms = self.source.step_times();
         report.downtime_steps_ms.extend(
             restored

@@ -186,6 +186,7 @@ impl TargetSide for FakeTarget {
                 docker_start_ms: 1,
                 garp_sent: vec!["eth0".into()],
                 steps_ms: Default::default(),
+                parked: true,
             }),
         }
     }
@@ -318,6 +319,8 @@ async fn the_source_dumps_for_a_prewired_netns_only_when_the_target_offered_one(
         let (report, _, learnt) = run_full(At::None, 0, None, offers).await;
         assert_eq!(report.outcome, Outcome::Migrated);
         assert_eq!(learnt, want, "target offers prewiring: {offers}");
+        assert_eq!(Some(report.prewired_netns), want, "the report says so too");
+        assert!(report.restore_parked);
     }
     let (_, _, learnt) = run_full(At::Prepare, 0, None, true).await;
     assert_eq!(learnt, None, "a failed prepare tells the source nothing");

@@ -333,6 +333,9 @@ pub struct RestoreInfo {
     /// daemon, Docker's start, the wait for it to run, the ARP announcement).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub steps_ms: std::collections::BTreeMap<String, u64>,
+    /// The restore went on from a start parked since the prepare.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

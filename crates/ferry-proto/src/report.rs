@@ -171,6 +171,13 @@ pub struct Report {
     /// dump and restore phases, in milliseconds (`source_*`, `target_*`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub downtime_steps_ms: BTreeMap<String, u64>,
+    /// The target wired the network namespace while the migration was prepared.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prewired_netns: bool,
+    /// The target's restore had been parked since the prepare (Docker's start path ran outside
+    /// the pause); false when it had to start over or was not parked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_parked: bool,
     pub networks: Vec<NetworkReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,

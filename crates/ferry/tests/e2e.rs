@@ -812,6 +812,14 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
         "CRIU did not read ferry's configuration file"
     );
     assert!(logs("b").join("target-lazy-pages.log").is_file());
+    // Docker's start path ran before the pause, into a namespace the wrapper wired, and CRIU
+    // ran ferry's action script to open it before resume.
+    assert_eq!(report["prewired_netns"], true, "{report}");
+    assert_eq!(report["restore_parked"], true, "{report}");
+    assert!(
+        restore_log.contains("criu-action.sh") && restore_log.contains("Found id extRootNetNS"),
+        "CRIU did not restore into the wired namespace through ferry's action script"
+    );
     settle();
     let summary = client.finish();
     assert_redis_intact(&target, 200_000, &expected, &summary);
