@@ -83,6 +83,16 @@ struct RestoreEnv {
     mounts: Option<serde_json::Value>,
 }
 
+/// What a restore step (arming, staging, the restore itself) works from, copied out of the
+/// registry so its lock is not held across the step.
+struct RestoreParts {
+    container_id: String,
+    dir: PathBuf,
+    prepare: PrepareRequest,
+    env: RestoreEnv,
+    images_complete: bool,
+}
+
 /// A `docker start --checkpoint` begun while the migration was prepared: Docker's whole start
 /// path has run and the runtime wrapper waits on `fifo` for the images.
 struct Parked {
@@ -304,6 +314,23 @@ impl Targets {
             parked: Arc::default(),
             client_tls,
         }
+    }
+
+    async fn restore_parts(&self, id: &str, step: &str) -> Result<RestoreParts, ErrorInfo> {
+        let map = self.map.lock().await;
+        let m = map
+            .get(id)
+            .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
+        Ok(RestoreParts {
+            container_id: m
+                .container_id
+                .clone()
+                .ok_or_else(|| err(step, "no target container"))?,
+            dir: m.dir.clone(),
+            prepare: m.prepare.clone(),
+            env: m.restore_env.clone(),
+            images_complete: m.images_complete,
+        })
     }
 
     /// Post-copy: starts CRIU's lazy-pages daemon against a loopback port whose one connection
@@ -594,18 +621,8 @@ impl Targets {
     /// for `restore` to say the images are in place. Returns whether the namespace was wired.
     async fn arm(&self, id: &str, timeout: Duration) -> Result<bool, ErrorInfo> {
         let step = "prepare (target): parked restore";
-        let (cid, strategy) = {
-            let map = self.map.lock().await;
-            let m = map
-                .get(id)
-                .ok_or_else(|| err(step, "no target container"))?;
-            (
-                m.container_id
-                    .clone()
-                    .ok_or_else(|| err(step, "no target container"))?,
-                m.prepare.strategy,
-            )
-        };
+        let parts = self.restore_parts(id, step).await?;
+        let (cid, strategy) = (parts.container_id, parts.prepare.strategy);
         let fifo = ferry_criu::runtime::go_fifo_path(&self.env.state_dir, &cid);
         let report = ferry_criu::runtime::arm_report_path(&self.env.state_dir, &cid);
         if let Some(parent) = fifo.parent() {
@@ -711,17 +728,13 @@ impl Targets {
         prewire: Option<ferry_criu::runtime::Prewire>,
     ) -> Result<String, ErrorInfo> {
         let step = "restore (target)";
-        let (container_id, dir, prepare, renv) = {
-            let map = self.map.lock().await;
-            let m = map
-                .get(id)
-                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
-            let cid = m
-                .container_id
-                .clone()
-                .ok_or_else(|| err(step, "no target container"))?;
-            (cid, m.dir.clone(), m.prepare.clone(), m.restore_env.clone())
-        };
+        let RestoreParts {
+            container_id,
+            dir,
+            prepare,
+            env: renv,
+            ..
+        } = self.restore_parts(id, step).await?;
         let images = dir.join("images");
         let work = dir.join("work");
         let mut extra_args = vec![];
@@ -1039,20 +1052,16 @@ impl Targets {
 
     pub async fn restore(&self, id: &str, timeout: Duration) -> Result<RestoreInfo, ErrorInfo> {
         let step = "restore (target)";
-        let (container_id, dir, prepare, renv) = {
-            let map = self.map.lock().await;
-            let m = map
-                .get(id)
-                .ok_or_else(|| err(step, format!("no prepared migration {id}")))?;
-            if !m.images_complete {
-                return Err(err(step, "the checkpoint images have not all arrived"));
-            }
-            let cid = m
-                .container_id
-                .clone()
-                .ok_or_else(|| err(step, "no target container"))?;
-            (cid, m.dir.clone(), m.prepare.clone(), m.restore_env.clone())
-        };
+        let RestoreParts {
+            container_id,
+            dir,
+            prepare,
+            env: renv,
+            images_complete,
+        } = self.restore_parts(id, step).await?;
+        if !images_complete {
+            return Err(err(step, "the checkpoint images have not all arrived"));
+        }
         let images = dir.join("images");
         let work = dir.join("work");
         if prepare.fault == Some(Fault::TargetRestore) {

@@ -291,29 +291,6 @@ impl QuietNetns {
     }
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The mount point under `under` of the network namespace `ino`, from a mountinfo table.
 pub fn find_nsfs_mount(mountinfo: &str, ino: u64, under: &Path) -> Option<PathBuf> {
     let want_root = format!("net:[{ino}]");
@@ -325,7 +302,7 @@ pub fn find_nsfs_mount(mountinfo: &str, ino: u64, under: &Path) -> Option<PathBu
         if *fstype != "nsfs" || *root != want_root {
             return None;
         }
-        let point = PathBuf::from(unescape_mountinfo(point));
+        let point = crate::mountinfo::unescape_path(point);
         point.starts_with(under).then_some(point)
     })
 }

@@ -263,34 +263,12 @@ pub(crate) async fn signal_all(pids: &BTreeSet<i32>, signal: Signal, wait: Durat
     }
 }
 
-/// Decodes the octal escapes (`\040` for space) the kernel uses in mountinfo paths.
-fn unescape_mount_path(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    use std::os::unix::ffi::OsStringExt;
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
 /// Mount points under any of `bases` in our mount namespace, deepest first.
 pub(crate) fn mounts_under(mountinfo: &str, bases: &[&Path]) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount_path)
+        .map(ferry_criu::mountinfo::unescape_path)
         .filter(|p| bases.iter().any(|b| p.starts_with(b)))
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
