@@ -29,6 +29,17 @@ type LazyFetch = (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>);
 /// How long the lazy-pages daemon may outlive its page channel before the target gives up.
 const PAGE_CHANNEL_GRACE: Duration = Duration::from_secs(3);
 
+/// The outcome of a resumed post-copy's page fetch, once known: `Ok` when every page arrived.
+type PagesOutcome = Option<Result<(), ErrorInfo>>;
+
+/// The watchdog of a resumed post-copy: it owns the lazy-pages daemon from the resume on, so
+/// a source that dies is acted on at once (the container stopped, the loss logged here), not
+/// only when a `Commit` arrives on a control channel that may already be gone.
+struct PagesWatch {
+    outcome: tokio::sync::watch::Receiver<PagesOutcome>,
+    task: tokio::task::AbortHandle,
+}
+
 /// Signals when the page tunnel task ends, however it ends.
 struct NotifyOnDrop(Arc<tokio::sync::Notify>);
 
@@ -266,6 +277,8 @@ pub struct Targets {
     map: Arc<Mutex<HashMap<String, TargetMigration>>>,
     /// Post-copy: the lazy-pages daemon of each restored migration, until all pages arrived.
     lazy: Arc<Mutex<HashMap<String, LazyFetch>>>,
+    /// Post-copy: the page watchdog of each resumed migration, until it is committed.
+    pages: Arc<Mutex<HashMap<String, PagesWatch>>>,
     /// Restores started while their migration was prepared, waiting for the images.
     parked: Arc<Mutex<HashMap<String, Parked>>>,
     client_tls: Arc<rustls::ClientConfig>,
@@ -311,6 +324,7 @@ impl Targets {
             env,
             map: Arc::default(),
             lazy: Arc::default(),
+            pages: Arc::default(),
             parked: Arc::default(),
             client_tls,
         }
@@ -1206,6 +1220,9 @@ impl Targets {
             m.state = TargetState::Restored;
         }
         info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
+        if prepare.strategy == Strategy::PostCopy {
+            self.watch_pages(id).await;
+        }
         Ok(RestoreInfo {
             container_id,
             pid,
@@ -1456,57 +1473,111 @@ impl Targets {
         problems
     }
 
-    pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
-        let daemon = self.lazy.lock().await.remove(id);
-        if let Some((mut daemon, tunnel_closed)) = daemon {
-            // Post-copy: the container runs already; the migration is done when every page is
-            // here. A daemon still running well after its page channel closed never will be.
-            let outcome = tokio::select! {
-                r = daemon.wait_done(Duration::from_secs(3600)) => r,
-                _ = async { tunnel_closed.notified().await; tokio::time::sleep(PAGE_CHANNEL_GRACE).await } => {
-                    Err(ferry_criu::ToolError::Other {
-                        step: "fetch pages".into(),
-                        message: "the page channel to the source closed before every page arrived".into(),
-                        log: daemon.log(),
-                    })
-                }
+    /// Hands a resumed post-copy's lazy-pages daemon to a watchdog task that waits for every
+    /// page and, if they do not all arrive, stops the container and logs what was lost.
+    async fn watch_pages(&self, id: &str) {
+        let Some(fetch) = self.lazy.lock().await.remove(id) else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let this = self.clone();
+        let mid = id.to_string();
+        let task = tokio::spawn(async move {
+            let outcome = this.fetch_pages(&mid, fetch).await;
+            match &outcome {
+                Ok(()) => info!(migration = %mid, "every page arrived"),
+                Err(e) => warn!(migration = %mid, "{}: {}", e.step, e.message),
+            }
+            let _ = tx.send(Some(outcome));
+        });
+        self.pages.lock().await.insert(
+            id.to_string(),
+            PagesWatch {
+                outcome: rx,
+                task: task.abort_handle(),
+            },
+        );
+    }
+
+    /// Waits until the lazy-pages daemon has every page. If it never will, the restored
+    /// container is stopped rather than left spinning on the faults no page will answer.
+    async fn fetch_pages(&self, id: &str, fetch: LazyFetch) -> Result<(), ErrorInfo> {
+        let (mut daemon, tunnel_closed) = fetch;
+        // Post-copy: the container runs already; the migration is done when every page is
+        // here. A daemon still running well after its page channel closed never will be.
+        let outcome = tokio::select! {
+            r = daemon.wait_done(Duration::from_secs(3600)) => r,
+            _ = async { tunnel_closed.notified().await; tokio::time::sleep(PAGE_CHANNEL_GRACE).await } => {
+                Err(ferry_criu::ToolError::Other {
+                    step: "fetch pages".into(),
+                    message: "the page channel to the source closed before every page arrived".into(),
+                    log: daemon.log(),
+                })
+            }
+        };
+        if let Err(e) = outcome {
+            daemon.kill().await;
+            let cid = {
+                let mut map = self.map.lock().await;
+                map.get_mut(id).and_then(|m| {
+                    m.state = TargetState::PagesLost;
+                    m.container_id.clone()
+                })
             };
-            if let Err(e) = outcome {
-                daemon.kill().await;
-                let cid = {
-                    let mut map = self.map.lock().await;
-                    map.get_mut(id).and_then(|m| {
-                        m.state = TargetState::PagesLost;
-                        m.container_id.clone()
-                    })
+            let mut message = format!(
+                "post-copy failed after the target resumed: not every page arrived ({e}); the source's memory pages that had not been fetched are lost"
+            );
+            if let Some(cid) = cid {
+                // A restored process missing pages would spin on its faults: stop it.
+                let killed = self.env.docker.kill(&cid, "KILL").await;
+                let running = match self.env.docker.inspect_container(&cid).await {
+                    Ok(Some(c)) => c
+                        .pointer("/State/Running")
+                        .and_then(|r| r.as_bool())
+                        .unwrap_or(false),
+                    _ => false,
                 };
-                let mut message = format!(
-                    "post-copy failed after the target resumed: not every page arrived ({e}); the source's memory pages that had not been fetched are lost"
-                );
-                if let Some(cid) = cid {
-                    // A restored process missing pages would spin on its faults: stop it.
-                    let killed = self.env.docker.kill(&cid, "KILL").await;
-                    let running = match self.env.docker.inspect_container(&cid).await {
-                        Ok(Some(c)) => c
-                            .pointer("/State/Running")
-                            .and_then(|r| r.as_bool())
-                            .unwrap_or(false),
-                        _ => false,
-                    };
-                    match (killed, running) {
-                        (_, false) => message.push_str("; the target container was stopped"),
-                        (Err(k), true) => message
-                            .push_str(&format!("; stopping the target container failed: {k}")),
-                        (Ok(()), true) => message.push_str(
-                            "; the target container was killed but still shows as running",
-                        ),
-                    }
+                match (killed, running) {
+                    (_, false) => message.push_str("; the target container was stopped"),
+                    (Err(k), true) => message
+                        .push_str(&format!("; stopping the target container failed: {k}")),
+                    (Ok(()), true) => message.push_str(
+                        "; the target container was killed but still shows as running",
+                    ),
                 }
-                return Err(ErrorInfo {
-                    step: "commit (target): fetch pages".into(),
-                    message,
-                    tool_log: daemon.log(),
-                });
+            }
+            return Err(ErrorInfo {
+                step: "commit (target): fetch pages".into(),
+                message,
+                tool_log: daemon.log(),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
+        let outcome = self
+            .pages
+            .lock()
+            .await
+            .get(id)
+            .map(|w| w.outcome.clone());
+        if let Some(mut rx) = outcome {
+            // Post-copy: the container runs already; the migration is done when every page is
+            // here.
+            let outcome = match rx.wait_for(|o| o.is_some()).await {
+                Ok(o) => o.clone(),
+                Err(_) => None,
+            };
+            match outcome {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(err(
+                        "commit (target): fetch pages",
+                        "the page watchdog ended without an outcome",
+                    ))
+                }
             }
         }
         let mut map = self.map.lock().await;
@@ -1520,6 +1591,12 @@ impl Targets {
             ));
         }
         m.state = TargetState::Committed;
+        drop(map);
+        self.pages.lock().await.remove(id);
+        let mut map = self.map.lock().await;
+        let Some(m) = map.get_mut(id) else {
+            return Ok(());
+        };
         let mut problems = self.cleanup_files(m);
         for (_, aside) in std::mem::take(&mut m.replaced) {
             if let Err(e) = std::fs::remove_dir_all(&aside) {
@@ -1579,6 +1656,10 @@ impl Targets {
         }
         if let Some((mut daemon, _)) = self.lazy.lock().await.remove(id) {
             daemon.kill().await;
+        }
+        if let Some(w) = self.pages.lock().await.remove(id) {
+            // Dropping the watchdog's daemon kills it (kill_on_drop).
+            w.task.abort();
         }
         if let Some(cid) = &container_id {
             if let Err(e) = self.env.docker.remove_container(cid, true).await {
