@@ -26,6 +26,9 @@ use crate::host::HostEnv;
 /// channel to the source closed.
 type LazyFetch = (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>);
 
+/// Buffer between the read-ahead proxy and the page tunnel, each way.
+const READ_AHEAD_PIPE: usize = 1 << 20;
+
 /// How long the lazy-pages daemon may outlive its page channel before the target gives up.
 const PAGE_CHANNEL_GRACE: Duration = Duration::from_secs(3);
 
@@ -399,6 +402,14 @@ impl Targets {
             pacer: ferry_transfer::Pacer::new(prepare.transfer.bandwidth_limit_bytes_per_s),
             stats: Arc::default(),
         };
+        // Without the lazy ranges the tunnel still works, only without read-ahead.
+        let lazy = match ferry_pages::lazy_pages(images) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(migration = %id, "no read-ahead of the pages: {e}");
+                None
+            }
+        };
         let tunnel_closed = Arc::new(tokio::sync::Notify::new());
         let closed = tunnel_closed.clone();
         tokio::spawn(async move {
@@ -416,7 +427,28 @@ impl Targets {
                 }
             };
             let _ = sock.set_nodelay(true);
-            match crate::conn::bridge(tunnel, sock, opts).await {
+            let Some(lazy) = lazy else {
+                match crate::conn::bridge(tunnel, sock, opts).await {
+                    Ok(t) => {
+                        info!(migration = %mid, from_source = t.from_peer.raw, from_source_wire = t.from_peer.wire, to_source = t.to_peer.raw, "page tunnel closed")
+                    }
+                    Err(e) => warn!(migration = %mid, "page tunnel: {e}"),
+                }
+                return;
+            };
+            // The daemon talks to the read-ahead proxy, the proxy to the page server through
+            // the tunnel; whichever ends first closes its side, which ends the other.
+            let (near, far) = tokio::io::duplex(READ_AHEAD_PIPE);
+            let proxy =
+                ferry_pages::read_ahead(sock, near, lazy, ferry_pages::ReadAheadOptions::default());
+            let (proxied, tunnelled) = tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts));
+            match proxied {
+                Ok(r) => {
+                    info!(migration = %mid, fetched_ahead = r.fetched_ahead, served_ahead = r.served_ahead, forwarded = r.forwarded, wasted = r.wasted, requests = r.requests, peak_held = r.peak_held, "read-ahead done")
+                }
+                Err(e) => warn!(migration = %mid, "read-ahead: {e}"),
+            }
+            match tunnelled {
                 Ok(t) => {
                     info!(migration = %mid, from_source = t.from_peer.raw, from_source_wire = t.from_peer.wire, to_source = t.to_peer.raw, "page tunnel closed")
                 }
@@ -1539,11 +1571,11 @@ impl Targets {
                 };
                 match (killed, running) {
                     (_, false) => message.push_str("; the target container was stopped"),
-                    (Err(k), true) => message
-                        .push_str(&format!("; stopping the target container failed: {k}")),
-                    (Ok(()), true) => message.push_str(
-                        "; the target container was killed but still shows as running",
-                    ),
+                    (Err(k), true) => {
+                        message.push_str(&format!("; stopping the target container failed: {k}"))
+                    }
+                    (Ok(()), true) => message
+                        .push_str("; the target container was killed but still shows as running"),
                 }
             }
             return Err(ErrorInfo {
@@ -1556,12 +1588,7 @@ impl Targets {
     }
 
     pub async fn commit(&self, id: &str) -> Result<(), ErrorInfo> {
-        let outcome = self
-            .pages
-            .lock()
-            .await
-            .get(id)
-            .map(|w| w.outcome.clone());
+        let outcome = self.pages.lock().await.get(id).map(|w| w.outcome.clone());
         if let Some(mut rx) = outcome {
             // Post-copy: the container runs already; the migration is done when every page is
             // here.

@@ -1,0 +1,573 @@
+//! The read-ahead proxy between CRIU's lazy-pages daemon and the source's page server.
+//!
+//! The daemon speaks the page-server protocol to this proxy as it would to the page server:
+//! `PS_IOV_GET` requests answered in order by a header and the pages, and a final
+//! `PS_IOV_CLOSE` answered by a status. The proxy keeps up to [`ReadAheadOptions::window`]
+//! bytes of the pages it knows are still at the source (the lazy ranges of the pagemap)
+//! requested ahead, many requests in flight, and answers each daemon request:
+//!
+//! - from the window when its first page is there (as much of the request as is contiguous
+//!   there: CRIU accepts a shorter answer and asks again for the rest);
+//! - after waiting, when its first page is on its way;
+//! - otherwise by forwarding it, cut short of the next page that is on its way, so no page
+//!   crosses the link twice.
+//!
+//! Only ranges of the pagemap's lazy set are ever requested ahead: CRIU's page server treats a
+//! request for pages it does not hold as fatal, and its death takes the source with it. The
+//! daemon's background transfer walks each process's ranges in address order, so a request
+//! of more than one page at `vaddr` means nothing below `vaddr` will be asked for again:
+//! what the window holds there is dropped and counted as wasted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+use crate::pagemap::LazyPages;
+use crate::ps::{
+    PsIov, CLOSE_ANSWER_LEN, IOV_LEN, PAGE_SIZE, PS_IOV_ADD_F, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE,
+    PS_IOV_GET,
+};
+use crate::ranges::RangeSet;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadAheadOptions {
+    /// Most bytes requested ahead and not yet taken by the daemon, in flight or here: the
+    /// bound on what the proxy holds in memory.
+    pub window: u64,
+    /// Pages per read-ahead request.
+    pub chunk_pages: u64,
+}
+
+impl Default for ReadAheadOptions {
+    fn default() -> Self {
+        ReadAheadOptions {
+            window: 16 << 20,
+            chunk_pages: 256,
+        }
+    }
+}
+
+/// What the proxy did, for the migration's log and report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadAheadStats {
+    /// Page bytes that arrived through read-ahead requests.
+    pub fetched_ahead: u64,
+    /// Page bytes the daemon got from the window.
+    pub served_ahead: u64,
+    /// Page bytes the daemon got through forwarded requests.
+    pub forwarded: u64,
+    /// Page bytes fetched ahead that the daemon never asked for.
+    pub wasted: u64,
+    /// Daemon requests answered.
+    pub requests: u64,
+    /// Most bytes held ahead at once.
+    pub peak_held: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadAheadError {
+    #[error("{step}: {source}")]
+    Io {
+        step: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the lazy-pages daemon sent {0}")]
+    Daemon(String),
+    #[error("the page server answered {0}")]
+    Source(String),
+    #[error("the page channel to the source closed with {0} requests unanswered")]
+    SourceClosed(usize),
+}
+
+/// The largest answer believed: CRIU's background requests stop at 4 MiB, faults are a page.
+const MAX_ANSWER: u64 = 64 << 20;
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> ReadAheadError {
+    move |source| ReadAheadError::Io { step, source }
+}
+
+enum Expect {
+    Ahead { dst: u64, start: u64, nr: u64 },
+    Forward(oneshot::Sender<(PsIov, Bytes)>),
+    Close(oneshot::Sender<[u8; CLOSE_ANSWER_LEN]>),
+}
+
+#[derive(Default)]
+struct State {
+    lazy: LazyPages,
+    /// Lazy pages neither requested ahead nor forwarded yet.
+    wanted: LazyPages,
+    in_flight: BTreeMap<u64, RangeSet>,
+    /// Process ids the daemon has asked for: only these are read ahead, so an id the page
+    /// server would not know is never sent by the proxy itself.
+    seen: std::collections::BTreeSet<u64>,
+    /// Pages here, by process and start address.
+    window: BTreeMap<u64, BTreeMap<u64, Bytes>>,
+    /// Bytes in flight ahead plus bytes in `window`.
+    held: u64,
+    expect: VecDeque<Expect>,
+    closing: bool,
+    source_gone: bool,
+    stats: ReadAheadStats,
+}
+
+impl State {
+    /// Takes up to `nr` contiguous pages at `vaddr` out of the window.
+    fn take(&mut self, dst: u64, vaddr: u64, nr: u64) -> Option<Bytes> {
+        let w = self.window.get_mut(&dst)?;
+        let (&s, _) = w.range(..=vaddr).next_back()?;
+        let bytes = w.get(&s)?.clone();
+        let e = s + bytes.len() as u64;
+        if e <= vaddr {
+            return None;
+        }
+        w.remove(&s);
+        let end = e.min(vaddr.saturating_add(nr.saturating_mul(PAGE_SIZE)));
+        if s < vaddr {
+            w.insert(s, bytes.slice(..(vaddr - s) as usize));
+        }
+        if end < e {
+            w.insert(end, bytes.slice((end - s) as usize..));
+        }
+        let got = bytes.slice((vaddr - s) as usize..(end - s) as usize);
+        self.held -= got.len() as u64;
+        self.stats.served_ahead += got.len() as u64;
+        Some(got)
+    }
+
+    /// Drops what the daemon has walked past: pages of `dst` below `vaddr`.
+    fn passed(&mut self, dst: u64, vaddr: u64) {
+        if let Some(w) = self.wanted.get_mut(&dst) {
+            w.remove(0, vaddr);
+        }
+        let Some(w) = self.window.get_mut(&dst) else {
+            return;
+        };
+        let below: Vec<u64> = w.range(..vaddr).map(|(s, _)| *s).collect();
+        for s in below {
+            let Some(bytes) = w.remove(&s) else { continue };
+            let e = s + bytes.len() as u64;
+            let cut = if e > vaddr {
+                w.insert(vaddr, bytes.slice((vaddr - s) as usize..));
+                vaddr - s
+            } else {
+                e - s
+            };
+            self.held -= cut;
+            self.stats.wasted += cut;
+        }
+    }
+
+    fn in_flight_at(&self, dst: u64, vaddr: u64) -> bool {
+        self.in_flight
+            .get(&dst)
+            .is_some_and(|r| r.containing(vaddr).is_some())
+    }
+
+    /// The first address above `vaddr` whose page is here or on its way.
+    fn next_ahead(&self, dst: u64, vaddr: u64) -> Option<u64> {
+        let here = self
+            .window
+            .get(&dst)
+            .and_then(|w| w.range(vaddr + 1..).next().map(|(s, _)| *s));
+        let coming = self
+            .in_flight
+            .get(&dst)
+            .and_then(|r| r.next_start(vaddr + 1));
+        match (here, coming) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next run of wanted pages to request ahead, taken out of `wanted`.
+    fn next_chunk(&mut self, chunk_pages: u64) -> Option<(u64, u64, u64)> {
+        loop {
+            let (&dst, set) = self
+                .wanted
+                .iter()
+                .find(|(d, s)| !s.is_empty() && self.seen.contains(d))?;
+            let (s, e) = set.first()?;
+            let end = e.min(s + chunk_pages * PAGE_SIZE);
+            let lazy_ok = self
+                .lazy
+                .get(&dst)
+                .and_then(|l| l.containing(s))
+                .is_some_and(|(_, le)| le >= end);
+            if let Some(w) = self.wanted.get_mut(&dst) {
+                w.remove(s, end);
+            }
+            if !lazy_ok {
+                // Cannot happen (wanted is a subset of lazy); never ask the page server for
+                // a page it may not hold.
+                continue;
+            }
+            self.in_flight.entry(dst).or_default().insert(s, end);
+            self.held += end - s;
+            self.stats.peak_held = self.stats.peak_held.max(self.held);
+            return Some((dst, s, (end - s) / PAGE_SIZE));
+        }
+    }
+
+    /// Puts back what an answer left out of a request, as far as it is lazy.
+    fn want_again(&mut self, dst: u64, start: u64, end: u64) {
+        let Some(lazy) = self.lazy.get(&dst) else {
+            return;
+        };
+        let parts = lazy.intersection(start, end);
+        let w = self.wanted.entry(dst).or_default();
+        for (s, e) in parts {
+            w.insert(s, e);
+        }
+    }
+}
+
+struct Shared<W> {
+    st: Mutex<State>,
+    changed: Notify,
+    writer: tokio::sync::Mutex<W>,
+}
+
+impl<W: AsyncWrite + Unpin> Shared<W> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means another task panicked mid-update; the proxy's state is
+        // still the best account of what is where.
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a request to the page server, its answer expected after every earlier one.
+    async fn send(&self, req: PsIov, expect: Expect) -> Result<(), ReadAheadError> {
+        let mut w = self.writer.lock().await;
+        {
+            let mut st = self.state();
+            if st.source_gone {
+                return Err(ReadAheadError::SourceClosed(st.expect.len()));
+            }
+            st.expect.push_back(expect);
+        }
+        self.changed.notify_waiters();
+        w.write_all(&req.encode())
+            .await
+            .map_err(io("sending a request to the page server"))?;
+        w.flush()
+            .await
+            .map_err(io("sending a request to the page server"))
+    }
+}
+
+/// Serves the lazy-pages daemon on `daemon` from the page server on `source` until the daemon
+/// has closed, reading ahead the `lazy` ranges.
+pub async fn read_ahead<D, S>(
+    daemon: D,
+    source: S,
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+) -> Result<ReadAheadStats, ReadAheadError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (src_rd, src_wr) = tokio::io::split(source);
+    let sh = Shared {
+        st: Mutex::new(State {
+            wanted: lazy.clone(),
+            lazy,
+            ..State::default()
+        }),
+        changed: Notify::new(),
+        writer: tokio::sync::Mutex::new(src_wr),
+    };
+    let opts = ReadAheadOptions {
+        window: opts.window.max(PAGE_SIZE),
+        chunk_pages: opts.chunk_pages.max(1),
+    };
+    let reader = async {
+        let r: Result<(), ReadAheadError> = read_answers(&sh, src_rd).await;
+        let pending = {
+            let mut st = sh.state();
+            st.source_gone = true;
+            // Dropping the senders fails every forwarded request still waiting.
+            std::mem::take(&mut st.expect).len()
+        };
+        sh.changed.notify_waiters();
+        match r {
+            Ok(()) if pending == 0 => std::future::pending::<Result<(), ReadAheadError>>().await,
+            Ok(()) => Err(ReadAheadError::SourceClosed(pending)),
+            Err(e) => Err(e),
+        }
+    };
+    let ahead = async {
+        request_ahead(&sh, &opts).await?;
+        std::future::pending::<Result<(), ReadAheadError>>().await
+    };
+    let background = async { tokio::try_join!(reader, ahead).map(|_| ()) };
+    let result = tokio::select! {
+        r = serve_daemon(&sh, daemon) => r,
+        r = background => r,
+    };
+    let mut st = sh.state();
+    let left: u64 = st
+        .window
+        .values()
+        .flat_map(|w| w.values())
+        .map(|b| b.len() as u64)
+        .sum();
+    st.stats.wasted += left;
+    result.map(|()| st.stats)
+}
+
+async fn read_answers<R, W>(sh: &Shared<W>, mut rd: R) -> Result<(), ReadAheadError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let expect = loop {
+            let notified = sh.changed.notified();
+            {
+                let mut st = sh.state();
+                if let Some(e) = st.expect.pop_front() {
+                    break e;
+                }
+                if st.closing && st.source_gone {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = notified => {}
+                // The page server closing while nothing is asked of it ends the channel.
+                r = rd.read_u8() => {
+                    return match r {
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+                        Err(e) => Err(ReadAheadError::Io { step: "reading from the page server", source: e }),
+                        Ok(b) => Err(ReadAheadError::Source(format!("byte {b:#x} nobody asked for"))),
+                    };
+                }
+            }
+        };
+        match expect {
+            Expect::Close(tx) => {
+                let mut status = [0u8; CLOSE_ANSWER_LEN];
+                rd.read_exact(&mut status)
+                    .await
+                    .map_err(io("reading the page server's close answer"))?;
+                let _ = tx.send(status);
+            }
+            Expect::Forward(tx) => {
+                let (head, data) = read_pages(&mut rd, None).await?;
+                let _ = tx.send((head, data));
+            }
+            Expect::Ahead { dst, start, nr } => {
+                let (head, data) = read_pages(&mut rd, Some((dst, start, nr))).await?;
+                let got = head.nr_pages * PAGE_SIZE;
+                let end = start + nr * PAGE_SIZE;
+                {
+                    let mut st = sh.state();
+                    if let Some(f) = st.in_flight.get_mut(&dst) {
+                        f.remove(start, end);
+                    }
+                    st.held -= end - start - got;
+                    st.stats.fetched_ahead += got;
+                    if got > 0 {
+                        st.window.entry(dst).or_default().insert(start, data);
+                    }
+                    if start + got < end {
+                        st.want_again(dst, start + got, end);
+                    }
+                }
+                sh.changed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Reads one page answer; `asked` is what a read-ahead request asked for, to check it against.
+async fn read_pages<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    asked: Option<(u64, u64, u64)>,
+) -> Result<(PsIov, Bytes), ReadAheadError> {
+    let mut hb = [0u8; IOV_LEN];
+    rd.read_exact(&mut hb)
+        .await
+        .map_err(io("reading an answer header from the page server"))?;
+    let head = PsIov::decode(&hb);
+    if head.command() != PS_IOV_ADD_F {
+        return Err(ReadAheadError::Source(format!(
+            "command {:#x} where pages were due",
+            head.cmd
+        )));
+    }
+    if let Some((dst, start, nr)) = asked {
+        if head.dst_id != dst || head.vaddr != start || head.nr_pages > nr || head.nr_pages == 0 {
+            return Err(ReadAheadError::Source(format!(
+                "{} pages at {:#x} of {:#x} to a request for {nr} at {start:#x} of {dst:#x}",
+                head.nr_pages, head.vaddr, head.dst_id
+            )));
+        }
+    }
+    let len = head
+        .data_len()
+        .filter(|l| *l as u64 <= MAX_ANSWER)
+        .ok_or_else(|| ReadAheadError::Source(format!("{} pages in one answer", head.nr_pages)))?;
+    let mut data = BytesMut::zeroed(len);
+    rd.read_exact(&mut data)
+        .await
+        .map_err(io("reading pages from the page server"))?;
+    Ok((head, data.freeze()))
+}
+
+async fn request_ahead<W: AsyncWrite + Unpin>(
+    sh: &Shared<W>,
+    opts: &ReadAheadOptions,
+) -> Result<(), ReadAheadError> {
+    let chunk = opts.chunk_pages * PAGE_SIZE;
+    loop {
+        let notified = sh.changed.notified();
+        let next = {
+            let mut st = sh.state();
+            if st.closing || st.source_gone {
+                return Ok(());
+            }
+            if st.held == 0 || st.held + chunk <= opts.window {
+                st.next_chunk(opts.chunk_pages)
+            } else {
+                None
+            }
+        };
+        match next {
+            Some((dst, start, nr)) => {
+                sh.send(PsIov::get(dst, start, nr), Expect::Ahead { dst, start, nr })
+                    .await?
+            }
+            None => notified.await,
+        }
+    }
+}
+
+enum Answer {
+    Here(Bytes),
+    Forward(u64),
+}
+
+async fn serve_daemon<D, W>(sh: &Shared<W>, daemon: D) -> Result<(), ReadAheadError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(daemon);
+    loop {
+        let mut hb = [0u8; IOV_LEN];
+        match rd.read_exact(&mut hb).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(io("reading from the lazy-pages daemon")(e)),
+        }
+        let req = PsIov::decode(&hb);
+        match req.command() {
+            PS_IOV_GET => {
+                let (head, data) = answer(sh, req).await?;
+                wr.write_all(&head.encode())
+                    .await
+                    .map_err(io("answering the lazy-pages daemon"))?;
+                wr.write_all(&data)
+                    .await
+                    .map_err(io("answering the lazy-pages daemon"))?;
+                wr.flush()
+                    .await
+                    .map_err(io("answering the lazy-pages daemon"))?;
+                sh.state().stats.requests += 1;
+            }
+            PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+                sh.state().closing = true;
+                sh.changed.notify_waiters();
+                let (tx, rx) = oneshot::channel();
+                sh.send(req, Expect::Close(tx)).await?;
+                let status = rx.await.map_err(|_| ReadAheadError::SourceClosed(1))?;
+                wr.write_all(&status)
+                    .await
+                    .map_err(io("answering the lazy-pages daemon's close"))?;
+                wr.flush()
+                    .await
+                    .map_err(io("answering the lazy-pages daemon's close"))?;
+                return Ok(());
+            }
+            other => {
+                return Err(ReadAheadError::Daemon(format!(
+                    "page-server command {other:#x}, which only a dump sends"
+                )))
+            }
+        }
+    }
+}
+
+async fn answer<W: AsyncWrite + Unpin>(
+    sh: &Shared<W>,
+    req: PsIov,
+) -> Result<(PsIov, Bytes), ReadAheadError> {
+    let (dst, vaddr, nr) = (req.dst_id, req.vaddr, req.nr_pages);
+    if nr == 0 || vaddr % PAGE_SIZE != 0 {
+        return Err(ReadAheadError::Daemon(format!(
+            "a request for {nr} pages at {vaddr:#x}"
+        )));
+    }
+    let end = vaddr.saturating_add(nr.saturating_mul(PAGE_SIZE));
+    let decided = loop {
+        let notified = sh.changed.notified();
+        {
+            let mut st = sh.state();
+            if st.seen.insert(dst) {
+                sh.changed.notify_waiters();
+            }
+            if nr > 1 {
+                st.passed(dst, vaddr);
+            }
+            if let Some(b) = st.take(dst, vaddr, nr) {
+                break Answer::Here(b);
+            }
+            if !st.in_flight_at(dst, vaddr) {
+                let stop = st.next_ahead(dst, vaddr).map_or(end, |n| n.min(end));
+                if let Some(w) = st.wanted.get_mut(&dst) {
+                    w.remove(vaddr, stop);
+                }
+                break Answer::Forward(stop);
+            }
+        }
+        notified.await;
+    };
+    match decided {
+        Answer::Here(b) => {
+            sh.changed.notify_waiters();
+            Ok((PsIov::pages(dst, vaddr, b.len() as u64 / PAGE_SIZE), b))
+        }
+        Answer::Forward(stop) => {
+            let asked = (stop - vaddr) / PAGE_SIZE;
+            let (tx, rx) = oneshot::channel();
+            sh.send(PsIov::get(dst, vaddr, asked), Expect::Forward(tx))
+                .await?;
+            let (head, data) = rx.await.map_err(|_| ReadAheadError::SourceClosed(1))?;
+            if head.dst_id != dst || head.vaddr != vaddr || head.nr_pages > asked {
+                return Err(ReadAheadError::Source(format!(
+                    "{} pages at {:#x} of {:#x} to a request for {asked} at {vaddr:#x} of {dst:#x}",
+                    head.nr_pages, head.vaddr, head.dst_id
+                )));
+            }
+            let got_end = vaddr + head.nr_pages * PAGE_SIZE;
+            {
+                let mut st = sh.state();
+                st.stats.forwarded += data.len() as u64;
+                if got_end < stop {
+                    st.want_again(dst, got_end, stop);
+                }
+            }
+            sh.changed.notify_waiters();
+            Ok((head, data))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,373 @@
+//! The proxy between a fake lazy-pages daemon and a fake page server that both keep CRIU's
+//! rules: the server clamps answers at the end of its buffers and dies when asked for a page
+//! it does not hold; the daemon asks for each page until it has it, faults at random and
+//! walks its ranges in address order in between.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+use crate::ps::{lazy_dst, PS_IOV_GET};
+
+fn content(dst: u64, page: u64) -> u8 {
+    (dst.wrapping_mul(31) ^ page.wrapping_mul(7) ^ (page >> 12)) as u8
+}
+
+fn page_bytes(dst: u64, vaddr: u64, nr: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity((nr * PAGE_SIZE) as usize);
+    for p in 0..nr {
+        let addr = vaddr + p * PAGE_SIZE;
+        v.extend(std::iter::repeat_n(content(dst, addr), PAGE_SIZE as usize));
+    }
+    v
+}
+
+/// The page server: answers GETs within `held`, cut at every `buf_pages` boundary as CRIU's
+/// page pipes cut them; a GET for a page outside `held` is fatal, as in CRIU. Returns the page
+/// bytes it sent.
+async fn page_server(mut s: DuplexStream, held: LazyPages, buf_pages: u64) -> Result<u64, String> {
+    let mut sent = 0u64;
+    loop {
+        let mut hb = [0u8; IOV_LEN];
+        if s.read_exact(&mut hb).await.is_err() {
+            return Ok(sent);
+        }
+        let req = PsIov::decode(&hb);
+        match req.command() {
+            PS_IOV_GET => {
+                let (_, e) = held
+                    .get(&req.dst_id)
+                    .and_then(|r| r.containing(req.vaddr))
+                    .ok_or_else(|| {
+                        format!("asked for {:#x} of {:#x}, not held", req.vaddr, req.dst_id)
+                    })?;
+                let buf_end = (req.vaddr / PAGE_SIZE / buf_pages + 1) * buf_pages * PAGE_SIZE;
+                let end = e.min(buf_end).min(req.vaddr + req.nr_pages * PAGE_SIZE);
+                let nr = (end - req.vaddr) / PAGE_SIZE;
+                s.write_all(&PsIov::pages(req.dst_id, req.vaddr, nr).encode())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(&page_bytes(req.dst_id, req.vaddr, nr))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sent += nr * PAGE_SIZE;
+            }
+            PS_IOV_CLOSE => {
+                s.write_all(&0i32.to_le_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(sent);
+            }
+            c => return Err(format!("unexpected command {c:#x}")),
+        }
+    }
+}
+
+/// The daemon: until every lazy page is here, either faults on a pseudo-random missing page
+/// (one page) or asks for the start of its first range (up to `xfer` pages). With `pipelined`,
+/// a fault and a background request go out before either answer is read, as CRIU's async
+/// reads allow. Checks every answer's pages; returns how many page bytes it received.
+async fn daemon(
+    mut s: DuplexStream,
+    lazy: LazyPages,
+    seed: u64,
+    fault_every: u64,
+    xfer: u64,
+    pipelined: bool,
+) -> Result<u64, String> {
+    let mut missing = lazy.clone();
+    let mut rng = seed | 1;
+    let mut step = 0u64;
+    let mut received = 0u64;
+    let total: u64 = lazy.values().map(|r| r.len()).sum();
+    while received < total {
+        step += 1;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut reqs = Vec::new();
+        let fault = fault_every > 0 && step % fault_every == 0;
+        if fault || pipelined {
+            // A fault on a random missing page.
+            let all: Vec<(u64, u64, u64)> = missing
+                .iter()
+                .flat_map(|(d, r)| r.iter().map(move |(s, e)| (*d, s, e)))
+                .collect();
+            let (d, s0, e0) = all[(rng as usize) % all.len()];
+            let pages = (e0 - s0) / PAGE_SIZE;
+            let v = s0 + (rng >> 20) % pages * PAGE_SIZE;
+            reqs.push((d, v, 1));
+        }
+        if !fault || pipelined {
+            let (d, r) = missing.iter().find(|(_, r)| !r.is_empty()).unwrap();
+            let (s0, e0) = r.first().unwrap();
+            let nr = ((e0 - s0) / PAGE_SIZE).min(xfer);
+            if !reqs
+                .iter()
+                .any(|(rd, rv, _)| rd == d && *rv >= s0 && *rv < s0 + nr * PAGE_SIZE)
+            {
+                reqs.push((*d, s0, nr));
+            }
+        }
+        for (d, v, nr) in &reqs {
+            s.write_all(&PsIov::get(*d, *v, *nr).encode())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for (d, v, nr) in reqs {
+            let mut hb = [0u8; IOV_LEN];
+            s.read_exact(&mut hb)
+                .await
+                .map_err(|e| format!("answer header: {e}"))?;
+            let h = PsIov::decode(&hb);
+            if h.dst_id != d || h.vaddr != v || h.nr_pages == 0 || h.nr_pages > nr {
+                return Err(format!(
+                    "answer {h:?} to a request for {nr} at {v:#x} of {d:#x}"
+                ));
+            }
+            let mut data = vec![0u8; (h.nr_pages * PAGE_SIZE) as usize];
+            s.read_exact(&mut data)
+                .await
+                .map_err(|e| format!("answer data: {e}"))?;
+            if data != page_bytes(d, v, h.nr_pages) {
+                return Err(format!("wrong content at {v:#x} of {d:#x}"));
+            }
+            let end = v + h.nr_pages * PAGE_SIZE;
+            let m = missing.get_mut(&d).unwrap();
+            if m.intersection(v, end)
+                .iter()
+                .map(|(a, b)| b - a)
+                .sum::<u64>()
+                != end - v
+            {
+                return Err(format!("pages at {v:#x}..{end:#x} of {d:#x} arrived twice"));
+            }
+            m.remove(v, end);
+            received += end - v;
+        }
+    }
+    s.write_all(
+        &PsIov {
+            cmd: PS_IOV_CLOSE,
+            nr_pages: 0,
+            vaddr: 0,
+            dst_id: 0,
+        }
+        .encode(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut st = [0u8; 4];
+    s.read_exact(&mut st)
+        .await
+        .map_err(|e| format!("close answer: {e}"))?;
+    Ok(received)
+}
+
+struct Run {
+    stats: ReadAheadStats,
+    source_sent: u64,
+    received: u64,
+}
+
+async fn run(
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    seed: u64,
+    fault_every: u64,
+    pipelined: bool,
+) -> Run {
+    let (d_near, d_far) = tokio::io::duplex(1 << 20);
+    let (s_near, s_far) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(page_server(s_far, lazy.clone(), 5));
+    let dmn = tokio::spawn(daemon(
+        d_far,
+        lazy.clone(),
+        seed,
+        fault_every,
+        64,
+        pipelined,
+    ));
+    let stats = read_ahead(d_near, s_near, lazy, opts).await.expect("proxy");
+    let received = dmn.await.unwrap().expect("daemon");
+    let source_sent = server.await.unwrap().expect("page server");
+    Run {
+        stats,
+        source_sent,
+        received,
+    }
+}
+
+fn layout(runs: &[(u32, u64, u64)]) -> LazyPages {
+    let mut m: LazyPages = BTreeMap::new();
+    for (pid, start_page, pages) in runs {
+        m.entry(lazy_dst(*pid))
+            .or_default()
+            .insert(start_page * PAGE_SIZE, (start_page + pages) * PAGE_SIZE);
+    }
+    m
+}
+
+#[tokio::test]
+async fn every_page_arrives_once_and_most_come_from_the_window() {
+    let lazy = layout(&[
+        (1, 0x10, 300),
+        (1, 0x400, 77),
+        (1, 0x1000, 1),
+        (9, 0x20, 150),
+    ]);
+    let total: u64 = lazy.values().map(|r| r.len()).sum();
+    let opts = ReadAheadOptions {
+        window: 64 * PAGE_SIZE,
+        chunk_pages: 16,
+    };
+    let r = run(lazy, opts, 42, 3, false).await;
+    assert_eq!(r.received, total);
+    assert_eq!(
+        r.stats.served_ahead + r.stats.forwarded,
+        total,
+        "{:?}",
+        r.stats
+    );
+    assert_eq!(
+        r.source_sent,
+        r.stats.fetched_ahead + r.stats.forwarded,
+        "{:?}",
+        r.stats
+    );
+    assert!(r.stats.served_ahead > total / 2, "{:?}", r.stats);
+    assert_eq!(r.stats.wasted, 0, "{:?}", r.stats);
+    assert!(r.stats.peak_held <= opts.window, "{:?}", r.stats);
+}
+
+#[tokio::test]
+async fn with_no_lazy_ranges_known_it_is_a_plain_forwarder() {
+    let lazy = layout(&[(1, 0x10, 40)]);
+    let (d_near, d_far) = tokio::io::duplex(1 << 20);
+    let (s_near, s_far) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(page_server(s_far, lazy.clone(), 5));
+    let dmn = tokio::spawn(daemon(d_far, lazy.clone(), 7, 2, 64, false));
+    let stats = read_ahead(
+        d_near,
+        s_near,
+        LazyPages::new(),
+        ReadAheadOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dmn.await.unwrap().unwrap(), 40 * PAGE_SIZE);
+    assert_eq!(server.await.unwrap().unwrap(), 40 * PAGE_SIZE);
+    assert_eq!(stats.fetched_ahead, 0);
+    assert_eq!(stats.forwarded, 40 * PAGE_SIZE);
+}
+
+#[tokio::test]
+async fn a_source_that_dies_fails_the_proxy_instead_of_hanging() {
+    let lazy = layout(&[(1, 0x10, 400)]);
+    let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
+    let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
+    let proxy = tokio::spawn(read_ahead(
+        d_near,
+        s_near,
+        lazy,
+        ReadAheadOptions::default(),
+    ));
+    // Nothing is read ahead before the daemon names the process, so it asks first; the
+    // source reads a request, then is gone.
+    d_far
+        .write_all(&PsIov::get(lazy_dst(1), 0x10 * PAGE_SIZE, 1).encode())
+        .await
+        .unwrap();
+    let mut hb = [0u8; IOV_LEN];
+    s_far.read_exact(&mut hb).await.unwrap();
+    drop(s_far);
+    let err = proxy.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReadAheadError::SourceClosed(_) | ReadAheadError::Io { .. }
+        ),
+        "{err}"
+    );
+    // The daemon sees its connection end rather than wait for an answer.
+    let mut buf = [0u8; 1];
+    assert_eq!(d_far.read(&mut buf).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn commands_only_a_dump_sends_are_refused_by_name() {
+    let (d_near, mut d_far) = tokio::io::duplex(1 << 16);
+    let (s_near, _s_far) = tokio::io::duplex(1 << 16);
+    let proxy = tokio::spawn(read_ahead(
+        d_near,
+        s_near,
+        LazyPages::new(),
+        ReadAheadOptions::default(),
+    ));
+    d_far
+        .write_all(
+            &PsIov {
+                cmd: 1,
+                nr_pages: 1,
+                vaddr: 0,
+                dst_id: 0,
+            }
+            .encode(),
+        )
+        .await
+        .unwrap();
+    let err = proxy.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("command 0x1"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the layout, window and fault pattern: every page arrives once with the right
+    /// content, the source is never asked for a page it does not hold, what it sends is what
+    /// the daemon got plus what was wasted, and the window bound holds.
+    #[test]
+    fn any_layout_and_fault_pattern(
+        runs in proptest::collection::vec((1u32..4, 0u64..2000, 1u64..200), 1..6),
+        window_pages in 1u64..80,
+        chunk_pages in 1u64..40,
+        seed: u64,
+        fault_every in 0u64..5,
+        pipelined: bool,
+    ) {
+        let lazy = layout(&runs);
+        let total: u64 = lazy.values().map(|r| r.len()).sum();
+        let opts = ReadAheadOptions { window: window_pages * PAGE_SIZE, chunk_pages };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
+        prop_assert_eq!(r.received, total);
+        prop_assert_eq!(r.stats.served_ahead + r.stats.forwarded, total);
+        prop_assert_eq!(r.source_sent, r.stats.fetched_ahead + r.stats.forwarded);
+        prop_assert_eq!(r.stats.fetched_ahead, r.stats.served_ahead + r.stats.wasted);
+        // This daemon never skips a page it will not ask for, so nothing fetched ahead may be
+        // left over: a page fetched twice would be.
+        prop_assert_eq!(r.stats.wasted, 0);
+        prop_assert!(r.stats.peak_held <= opts.window.max(chunk_pages * PAGE_SIZE));
+    }
+}
+
+#[tokio::test]
+async fn a_process_the_daemon_never_names_is_never_read_ahead() {
+    // The pagemap names processes 1 and 9; the page server (and the daemon) know only 1, as
+    // when an id is spelled differently on each side. Asking for 9 would kill the server.
+    let known = layout(&[(1, 0x10, 120)]);
+    let mut lazy = known.clone();
+    lazy.extend(layout(&[(9, 0x10, 120)]));
+    let (d_near, d_far) = tokio::io::duplex(1 << 20);
+    let (s_near, s_far) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(page_server(s_far, known.clone(), 5));
+    let dmn = tokio::spawn(daemon(d_far, known, 3, 4, 64, false));
+    let stats = read_ahead(d_near, s_near, lazy, ReadAheadOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(dmn.await.unwrap().unwrap(), 120 * PAGE_SIZE);
+    assert_eq!(server.await.unwrap().unwrap(), 120 * PAGE_SIZE);
+    assert!(stats.served_ahead > 0, "{stats:?}");
+}
