@@ -9,7 +9,7 @@
 //! processes in place (a post-copy dump keeps them seized until every page is served).
 //! Rollback is therefore an unlock and a thaw — no restore on the source, nothing lost.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_docker::{ContainerView, Docker};
@@ -727,6 +727,68 @@ impl SourceSide for LocalSource {
             }
         }
         Ok(warnings)
+    }
+
+    async fn abandon(&mut self) -> (Vec<String>, Vec<SideError>) {
+        let mut notes = Vec::new();
+        let mut errs = Vec::new();
+        let view = self.view.clone();
+        // CRIU holds the dumped tasks until every page is served; a page server that died let
+        // them go, running again with the memory of the freeze but cut off from the network.
+        // Frozen, they are neither a second, stale copy of the service nor lost: the operator
+        // decides.
+        let alive = view
+            .as_ref()
+            .is_some_and(|v| Path::new(&format!("/proc/{}", v.pid)).exists());
+        if let (Some(v), true) = (&view, alive) {
+            let pid = v.pid;
+            let refrozen = tokio::task::spawn_blocking(move || {
+                crate::freezer::Freezer::of(pid).and_then(|f| f.freeze(FREEZE_LIMIT))
+            })
+            .await;
+            match refrozen {
+                Ok(Ok(_)) => self.frozen = true,
+                Ok(Err(e)) => errs.push(side_err("abandon: freeze the source", e)),
+                Err(e) => errs.push(side_err("abandon: freeze the source", e)),
+            }
+        }
+        if let Some(mut lazy) = self.lazy.take() {
+            lazy.abort().await;
+        }
+        if let (Some(v), true) = (&view, alive) {
+            if let Err(e) = ferry_net::repair_off(v.pid) {
+                errs.push(side_err("abandon: TCP repair off", e));
+            }
+            notes.push(format!(
+                "the source container {} is kept frozen and cut off from the network, with its memory as it was at the freeze (without what the target did after resuming), its writable layer and volumes; its restart policy stays 'no'",
+                v.name
+            ));
+        } else if let Some(v) = &view {
+            notes.push(format!(
+                "the source container {}'s processes are gone; it is kept with its writable layer and volumes",
+                v.name
+            ));
+        }
+        if let Ok(mut m) = self.pages.lock() {
+            m.remove(&self.migration_id);
+        }
+        for p in crate::logs::keep(
+            &self.env.state_dir,
+            &self.migration_id,
+            "source",
+            &self.dir.join("work"),
+        ) {
+            warn!("keeping CRIU's logs: {p}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errs.push(side_err(
+                    "abandon: remove images",
+                    format!("{}: {e}", self.dir.display()),
+                ));
+            }
+        }
+        (notes, errs)
     }
 
     async fn rollback(&mut self) -> Vec<SideError> {

@@ -24,7 +24,36 @@ use crate::host::HostEnv;
 
 /// A post-copy fetch in progress: CRIU's lazy-pages daemon and the signal that its page
 /// channel to the source closed.
-type LazyFetch = (ferry_criu::LazyPagesDaemon, Arc<tokio::sync::Notify>);
+struct LazyFetch {
+    daemon: ferry_criu::LazyPagesDaemon,
+    tunnel_closed: Arc<tokio::sync::Notify>,
+    /// Known when the read-ahead proxy runs: what a failure report says was lost.
+    arrival: Option<PageArrival>,
+}
+
+struct PageArrival {
+    /// Bytes of the lazy ranges in the pagemap images: all the source's page server holds.
+    lazy_bytes: u64,
+    /// Page bytes handed to the lazy-pages daemon so far.
+    delivered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl PageArrival {
+    /// How much arrived and how much is lost, for the operator.
+    fn describe(&self) -> String {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let got = self
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(self.lazy_bytes);
+        format!(
+            "{:.1} of the {:.1} MiB of memory pages left at the source had arrived; {:.1} MiB are lost",
+            mib(got),
+            mib(self.lazy_bytes),
+            mib(self.lazy_bytes - got)
+        )
+    }
+}
 
 /// Buffer between the read-ahead proxy and the page tunnel, each way.
 const READ_AHEAD_PIPE: usize = 1 << 20;
@@ -410,6 +439,11 @@ impl Targets {
                 None
             }
         };
+        let arrival = lazy.as_ref().map(|l| PageArrival {
+            lazy_bytes: l.values().map(|r| r.len()).sum(),
+            delivered: Arc::default(),
+        });
+        let delivered = arrival.as_ref().map(|a| a.delivered.clone());
         let tunnel_closed = Arc::new(tokio::sync::Notify::new());
         let closed = tunnel_closed.clone();
         tokio::spawn(async move {
@@ -427,7 +461,7 @@ impl Targets {
                 }
             };
             let _ = sock.set_nodelay(true);
-            let Some(lazy) = lazy else {
+            let (Some(lazy), Some(delivered)) = (lazy, delivered) else {
                 match crate::conn::bridge(tunnel, sock, opts).await {
                     Ok(t) => {
                         info!(migration = %mid, from_source = t.from_peer.raw, from_source_wire = t.from_peer.wire, to_source = t.to_peer.raw, "page tunnel closed")
@@ -439,8 +473,13 @@ impl Targets {
             // The daemon talks to the read-ahead proxy, the proxy to the page server through
             // the tunnel; whichever ends first closes its side, which ends the other.
             let (near, far) = tokio::io::duplex(READ_AHEAD_PIPE);
-            let proxy =
-                ferry_pages::read_ahead(sock, near, lazy, ferry_pages::ReadAheadOptions::default());
+            let proxy = ferry_pages::read_ahead_counted(
+                sock,
+                near,
+                lazy,
+                ferry_pages::ReadAheadOptions::default(),
+                &delivered,
+            );
             let (proxied, tunnelled) = tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts));
             match proxied {
                 Ok(r) => {
@@ -463,10 +502,14 @@ impl Targets {
                 tool_log: e.log().to_vec(),
             });
         }
-        self.lazy
-            .lock()
-            .await
-            .insert(id.to_string(), (daemon, tunnel_closed));
+        self.lazy.lock().await.insert(
+            id.to_string(),
+            LazyFetch {
+                daemon,
+                tunnel_closed,
+                arrival,
+            },
+        );
         Ok(())
     }
 
@@ -1534,7 +1577,11 @@ impl Targets {
     /// Waits until the lazy-pages daemon has every page. If it never will, the restored
     /// container is stopped rather than left spinning on the faults no page will answer.
     async fn fetch_pages(&self, id: &str, fetch: LazyFetch) -> Result<(), ErrorInfo> {
-        let (mut daemon, tunnel_closed) = fetch;
+        let LazyFetch {
+            mut daemon,
+            tunnel_closed,
+            arrival,
+        } = fetch;
         // Post-copy: the container runs already; the migration is done when every page is
         // here. A daemon still running well after its page channel closed never will be.
         let outcome = tokio::select! {
@@ -1559,6 +1606,9 @@ impl Targets {
             let mut message = format!(
                 "post-copy failed after the target resumed: not every page arrived ({e}); the source's memory pages that had not been fetched are lost"
             );
+            if let Some(a) = &arrival {
+                message.push_str(&format!(" ({})", a.describe()));
+            }
             if let Some(cid) = cid {
                 // A restored process missing pages would spin on its faults: stop it.
                 let killed = self.env.docker.kill(&cid, "KILL").await;
@@ -1681,7 +1731,7 @@ impl Targets {
         if let Some(p) = self.parked.lock().await.remove(id) {
             p.abort().await;
         }
-        if let Some((mut daemon, _)) = self.lazy.lock().await.remove(id) {
+        if let Some(LazyFetch { mut daemon, .. }) = self.lazy.lock().await.remove(id) {
             daemon.kill().await;
         }
         if let Some(w) = self.pages.lock().await.remove(id) {

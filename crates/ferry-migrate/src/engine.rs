@@ -344,6 +344,22 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                         }
                         return Outcome::Migrated;
                     }
+                    Ok(Ok(TargetState::PagesLost)) => {
+                        warn!("post-copy lost pages after the target resumed: nothing to resume");
+                        let errs = tokio::time::timeout(step_to, self.source.abandon()).await;
+                        match errs {
+                            Ok((notes, errs)) => {
+                                report.warnings.extend(notes);
+                                report.rollback_errors.extend(errs.iter().map(|e| e.info()))
+                            }
+                            Err(_) => report.rollback_errors.push(ErrorInfo {
+                                step: "abandon: source".into(),
+                                message: format!("no answer within {} s", step_to.as_secs()),
+                                tool_log: vec![],
+                            }),
+                        }
+                        return Outcome::PagesLost;
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         report.rollback_errors.push(e.info());

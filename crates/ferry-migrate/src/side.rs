@@ -136,6 +136,13 @@ pub trait SourceSide: Send {
     /// Resumes the container where it was frozen and removes every trace of the attempt.
     /// Reports each cleanup step that failed instead of stopping at the first.
     fn rollback(&mut self) -> impl Future<Output = Vec<SideError>> + Send;
+    /// Post-copy whose pages were lost after the target resumed: the target's container is
+    /// stopped and has run past the freeze, so resuming the source would silently undo what
+    /// it did. Ends what still serves pages and keeps the source container, resumed nowhere,
+    /// for the operator. Returns what it left where (for the report) and its failures.
+    fn abandon(&mut self) -> impl Future<Output = (Vec<String>, Vec<SideError>)> + Send {
+        async { (Vec::new(), Vec::new()) }
+    }
     /// Bytes this side sent outside the transport (post-copy pages through their own tunnel).
     fn extra_bytes_sent(&self) -> u64 {
         0

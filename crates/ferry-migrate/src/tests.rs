@@ -33,6 +33,7 @@ enum At {
     CommitLostThenCommitted,
     CommitLostThenUnreachable,
     CommitLostThenRolledBack,
+    CommitPagesLost,
 }
 
 fn facts(name: &str) -> HostFacts {
@@ -128,6 +129,10 @@ impl SourceSide for FakeSource {
         push(&self.log, "source.commit");
         Ok(vec![])
     }
+    async fn abandon(&mut self) -> (Vec<String>, Vec<SideError>) {
+        push(&self.log, "source.abandon");
+        (vec!["source kept frozen".into()], Vec::new())
+    }
     async fn rollback(&mut self) -> Vec<SideError> {
         push(&self.log, "source.rollback");
         (0..self.rollback_errors)
@@ -200,6 +205,10 @@ impl TargetSide for FakeTarget {
                 "commit",
                 "connection reset",
             )),
+            At::CommitPagesLost => Err(SideError::failed(
+                "commit (target): fetch pages",
+                "not every page arrived",
+            )),
             _ => Ok(()),
         }
     }
@@ -219,6 +228,7 @@ impl TargetSide for FakeTarget {
         match self.at {
             At::CommitLostThenCommitted => Ok(TargetState::Committed),
             At::CommitLostThenRolledBack => Ok(TargetState::RolledBack),
+            At::CommitPagesLost => Ok(TargetState::PagesLost),
             _ => Err(SideError::new(
                 SideErrorKind::ConnectionLost,
                 "status",
@@ -511,6 +521,21 @@ async fn lost_commit_answer_with_rolled_back_target_resumes_the_source() {
         &log[log.len() - 3..],
         &calls(&["target.status", "target.rollback", "source.rollback"])[..]
     );
+}
+
+#[tokio::test]
+async fn pages_lost_after_the_resume_is_its_own_outcome_and_resumes_nothing() {
+    let (report, log) = run_with(At::CommitPagesLost, 0, None).await;
+    assert_eq!(report.outcome, Outcome::PagesLost);
+    assert_eq!(
+        &log[log.len() - 3..],
+        &calls(&["target.commit", "target.status", "source.abandon"])[..]
+    );
+    assert!(!log.contains(&"source.rollback".to_string()));
+    assert!(!log.contains(&"target.rollback".to_string()));
+    assert!(!log.contains(&"source.commit".to_string()));
+    assert_eq!(report.error.unwrap().step, "commit (target): fetch pages");
+    assert!(report.warnings.contains(&"source kept frozen".to_string()));
 }
 
 #[tokio::test]

@@ -22,4 +22,6 @@ pub mod readahead;
 pub use pagemap::{lazy_pages, LazyPages, PagemapError};
 pub use ps::{lazy_dst, PsIov, PAGE_SIZE};
 pub use ranges::RangeSet;
-pub use readahead::{read_ahead, ReadAheadError, ReadAheadOptions, ReadAheadStats};
+pub use readahead::{
+    read_ahead, read_ahead_counted, ReadAheadError, ReadAheadOptions, ReadAheadStats,
+};

@@ -19,6 +19,7 @@
 //! what the window holds there is dropped and counted as wasted.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
@@ -270,6 +271,23 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    read_ahead_counted(daemon, source, lazy, opts, &AtomicU64::new(0)).await
+}
+
+/// [`read_ahead`], adding every page byte handed to the daemon to `delivered` as it goes: when
+/// the source dies mid-transfer the proxy returns an error, and this count is what tells the
+/// operator how much of the memory had arrived.
+pub async fn read_ahead_counted<D, S>(
+    daemon: D,
+    source: S,
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    delivered: &AtomicU64,
+) -> Result<ReadAheadStats, ReadAheadError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (src_rd, src_wr) = tokio::io::split(source);
     let sh = Shared {
         st: Mutex::new(State {
@@ -305,7 +323,7 @@ where
     };
     let background = async { tokio::try_join!(reader, ahead).map(|_| ()) };
     let result = tokio::select! {
-        r = serve_daemon(&sh, daemon) => r,
+        r = serve_daemon(&sh, daemon, delivered) => r,
         r = background => r,
     };
     let mut st = sh.state();
@@ -453,7 +471,11 @@ enum Answer {
     Forward(u64),
 }
 
-async fn serve_daemon<D, W>(sh: &Shared<W>, daemon: D) -> Result<(), ReadAheadError>
+async fn serve_daemon<D, W>(
+    sh: &Shared<W>,
+    daemon: D,
+    delivered: &AtomicU64,
+) -> Result<(), ReadAheadError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
@@ -480,6 +502,7 @@ where
                     .await
                     .map_err(io("answering the lazy-pages daemon"))?;
                 sh.state().stats.requests += 1;
+                delivered.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
                 sh.state().closing = true;

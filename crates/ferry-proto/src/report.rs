@@ -61,6 +61,10 @@ pub enum Outcome {
     /// The target's state could not be learned after the commit request: the source is kept
     /// frozen and nothing is deleted, for an operator to decide.
     InDoubt,
+    /// Post-copy: the target had resumed when the source stopped serving pages, so the pages
+    /// not fetched by then are gone. Both containers are kept, stopped; the error says how much
+    /// arrived and what is lost.
+    PagesLost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

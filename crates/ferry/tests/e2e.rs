@@ -1502,6 +1502,148 @@ fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_s
     remove_everywhere(name);
 }
 
+/// The freezer state of the cgroup of `pid` (v1 `freezer.state`, or v2 `cgroup.freeze` as
+/// FROZEN/THAWED).
+fn freezer_states(pid: u64) -> Vec<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrl, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        if ctrl == "freezer" {
+            if let Ok(s) =
+                std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
+            {
+                out.push(s.trim().to_string());
+            }
+        } else if ctrl.is_empty() {
+            if let Ok(s) = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.freeze")) {
+                out.push(if s.trim() == "1" {
+                    "FROZEN".into()
+                } else {
+                    "THAWED".into()
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The CRIU process serving a post-copy's pages on a source: the child of the `runc checkpoint
+/// --lazy-pages` that the source agent started.
+fn lazy_page_server() -> Option<u32> {
+    let cmdline = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default()
+    };
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    let runc: Vec<&String> = procs
+        .iter()
+        .filter(|p| {
+            let c = cmdline(p);
+            c.contains(" checkpoint ") && c.contains("--lazy-pages")
+        })
+        .collect();
+    procs.iter().find_map(|p| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let after = stat.rsplit_once(") ")?.1;
+        let ppid = after.split_whitespace().nth(1)?;
+        (stat.contains("(criu)") && runc.iter().any(|r| r.as_str() == ppid))
+            .then(|| p.parse().ok())
+            .flatten()
+    })
+}
+
+/// The page server dying once the target runs (the source agent lives on): the report's
+/// outcome is `pages-lost`, its error says how much of the memory had arrived and how much is
+/// lost, nothing is resumed or rolled back, and both containers are left stopped.
+#[test]
+fn a_post_copy_whose_page_server_dies_after_the_resume_reports_pages_lost_with_amounts() {
+    if !enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, ip) = ("e2e-postcopy-lost", "198.18.0.143");
+    let _ = redis_on_a(name, ip, 400_000);
+    let tls = client_tls();
+    let (from, to) = (addr("a"), addr("b"));
+    let child = Command::new(ferry())
+        .args([
+            "migrate",
+            name,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--tls-dir",
+            &tls,
+            "--strategy",
+            "post-copy",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the target to resume the container", || {
+        inspect("b", name)
+            .filter(|c| c["State"]["Running"] == true)
+            .map(|_| ())
+    });
+    let server = wait_for("the source's page server", lazy_page_server);
+    assert!(run(Command::new("kill").args(["-9", &server.to_string()]))
+        .status
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the CLI must not report success");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(report["outcome"], "pages-lost", "{report}");
+    let err = report["error"]["message"].as_str().unwrap_or_default();
+    assert!(err.contains("not every page arrived"), "{report}");
+    assert!(err.contains("MiB are lost"), "{report}");
+    assert!(err.contains("the target container was stopped"), "{report}");
+    // Some pages had reached the target and some had not: the figures are real, not zero.
+    let lost: f64 = err
+        .split(" MiB are lost")
+        .next()
+        .and_then(|h| h.rsplit("; ").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lost figure in {err}"));
+    assert!(lost > 0.0, "{err}");
+    assert!(
+        report["rollback_errors"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "nothing is rolled back, so nothing fails to: {report}"
+    );
+    let target = inspect("b", name).expect("the target container is kept");
+    assert_eq!(target["State"]["Running"], false, "{target}");
+    // CRIU let the source's tasks go when it died: they are frozen again, not serving a
+    // stale copy next to the target, and not gone.
+    let source = inspect("a", name).expect("the source container is kept");
+    let pid = source["State"]["Pid"].as_u64().unwrap_or(0);
+    assert!(pid > 0, "the source's processes live: {source}");
+    let states = freezer_states(pid);
+    assert!(
+        states.iter().all(|s| s == "FROZEN") && !states.is_empty(),
+        "{states:?}"
+    );
+    let warnings = report["warnings"].to_string();
+    assert!(warnings.contains("kept frozen"), "{warnings}");
+    remove_everywhere(name);
+}
+
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Runs a PostgreSQL client (`psql`, `pgbench`) from the host's packages in the client

@@ -190,8 +190,17 @@ async fn run(
         64,
         pipelined,
     ));
-    let stats = read_ahead(d_near, s_near, lazy, opts).await.expect("proxy");
+    let delivered = AtomicU64::new(0);
+    let stats = read_ahead_counted(d_near, s_near, lazy, opts, &delivered)
+        .await
+        .expect("proxy");
+    assert_eq!(
+        delivered.load(Ordering::Relaxed),
+        stats.served_ahead + stats.forwarded,
+        "the running count of what the daemon got"
+    );
     let received = dmn.await.unwrap().expect("daemon");
+    assert_eq!(delivered.load(Ordering::Relaxed), received);
     let source_sent = server.await.unwrap().expect("page server");
     Run {
         stats,

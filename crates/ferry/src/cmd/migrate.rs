@@ -234,6 +234,9 @@ pub fn print_human(r: &Report) {
         Outcome::Migrated => "migrated",
         Outcome::RolledBack => "rolled back",
         Outcome::InDoubt => "IN DOUBT (source kept frozen; check the target)",
+        Outcome::PagesLost => {
+            "PAGES LOST (post-copy: the source stopped serving pages after the target resumed)"
+        }
     };
     println!("{} {} → {}: {outcome}", r.container, r.source, r.target);
     println!("  strategy {} ({})", r.strategy, r.strategy_reason);
