@@ -483,7 +483,7 @@ impl Targets {
             let (proxied, tunnelled) = tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts));
             match proxied {
                 Ok(r) => {
-                    info!(migration = %mid, fetched_ahead = r.fetched_ahead, served_ahead = r.served_ahead, forwarded = r.forwarded, wasted = r.wasted, requests = r.requests, peak_held = r.peak_held, "read-ahead done")
+                    info!(migration = %mid, fetched_ahead = r.fetched_ahead, served_ahead = r.served_ahead, forwarded = r.forwarded, wasted = r.wasted, requests = r.requests, peak_held = r.peak_held, peak_in_flight = r.peak_in_flight, "read-ahead done")
                 }
                 Err(e) => warn!(migration = %mid, "read-ahead: {e}"),
             }

@@ -40,6 +40,10 @@ pub struct ReadAheadOptions {
     pub window: u64,
     /// Pages per read-ahead request.
     pub chunk_pages: u64,
+    /// Most bytes of read-ahead requests sent and not yet answered. A page fault the window
+    /// cannot answer is forwarded behind them on the one connection the page server serves
+    /// in order, so this bounds its wait; a few chunks already cover the tunnel's round trip.
+    pub in_flight: u64,
 }
 
 impl Default for ReadAheadOptions {
@@ -47,6 +51,7 @@ impl Default for ReadAheadOptions {
         ReadAheadOptions {
             window: 16 << 20,
             chunk_pages: 256,
+            in_flight: 4 << 20,
         }
     }
 }
@@ -66,6 +71,8 @@ pub struct ReadAheadStats {
     pub requests: u64,
     /// Most bytes held ahead at once.
     pub peak_held: u64,
+    /// Most bytes of read-ahead requests unanswered at once.
+    pub peak_in_flight: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,8 @@ struct State {
     window: BTreeMap<u64, BTreeMap<u64, Bytes>>,
     /// Bytes in flight ahead plus bytes in `window`.
     held: u64,
+    /// Bytes asked for ahead and not yet answered.
+    asked: u64,
     expect: VecDeque<Expect>,
     closing: bool,
     source_gone: bool,
@@ -208,7 +217,9 @@ impl State {
             }
             self.in_flight.entry(dst).or_default().insert(s, end);
             self.held += end - s;
+            self.asked += end - s;
             self.stats.peak_held = self.stats.peak_held.max(self.held);
+            self.stats.peak_in_flight = self.stats.peak_in_flight.max(self.asked);
             return Some((dst, s, (end - s) / PAGE_SIZE));
         }
     }
@@ -301,6 +312,7 @@ where
     let opts = ReadAheadOptions {
         window: opts.window.max(PAGE_SIZE),
         chunk_pages: opts.chunk_pages.max(1),
+        in_flight: opts.in_flight.max(PAGE_SIZE),
     };
     let reader = async {
         let r: Result<(), ReadAheadError> = read_answers(&sh, src_rd).await;
@@ -389,6 +401,7 @@ where
                         f.remove(start, end);
                     }
                     st.held -= end - start - got;
+                    st.asked -= end - start;
                     st.stats.fetched_ahead += got;
                     if got > 0 {
                         st.window.entry(dst).or_default().insert(start, data);
@@ -450,7 +463,8 @@ async fn request_ahead<W: AsyncWrite + Unpin>(
             if st.closing || st.source_gone {
                 return Ok(());
             }
-            if st.held == 0 || st.held + chunk <= opts.window {
+            let room = st.held + chunk <= opts.window && st.asked + chunk <= opts.in_flight;
+            if st.held == 0 || room {
                 st.next_chunk(opts.chunk_pages)
             } else {
                 None

@@ -11,6 +11,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use super::*;
 use crate::ps::{lazy_dst, PS_IOV_GET};
 
+/// Fails a test whose proxy, fake daemon or fake page server stops making progress, instead
+/// of hanging the suite.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(120), f)
+        .await
+        .expect("no progress for 120 s: a side waits for a message that never comes")
+}
+
 fn content(dst: u64, page: u64) -> u8 {
     (dst.wrapping_mul(31) ^ page.wrapping_mul(7) ^ (page >> 12)) as u8
 }
@@ -221,114 +229,128 @@ fn layout(runs: &[(u32, u64, u64)]) -> LazyPages {
 
 #[tokio::test]
 async fn every_page_arrives_once_and_most_come_from_the_window() {
-    let lazy = layout(&[
-        (1, 0x10, 300),
-        (1, 0x400, 77),
-        (1, 0x1000, 1),
-        (9, 0x20, 150),
-    ]);
-    let total: u64 = lazy.values().map(|r| r.len()).sum();
-    let opts = ReadAheadOptions {
-        window: 64 * PAGE_SIZE,
-        chunk_pages: 16,
-    };
-    let r = run(lazy, opts, 42, 3, false).await;
-    assert_eq!(r.received, total);
-    assert_eq!(
-        r.stats.served_ahead + r.stats.forwarded,
-        total,
-        "{:?}",
-        r.stats
-    );
-    assert_eq!(
-        r.source_sent,
-        r.stats.fetched_ahead + r.stats.forwarded,
-        "{:?}",
-        r.stats
-    );
-    assert!(r.stats.served_ahead > total / 2, "{:?}", r.stats);
-    assert_eq!(r.stats.wasted, 0, "{:?}", r.stats);
-    assert!(r.stats.peak_held <= opts.window, "{:?}", r.stats);
+    within(async {
+        let lazy = layout(&[
+            (1, 0x10, 300),
+            (1, 0x400, 77),
+            (1, 0x1000, 1),
+            (9, 0x20, 150),
+        ]);
+        let total: u64 = lazy.values().map(|r| r.len()).sum();
+        let opts = ReadAheadOptions {
+            window: 64 * PAGE_SIZE,
+            chunk_pages: 16,
+            in_flight: 32 * PAGE_SIZE,
+        };
+        let r = run(lazy, opts, 42, 3, false).await;
+        assert!(r.stats.peak_in_flight <= opts.in_flight, "{:?}", r.stats);
+        assert_eq!(r.received, total);
+        assert_eq!(
+            r.stats.served_ahead + r.stats.forwarded,
+            total,
+            "{:?}",
+            r.stats
+        );
+        assert_eq!(
+            r.source_sent,
+            r.stats.fetched_ahead + r.stats.forwarded,
+            "{:?}",
+            r.stats
+        );
+        assert!(r.stats.served_ahead > total / 2, "{:?}", r.stats);
+        assert_eq!(r.stats.wasted, 0, "{:?}", r.stats);
+        assert!(r.stats.peak_held <= opts.window, "{:?}", r.stats);
+    })
+    .await
 }
 
 #[tokio::test]
 async fn with_no_lazy_ranges_known_it_is_a_plain_forwarder() {
-    let lazy = layout(&[(1, 0x10, 40)]);
-    let (d_near, d_far) = tokio::io::duplex(1 << 20);
-    let (s_near, s_far) = tokio::io::duplex(1 << 20);
-    let server = tokio::spawn(page_server(s_far, lazy.clone(), 5));
-    let dmn = tokio::spawn(daemon(d_far, lazy.clone(), 7, 2, 64, false));
-    let stats = read_ahead(
-        d_near,
-        s_near,
-        LazyPages::new(),
-        ReadAheadOptions::default(),
-    )
+    within(async {
+        let lazy = layout(&[(1, 0x10, 40)]);
+        let (d_near, d_far) = tokio::io::duplex(1 << 20);
+        let (s_near, s_far) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(page_server(s_far, lazy.clone(), 5));
+        let dmn = tokio::spawn(daemon(d_far, lazy.clone(), 7, 2, 64, false));
+        let stats = read_ahead(
+            d_near,
+            s_near,
+            LazyPages::new(),
+            ReadAheadOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(dmn.await.unwrap().unwrap(), 40 * PAGE_SIZE);
+        assert_eq!(server.await.unwrap().unwrap(), 40 * PAGE_SIZE);
+        assert_eq!(stats.fetched_ahead, 0);
+        assert_eq!(stats.forwarded, 40 * PAGE_SIZE);
+    })
     .await
-    .unwrap();
-    assert_eq!(dmn.await.unwrap().unwrap(), 40 * PAGE_SIZE);
-    assert_eq!(server.await.unwrap().unwrap(), 40 * PAGE_SIZE);
-    assert_eq!(stats.fetched_ahead, 0);
-    assert_eq!(stats.forwarded, 40 * PAGE_SIZE);
 }
 
 #[tokio::test]
 async fn a_source_that_dies_fails_the_proxy_instead_of_hanging() {
-    let lazy = layout(&[(1, 0x10, 400)]);
-    let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
-    let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
-    let proxy = tokio::spawn(read_ahead(
-        d_near,
-        s_near,
-        lazy,
-        ReadAheadOptions::default(),
-    ));
-    // Nothing is read ahead before the daemon names the process, so it asks first; the
-    // source reads a request, then is gone.
-    d_far
-        .write_all(&PsIov::get(lazy_dst(1), 0x10 * PAGE_SIZE, 1).encode())
-        .await
-        .unwrap();
-    let mut hb = [0u8; IOV_LEN];
-    s_far.read_exact(&mut hb).await.unwrap();
-    drop(s_far);
-    let err = proxy.await.unwrap().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ReadAheadError::SourceClosed(_) | ReadAheadError::Io { .. }
-        ),
-        "{err}"
-    );
-    // The daemon sees its connection end rather than wait for an answer.
-    let mut buf = [0u8; 1];
-    assert_eq!(d_far.read(&mut buf).await.unwrap(), 0);
+    within(async {
+        let lazy = layout(&[(1, 0x10, 400)]);
+        let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
+        let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
+        let proxy = tokio::spawn(read_ahead(
+            d_near,
+            s_near,
+            lazy,
+            ReadAheadOptions::default(),
+        ));
+        // Nothing is read ahead before the daemon names the process, so it asks first; the
+        // source reads a request, then is gone.
+        d_far
+            .write_all(&PsIov::get(lazy_dst(1), 0x10 * PAGE_SIZE, 1).encode())
+            .await
+            .unwrap();
+        let mut hb = [0u8; IOV_LEN];
+        s_far.read_exact(&mut hb).await.unwrap();
+        drop(s_far);
+        let err = proxy.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReadAheadError::SourceClosed(_) | ReadAheadError::Io { .. }
+            ),
+            "{err}"
+        );
+        // The daemon sees its connection end rather than wait for an answer.
+        let mut buf = [0u8; 1];
+        assert_eq!(d_far.read(&mut buf).await.unwrap(), 0);
+    })
+    .await
 }
 
 #[tokio::test]
 async fn commands_only_a_dump_sends_are_refused_by_name() {
-    let (d_near, mut d_far) = tokio::io::duplex(1 << 16);
-    let (s_near, _s_far) = tokio::io::duplex(1 << 16);
-    let proxy = tokio::spawn(read_ahead(
-        d_near,
-        s_near,
-        LazyPages::new(),
-        ReadAheadOptions::default(),
-    ));
-    d_far
-        .write_all(
-            &PsIov {
-                cmd: 1,
-                nr_pages: 1,
-                vaddr: 0,
-                dst_id: 0,
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
-    let err = proxy.await.unwrap().unwrap_err();
-    assert!(err.to_string().contains("command 0x1"), "{err}");
+    within(async {
+        let (d_near, mut d_far) = tokio::io::duplex(1 << 16);
+        let (s_near, _s_far) = tokio::io::duplex(1 << 16);
+        let proxy = tokio::spawn(read_ahead(
+            d_near,
+            s_near,
+            LazyPages::new(),
+            ReadAheadOptions::default(),
+        ));
+        d_far
+            .write_all(
+                &PsIov {
+                    cmd: 1,
+                    nr_pages: 1,
+                    vaddr: 0,
+                    dst_id: 0,
+                }
+                .encode(),
+            )
+            .await
+            .unwrap();
+        let err = proxy.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("command 0x1"), "{err}");
+    })
+    .await
 }
 
 proptest! {
@@ -342,13 +364,18 @@ proptest! {
         runs in proptest::collection::vec((1u32..4, 0u64..2000, 1u64..200), 1..6),
         window_pages in 1u64..80,
         chunk_pages in 1u64..40,
+        in_flight_pages in 1u64..60,
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
     ) {
         let lazy = layout(&runs);
         let total: u64 = lazy.values().map(|r| r.len()).sum();
-        let opts = ReadAheadOptions { window: window_pages * PAGE_SIZE, chunk_pages };
+        let opts = ReadAheadOptions {
+            window: window_pages * PAGE_SIZE,
+            chunk_pages,
+            in_flight: in_flight_pages * PAGE_SIZE,
+        };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
         prop_assert_eq!(r.received, total);
@@ -359,24 +386,29 @@ proptest! {
         // left over: a page fetched twice would be.
         prop_assert_eq!(r.stats.wasted, 0);
         prop_assert!(r.stats.peak_held <= opts.window.max(chunk_pages * PAGE_SIZE));
+        prop_assert!(r.stats.peak_in_flight <= opts.in_flight.max(chunk_pages * PAGE_SIZE));
+        prop_assert!(r.stats.peak_in_flight <= r.stats.peak_held);
     }
 }
 
 #[tokio::test]
 async fn a_process_the_daemon_never_names_is_never_read_ahead() {
-    // The pagemap names processes 1 and 9; the page server (and the daemon) know only 1, as
-    // when an id is spelled differently on each side. Asking for 9 would kill the server.
-    let known = layout(&[(1, 0x10, 120)]);
-    let mut lazy = known.clone();
-    lazy.extend(layout(&[(9, 0x10, 120)]));
-    let (d_near, d_far) = tokio::io::duplex(1 << 20);
-    let (s_near, s_far) = tokio::io::duplex(1 << 20);
-    let server = tokio::spawn(page_server(s_far, known.clone(), 5));
-    let dmn = tokio::spawn(daemon(d_far, known, 3, 4, 64, false));
-    let stats = read_ahead(d_near, s_near, lazy, ReadAheadOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(dmn.await.unwrap().unwrap(), 120 * PAGE_SIZE);
-    assert_eq!(server.await.unwrap().unwrap(), 120 * PAGE_SIZE);
-    assert!(stats.served_ahead > 0, "{stats:?}");
+    within(async {
+        // The pagemap names processes 1 and 9; the page server (and the daemon) know only 1, as
+        // when an id is spelled differently on each side. Asking for 9 would kill the server.
+        let known = layout(&[(1, 0x10, 120)]);
+        let mut lazy = known.clone();
+        lazy.extend(layout(&[(9, 0x10, 120)]));
+        let (d_near, d_far) = tokio::io::duplex(1 << 20);
+        let (s_near, s_far) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(page_server(s_far, known.clone(), 5));
+        let dmn = tokio::spawn(daemon(d_far, known, 3, 4, 64, false));
+        let stats = read_ahead(d_near, s_near, lazy, ReadAheadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(dmn.await.unwrap().unwrap(), 120 * PAGE_SIZE);
+        assert_eq!(server.await.unwrap().unwrap(), 120 * PAGE_SIZE);
+        assert!(stats.served_ahead > 0, "{stats:?}");
+    })
+    .await
 }
