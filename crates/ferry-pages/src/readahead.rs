@@ -12,6 +12,10 @@
 //! - otherwise by forwarding it, cut short of the next page that is on its way, so no page
 //!   crosses the link twice.
 //!
+//! Nothing is read ahead before the daemon's first request of more than a page: until CRIU's
+//! restore has finished, it asks only for the pages the restore faults on, and each would
+//! wait behind whatever read-ahead was sent before it.
+//!
 //! Only ranges of the pagemap's lazy set are ever requested ahead: CRIU's page server treats a
 //! request for pages it does not hold as fatal, and its death takes the source with it. The
 //! daemon's background transfer walks each process's ranges in address order, so a request
@@ -112,6 +116,11 @@ struct State {
     /// Process ids the daemon has asked for: only these are read ahead, so an id the page
     /// server would not know is never sent by the proxy itself.
     seen: std::collections::BTreeSet<u64>,
+    /// The daemon has asked for more than a page: its background transfer, which CRIU starts
+    /// only once the restore has finished, is under way. Until then every request is a fault
+    /// of the restore itself (each thread's stack, the restorer's own pages), and read-ahead
+    /// queued before them on the page server's one connection would only lengthen the pause.
+    background: bool,
     /// Pages here, by process and start address.
     window: BTreeMap<u64, BTreeMap<u64, Bytes>>,
     /// Bytes in flight ahead plus bytes in `window`.
@@ -199,7 +208,7 @@ impl State {
             let (&dst, set) = self
                 .wanted
                 .iter()
-                .find(|(d, s)| !s.is_empty() && self.seen.contains(d))?;
+                .find(|(d, s)| self.background && !s.is_empty() && self.seen.contains(d))?;
             let (s, e) = set.first()?;
             let end = e.min(s + chunk_pages * PAGE_SIZE);
             let lazy_ok = self
@@ -556,7 +565,9 @@ async fn answer<W: AsyncWrite + Unpin>(
         let notified = sh.changed.notified();
         {
             let mut st = sh.state();
-            if st.seen.insert(dst) {
+            let started = nr > 1 && !st.background;
+            st.background |= nr > 1;
+            if st.seen.insert(dst) || started {
                 sh.changed.notify_waiters();
             }
             if nr > 1 {

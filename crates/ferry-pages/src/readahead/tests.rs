@@ -392,6 +392,61 @@ proptest! {
 }
 
 #[tokio::test]
+async fn faults_before_the_background_transfer_are_never_queued_behind_read_ahead() {
+    within(async {
+        let lazy = layout(&[(1, 0x10, 400)]);
+        let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
+        let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
+        let proxy = tokio::spawn(read_ahead(
+            d_near,
+            s_near,
+            lazy,
+            ReadAheadOptions::default(),
+        ));
+        // Restore-time faults: one page each. The source must see exactly these requests.
+        for page in [0x20u64, 0x90, 0x31] {
+            let vaddr = page * PAGE_SIZE;
+            d_far
+                .write_all(&PsIov::get(lazy_dst(1), vaddr, 1).encode())
+                .await
+                .unwrap();
+            let mut hb = [0u8; IOV_LEN];
+            s_far.read_exact(&mut hb).await.unwrap();
+            let req = PsIov::decode(&hb);
+            assert_eq!((req.vaddr, req.nr_pages), (vaddr, 1), "{req:?}");
+            s_far
+                .write_all(&PsIov::pages(lazy_dst(1), vaddr, 1).encode())
+                .await
+                .unwrap();
+            s_far
+                .write_all(&page_bytes(lazy_dst(1), vaddr, 1))
+                .await
+                .unwrap();
+            d_far.read_exact(&mut hb).await.unwrap();
+            let mut data = vec![0u8; PAGE_SIZE as usize];
+            d_far.read_exact(&mut data).await.unwrap();
+            assert_eq!(data, page_bytes(lazy_dst(1), vaddr, 1));
+        }
+        // The first background request starts the read-ahead: the source now gets requests
+        // beyond what the daemon asked for.
+        d_far
+            .write_all(&PsIov::get(lazy_dst(1), 0x10 * PAGE_SIZE, 16).encode())
+            .await
+            .unwrap();
+        let mut asked = 0u64;
+        let mut hb = [0u8; IOV_LEN];
+        while asked <= 16 {
+            s_far.read_exact(&mut hb).await.unwrap();
+            asked += PsIov::decode(&hb).nr_pages;
+        }
+        drop(s_far);
+        drop(d_far);
+        let _ = proxy.await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_process_the_daemon_never_names_is_never_read_ahead() {
     within(async {
         // The pagemap names processes 1 and 9; the page server (and the daemon) know only 1, as
