@@ -48,6 +48,11 @@ pub struct ReadAheadOptions {
     /// cannot answer is forwarded behind them on the one connection the page server serves
     /// in order, so this bounds its wait; a few chunks already cover the tunnel's round trip.
     pub in_flight: u64,
+    /// After a fault had to be forwarded, no new read-ahead is sent for this long. A restored
+    /// process faults in bursts (one request touches several pages, each fault blocking it
+    /// until answered), and every read-ahead request sent meanwhile would queue before the
+    /// burst's next fault on the page server's one connection.
+    pub fault_quiet: std::time::Duration,
 }
 
 impl Default for ReadAheadOptions {
@@ -56,6 +61,7 @@ impl Default for ReadAheadOptions {
             window: 16 << 20,
             chunk_pages: 256,
             in_flight: 4 << 20,
+            fault_quiet: std::time::Duration::from_millis(20),
         }
     }
 }
@@ -121,6 +127,9 @@ struct State {
     /// of the restore itself (each thread's stack, the restorer's own pages), and read-ahead
     /// queued before them on the page server's one connection would only lengthen the pause.
     background: bool,
+    /// No read-ahead is sent before this (see [`ReadAheadOptions::fault_quiet`]).
+    quiet_until: Option<tokio::time::Instant>,
+    fault_quiet: std::time::Duration,
     /// Pages here, by process and start address.
     window: BTreeMap<u64, BTreeMap<u64, Bytes>>,
     /// Bytes in flight ahead plus bytes in `window`.
@@ -322,7 +331,9 @@ where
         window: opts.window.max(PAGE_SIZE),
         chunk_pages: opts.chunk_pages.max(1),
         in_flight: opts.in_flight.max(PAGE_SIZE),
+        fault_quiet: opts.fault_quiet,
     };
+    sh.state().fault_quiet = opts.fault_quiet;
     let reader = async {
         let r: Result<(), ReadAheadError> = read_answers(&sh, src_rd).await;
         let pending = {
@@ -467,24 +478,31 @@ async fn request_ahead<W: AsyncWrite + Unpin>(
     let chunk = opts.chunk_pages * PAGE_SIZE;
     loop {
         let notified = sh.changed.notified();
-        let next = {
+        let (next, quiet) = {
             let mut st = sh.state();
             if st.closing || st.source_gone {
                 return Ok(());
             }
+            let quiet = st.quiet_until.filter(|t| *t > tokio::time::Instant::now());
             let room = st.held + chunk <= opts.window && st.asked + chunk <= opts.in_flight;
-            if st.held == 0 || room {
-                st.next_chunk(opts.chunk_pages)
+            if quiet.is_none() && (st.held == 0 || room) {
+                (st.next_chunk(opts.chunk_pages), None)
             } else {
-                None
+                (None, quiet)
             }
         };
-        match next {
-            Some((dst, start, nr)) => {
+        match (next, quiet) {
+            (Some((dst, start, nr)), _) => {
                 sh.send(PsIov::get(dst, start, nr), Expect::Ahead { dst, start, nr })
                     .await?
             }
-            None => notified.await,
+            (None, Some(until)) => {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+            (None, None) => notified.await,
         }
     }
 }
@@ -581,6 +599,9 @@ async fn answer<W: AsyncWrite + Unpin>(
                 if let Some(w) = st.wanted.get_mut(&dst) {
                     w.remove(vaddr, stop);
                 }
+                if nr == 1 {
+                    st.quiet_until = Some(tokio::time::Instant::now() + st.fault_quiet);
+                }
                 break Answer::Forward(stop);
             }
         }
@@ -606,6 +627,9 @@ async fn answer<W: AsyncWrite + Unpin>(
             let got_end = vaddr + head.nr_pages * PAGE_SIZE;
             {
                 let mut st = sh.state();
+                if nr == 1 {
+                    st.quiet_until = Some(tokio::time::Instant::now() + st.fault_quiet);
+                }
                 st.stats.forwarded += data.len() as u64;
                 if got_end < stop {
                     st.want_again(dst, got_end, stop);

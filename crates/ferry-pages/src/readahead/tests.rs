@@ -241,6 +241,7 @@ async fn every_page_arrives_once_and_most_come_from_the_window() {
             window: 64 * PAGE_SIZE,
             chunk_pages: 16,
             in_flight: 32 * PAGE_SIZE,
+            fault_quiet: std::time::Duration::ZERO,
         };
         let r = run(lazy, opts, 42, 3, false).await;
         assert!(r.stats.peak_in_flight <= opts.in_flight, "{:?}", r.stats);
@@ -365,6 +366,7 @@ proptest! {
         window_pages in 1u64..80,
         chunk_pages in 1u64..40,
         in_flight_pages in 1u64..60,
+        quiet_us in prop_oneof![Just(0u64), 1u64..300],
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
@@ -375,6 +377,7 @@ proptest! {
             window: window_pages * PAGE_SIZE,
             chunk_pages,
             in_flight: in_flight_pages * PAGE_SIZE,
+            fault_quiet: std::time::Duration::from_micros(quiet_us),
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
@@ -442,6 +445,88 @@ async fn faults_before_the_background_transfer_are_never_queued_behind_read_ahea
         drop(s_far);
         drop(d_far);
         let _ = proxy.await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet() {
+    within(async {
+        let lazy = layout(&[(1, 0x10, 4000)]);
+        let (d_near, mut d_far) = tokio::io::duplex(64 << 20);
+        let (s_near, mut s_far) = tokio::io::duplex(64 << 20);
+        // A window far smaller than the layout: the fault lands beyond what is read ahead.
+        let opts = ReadAheadOptions {
+            window: 256 * PAGE_SIZE,
+            chunk_pages: 64,
+            in_flight: 128 * PAGE_SIZE,
+            fault_quiet: std::time::Duration::from_secs(3600),
+        };
+        let proxy = tokio::spawn(read_ahead(d_near, s_near, lazy, opts));
+        // The source answers every request at once and records them all.
+        let source = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            let mut hb = [0u8; IOV_LEN];
+            loop {
+                s_far.read_exact(&mut hb).await.unwrap();
+                let r = PsIov::decode(&hb);
+                asked.push(r);
+                if r.cmd == PS_IOV_CLOSE {
+                    s_far.write_all(&0i32.to_le_bytes()).await.unwrap();
+                    return asked;
+                }
+                s_far
+                    .write_all(&PsIov::pages(r.dst_id, r.vaddr, r.nr_pages).encode())
+                    .await
+                    .unwrap();
+                s_far
+                    .write_all(&page_bytes(r.dst_id, r.vaddr, r.nr_pages))
+                    .await
+                    .unwrap();
+            }
+        });
+        // The background transfer starts the read-ahead; a fault far beyond it is forwarded;
+        // the next background request is served from the window, which makes room.
+        let mut hb = [0u8; IOV_LEN];
+        for (vaddr, nr) in [(0x10u64, 16u64), (0xE00, 1), (0x20, 64)] {
+            d_far
+                .write_all(&PsIov::get(lazy_dst(1), vaddr * PAGE_SIZE, nr).encode())
+                .await
+                .unwrap();
+            d_far.read_exact(&mut hb).await.unwrap();
+            assert_eq!(PsIov::decode(&hb).nr_pages, nr, "{:?}", PsIov::decode(&hb));
+            let mut data = vec![0u8; (nr * PAGE_SIZE) as usize];
+            d_far.read_exact(&mut data).await.unwrap();
+        }
+        d_far
+            .write_all(
+                &PsIov {
+                    cmd: PS_IOV_CLOSE,
+                    nr_pages: 0,
+                    vaddr: 0,
+                    dst_id: 0,
+                }
+                .encode(),
+            )
+            .await
+            .unwrap();
+        d_far.read_exact(&mut [0u8; 4]).await.unwrap();
+        let asked = source.await.unwrap();
+        let fault = asked
+            .iter()
+            .position(|r| r.nr_pages == 1 && r.vaddr == 0xE00 * PAGE_SIZE)
+            .expect("the fault was forwarded");
+        assert!(
+            fault > 1,
+            "read-ahead had started before the fault: {asked:?}"
+        );
+        assert_eq!(
+            proxy.await.unwrap().unwrap().served_ahead,
+            64 * PAGE_SIZE,
+            "the last request came from the window"
+        );
+        // There was room, yet after the fault the source hears only the close.
+        assert_eq!(asked.len(), fault + 2, "{:?}", &asked[fault..]);
     })
     .await
 }
