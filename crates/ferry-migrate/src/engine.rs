@@ -346,6 +346,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                     }
                     Ok(Ok(TargetState::PagesLost)) => {
                         warn!("post-copy lost pages after the target resumed: nothing to resume");
+                        report.bytes_sent += self.source.extra_bytes_sent();
                         let errs = tokio::time::timeout(step_to, self.source.abandon()).await;
                         match errs {
                             Ok((notes, errs)) => {

@@ -13,6 +13,9 @@ use crate::*;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
+/// What the fake source says crossed outside the transport (post-copy pages).
+const PAGE_BYTES: u64 = 7 << 20;
+
 fn push(log: &Log, s: &str) {
     log.lock().unwrap().push(s.to_string());
 }
@@ -128,6 +131,9 @@ impl SourceSide for FakeSource {
     async fn commit(&mut self) -> Result<Vec<String>, SideError> {
         push(&self.log, "source.commit");
         Ok(vec![])
+    }
+    fn extra_bytes_sent(&self) -> u64 {
+        PAGE_BYTES
     }
     async fn abandon(&mut self) -> (Vec<String>, Vec<SideError>) {
         push(&self.log, "source.abandon");
@@ -358,7 +364,11 @@ async fn happy_path_walks_every_phase_in_order() {
     let mut want = FORWARD.to_vec();
     want.extend(["target.commit", "source.commit"]);
     assert_eq!(log, calls(&want));
-    assert_eq!(report.bytes_sent, 4096);
+    assert_eq!(
+        report.bytes_sent,
+        4096 + PAGE_BYTES,
+        "images plus the pages"
+    );
     assert_eq!(report.strategy, Strategy::PostCopy);
     assert!(report.strategy_reason.starts_with("auto:"));
     for p in [
@@ -536,6 +546,11 @@ async fn pages_lost_after_the_resume_is_its_own_outcome_and_resumes_nothing() {
     assert!(!log.contains(&"source.commit".to_string()));
     assert_eq!(report.error.unwrap().step, "commit (target): fetch pages");
     assert!(report.warnings.contains(&"source kept frozen".to_string()));
+    assert!(
+        report.bytes_sent >= PAGE_BYTES,
+        "the pages that did cross count: {}",
+        report.bytes_sent
+    );
 }
 
 #[tokio::test]
