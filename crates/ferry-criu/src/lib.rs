@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod facts;
+pub mod image;
 pub mod mountinfo;
 pub mod precopy;
 pub mod prewire;

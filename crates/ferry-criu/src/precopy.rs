@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::checkpoint::RuncHandle;
+pub use crate::image::ImageError as StatsError;
+use crate::image::{next_field, read_u32_le, take, Field};
 use crate::proc::{quote_log, quote_text, run, ToolError};
 
 /// At most this many pre-dump rounds. Go-criu's phaul uses 8: a workload that dirties memory
@@ -144,96 +146,6 @@ pub fn next_step(history: &[RoundStats]) -> PrecopyDecision {
     PrecopyDecision::Continue
 }
 
-/// Why a `stats-dump` image could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StatsError {
-    #[error("truncated at byte {at}")]
-    Truncated { at: usize },
-    #[error("varint at byte {at} is longer than 64 bits")]
-    VarintOverflow { at: usize },
-    #[error("bad magic {found:#010x}, expected {expected:#010x}")]
-    BadMagic { found: u32, expected: u32 },
-    #[error("field {field} has wire type {wire_type}, expected {expected}")]
-    WireType {
-        field: u64,
-        wire_type: u8,
-        expected: u8,
-    },
-    #[error("unsupported wire type {wire_type} (field {field})")]
-    UnsupportedWireType { field: u64, wire_type: u8 },
-    #[error("field {name} = {value} does not fit in 32 bits")]
-    OutOfRange { name: &'static str, value: u64 },
-    #[error("required field {0} is missing")]
-    Missing(&'static str),
-    #[error("{0} trailing bytes after the entry")]
-    Trailing(usize),
-}
-
-/// Decodes a protobuf base-128 varint at `*pos`, advancing `*pos` past it.
-pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, StatsError> {
-    let start = *pos;
-    let mut value: u64 = 0;
-    for i in 0..10 {
-        let byte = *buf.get(*pos).ok_or(StatsError::Truncated { at: *pos })?;
-        *pos += 1;
-        // The tenth byte carries bit 63 only.
-        if i == 9 && byte > 1 {
-            return Err(StatsError::VarintOverflow { at: start });
-        }
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(StatsError::VarintOverflow { at: start })
-}
-
-fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], StatsError> {
-    let end = pos
-        .checked_add(len)
-        .filter(|&e| e <= buf.len())
-        .ok_or(StatsError::Truncated { at: buf.len() })?;
-    let s = &buf[*pos..end];
-    *pos = end;
-    Ok(s)
-}
-
-/// One protobuf field: its number and value (varint, or the bytes of a length-delimited one).
-enum Field<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-fn next_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u64, u8, Field<'a>), StatsError> {
-    let key = read_varint(buf, pos)?;
-    let number = key >> 3;
-    let wire_type = (key & 7) as u8;
-    let field = match wire_type {
-        0 => Field::Varint(read_varint(buf, pos)?),
-        1 => {
-            take(buf, pos, 8)?;
-            Field::Fixed
-        }
-        2 => {
-            let len = read_varint(buf, pos)?;
-            let len = usize::try_from(len).map_err(|_| StatsError::Truncated { at: *pos })?;
-            Field::Bytes(take(buf, pos, len)?)
-        }
-        5 => {
-            take(buf, pos, 4)?;
-            Field::Fixed
-        }
-        _ => {
-            return Err(StatsError::UnsupportedWireType {
-                field: number,
-                wire_type,
-            })
-        }
-    };
-    Ok((number, wire_type, field))
-}
-
 fn u32_field(name: &'static str, v: u64) -> Result<u32, StatsError> {
     u32::try_from(v).map_err(|_| StatsError::OutOfRange { name, value: v })
 }
@@ -293,11 +205,6 @@ pub fn decode_dump_stats(buf: &[u8]) -> Result<DumpStats, StatsError> {
         }
     }
     Ok(s)
-}
-
-fn read_u32_le(buf: &[u8], pos: &mut usize) -> Result<u32, StatsError> {
-    let b = take(buf, pos, 4)?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Decodes a whole `stats-dump` file: service magic, stats magic, a little-endian u32 length,
@@ -568,29 +475,18 @@ pub async fn run_precopy(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::write_varint;
     use proptest::prelude::*;
 
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
     fn field(n: u64, v: u64, out: &mut Vec<u8>) {
-        varint(n << 3, out);
-        varint(v, out);
+        write_varint(n << 3, out);
+        write_varint(v, out);
     }
 
     /// A `stats-dump` file as CRIU 4.2 writes it, built by hand.
     fn stats_file(body: &[u8]) -> Vec<u8> {
         let mut entry = vec![0x0a];
-        varint(body.len() as u64, &mut entry);
+        write_varint(body.len() as u64, &mut entry);
         entry.extend_from_slice(body);
         let mut f = Vec::new();
         f.extend_from_slice(&IMG_SERVICE_MAGIC.to_le_bytes());
@@ -711,11 +607,11 @@ mod tests {
     fn unknown_fields_are_skipped() {
         let mut b = full_body();
         field(15, 99, &mut b);
-        varint((16 << 3) | 2, &mut b);
+        write_varint((16 << 3) | 2, &mut b);
         b.extend_from_slice(&[3, 1, 2, 3]);
-        varint((17 << 3) | 5, &mut b);
+        write_varint((17 << 3) | 5, &mut b);
         b.extend_from_slice(&[0, 0, 0, 0]);
-        varint((200 << 3) | 1, &mut b);
+        write_varint((200 << 3) | 1, &mut b);
         b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
         let s = parse_stats_dump(&stats_file(&b)).unwrap();
         assert_eq!(s.pages_written, 4_321);
@@ -784,56 +680,7 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn varint_edges() {
-        let mut p = 0;
-        assert_eq!(read_varint(&[0x00], &mut p), Ok(0));
-        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
-        p = 0;
-        assert_eq!(read_varint(&max, &mut p), Ok(u64::MAX));
-        assert_eq!(p, 10);
-        let over = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
-        p = 0;
-        assert_eq!(
-            read_varint(&over, &mut p),
-            Err(StatsError::VarintOverflow { at: 0 })
-        );
-        let long = [0x80; 11];
-        p = 0;
-        assert!(read_varint(&long, &mut p).is_err());
-        p = 0;
-        assert_eq!(
-            read_varint(&[0x80, 0x80], &mut p),
-            Err(StatsError::Truncated { at: 2 })
-        );
-    }
-
     proptest! {
-        #[test]
-        fn varint_round_trips(values in proptest::collection::vec(any::<u64>(), 1..20)) {
-            let mut buf = Vec::new();
-            for v in &values {
-                varint(*v, &mut buf);
-            }
-            let mut pos = 0;
-            for v in &values {
-                prop_assert_eq!(read_varint(&buf, &mut pos), Ok(*v));
-            }
-            prop_assert_eq!(pos, buf.len());
-        }
-
-        #[test]
-        fn varint_never_reads_past_its_input(bytes in proptest::collection::vec(any::<u8>(), 0..16)) {
-            let mut pos = 0;
-            match read_varint(&bytes, &mut pos) {
-                Ok(_) => {
-                    prop_assert!((1..=10).contains(&pos) && pos <= bytes.len());
-                    prop_assert!(bytes[pos - 1] & 0x80 == 0);
-                }
-                Err(_) => prop_assert!(pos <= bytes.len()),
-            }
-        }
-
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = parse_stats_dump(&bytes);

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ferry_criu::image::{next_field, read_u32_le, take, Field, ImageError};
+
 use crate::ps::{lazy_dst, PAGE_SIZE};
 use crate::ranges::RangeSet;
 
@@ -62,24 +64,27 @@ pub fn lazy_pages(dir: &Path) -> Result<LazyPages, PagemapError> {
 
 /// The lazy ranges of one pagemap image.
 pub fn parse(bytes: &[u8]) -> Result<RangeSet, String> {
-    let mut r = Reader { b: bytes, at: 0 };
-    let (m0, m1) = (r.u32()?, r.u32()?);
+    let mut pos = 0;
+    let (m0, m1) = (
+        read_u32_le(bytes, &mut pos).map_err(said)?,
+        read_u32_le(bytes, &mut pos).map_err(said)?,
+    );
     if (m0, m1) != (IMG_COMMON_MAGIC, PAGEMAP_MAGIC) {
         return Err(format!("not a pagemap image (magics {m0:#x} {m1:#x})"));
     }
     let mut set = RangeSet::new();
     let mut first = true;
-    while r.at < r.b.len() {
-        let len = r.u32()? as usize;
+    while pos < bytes.len() {
+        let len = read_u32_le(bytes, &mut pos).map_err(said)? as usize;
         if len > MAX_RECORD {
-            return Err(format!("a record of {len} bytes at offset {}", r.at));
+            return Err(format!("a record of {len} bytes at offset {pos}"));
         }
-        let rec = r.take(len)?;
+        let rec = take(bytes, &mut pos, len).map_err(said)?;
         if first {
             first = false;
             continue;
         }
-        let e = entry(rec)?;
+        let e = entry(rec).map_err(said)?;
         if e.flags & PE_LAZY != 0 && e.nr_pages > 0 {
             let end = e
                 .nr_pages
@@ -95,6 +100,14 @@ pub fn parse(bytes: &[u8]) -> Result<RangeSet, String> {
     Ok(set)
 }
 
+/// An image decoding error as the operator reads it.
+fn said(e: ImageError) -> String {
+    match e {
+        ImageError::Truncated { at } => format!("cut short at byte {at}"),
+        e => e.to_string(),
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Entry {
     vaddr: u64,
@@ -104,35 +117,19 @@ struct Entry {
 
 /// Decodes a `pagemap_entry`: `vaddr` = 1, `compat_nr_pages` = 2, `flags` = 4, `nr_pages` = 5
 /// (which, when present, overrides 2).
-fn entry(rec: &[u8]) -> Result<Entry, String> {
-    let mut r = Reader { b: rec, at: 0 };
+fn entry(rec: &[u8]) -> Result<Entry, ImageError> {
+    let mut pos = 0;
     let mut e = Entry::default();
     let mut nr64 = None;
-    while r.at < r.b.len() {
-        let key = r.varint()?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                let v = r.varint()?;
-                match field {
-                    1 => e.vaddr = v,
-                    2 => e.nr_pages = v,
-                    4 => e.flags = v,
-                    5 => nr64 = Some(v),
-                    _ => {}
-                }
-            }
-            1 => {
-                r.take(8)?;
-            }
-            2 => {
-                let n = r.varint()? as usize;
-                r.take(n)?;
-            }
-            5 => {
-                r.take(4)?;
-            }
-            w => return Err(format!("pagemap entry field {field} has wire type {w}")),
+    while pos < rec.len() {
+        let (number, _, field) = next_field(rec, &mut pos)?;
+        let Field::Varint(v) = field else { continue };
+        match number {
+            1 => e.vaddr = v,
+            2 => e.nr_pages = v,
+            4 => e.flags = v,
+            5 => nr64 = Some(v),
+            _ => {}
         }
     }
     if let Some(n) = nr64 {
@@ -141,56 +138,10 @@ fn entry(rec: &[u8]) -> Result<Entry, String> {
     Ok(e)
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.b.len())
-            .ok_or_else(|| format!("cut short at offset {} (wanted {n} bytes)", self.at))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let s = self.take(4)?;
-        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-    }
-
-    fn varint(&mut self) -> Result<u64, String> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.take(1)?[0];
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(format!("varint too long at offset {}", self.at))
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
+    use ferry_criu::image::write_varint as varint;
 
     /// A pagemap image as CRIU writes it, for `(vaddr, nr_pages, flags)` entries.
     pub(crate) fn image(entries: &[(u64, u64, u64)]) -> Vec<u8> {
