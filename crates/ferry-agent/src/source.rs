@@ -182,6 +182,54 @@ impl LocalSource {
 
     /// Waits for the post-copy lock and ARP switch-off begun after the dump, recording what
     /// holds so a rollback undoes exactly that.
+    /// Stops the post-copy CRIU without letting the dumped tasks run in TCP repair mode. CRIU
+    /// thaws a cgroup it found frozen once it holds the tasks by ptrace; killed, it lets them
+    /// run with their sockets still in repair mode, where a read fails and the application
+    /// drops the connection (a queued request makes that immediate), and a socket answers the
+    /// clients' next segments with resets. Frozen again first, they only run once repair mode
+    /// is off.
+    async fn stop_criu_frozen(&mut self, pid: u32, step: &str) -> Vec<SideError> {
+        let mut errs = Vec::new();
+        let refrozen = tokio::task::spawn_blocking(move || {
+            crate::freezer::Freezer::of(pid).and_then(|f| f.freeze(FREEZE_LIMIT))
+        })
+        .await;
+        let freeze_step = format!("{step}: freeze before stopping CRIU");
+        match refrozen {
+            Ok(Ok(_)) => self.frozen = true,
+            Ok(Err(e)) => errs.push(side_err(&freeze_step, e)),
+            Err(e) => errs.push(side_err(&freeze_step, e)),
+        }
+        if let Some(mut lazy) = self.lazy.take() {
+            lazy.abort().await;
+        }
+        match ferry_net::repair_off(pid) {
+            Ok(n) => info!(sockets = n, "TCP repair mode turned off after CRIU stopped"),
+            Err(e) => errs.push(side_err(&format!("{step}: TCP repair off"), e)),
+        }
+        errs
+    }
+
+    /// Ends an attempt that did not commit: CRIU's logs are kept for the operator, the image
+    /// directory goes. Returns the failure, if removing it failed.
+    fn drop_attempt(&self, step: &str) -> Option<SideError> {
+        for p in crate::logs::keep(
+            &self.env.state_dir,
+            &self.migration_id,
+            "source",
+            &self.dir.join("work"),
+        ) {
+            warn!("keeping CRIU's logs: {p}");
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Some(side_err(
+                &format!("{step}: remove images"),
+                format!("{}: {e}", self.dir.display()),
+            )),
+            _ => None,
+        }
+    }
+
     async fn join_late_lock(&mut self) -> Result<(), String> {
         let Some(h) = self.late_lock.take() else {
             return Ok(());
@@ -741,53 +789,26 @@ impl SourceSide for LocalSource {
             .as_ref()
             .is_some_and(|v| Path::new(&format!("/proc/{}", v.pid)).exists());
         if let (Some(v), true) = (&view, alive) {
-            let pid = v.pid;
-            let refrozen = tokio::task::spawn_blocking(move || {
-                crate::freezer::Freezer::of(pid).and_then(|f| f.freeze(FREEZE_LIMIT))
-            })
-            .await;
-            match refrozen {
-                Ok(Ok(_)) => self.frozen = true,
-                Ok(Err(e)) => errs.push(side_err("abandon: freeze the source", e)),
-                Err(e) => errs.push(side_err("abandon: freeze the source", e)),
-            }
-        }
-        if let Some(mut lazy) = self.lazy.take() {
-            lazy.abort().await;
-        }
-        if let (Some(v), true) = (&view, alive) {
-            if let Err(e) = ferry_net::repair_off(v.pid) {
-                errs.push(side_err("abandon: TCP repair off", e));
-            }
+            errs.extend(self.stop_criu_frozen(v.pid, "abandon").await);
             notes.push(format!(
                 "the source container {} is kept frozen and cut off from the network, with its memory as it was at the freeze (without what the target did after resuming), its writable layer and volumes; its restart policy stays 'no'",
                 v.name
             ));
-        } else if let Some(v) = &view {
-            notes.push(format!(
-                "the source container {}'s processes are gone; it is kept with its writable layer and volumes",
-                v.name
-            ));
+        } else {
+            if let Some(mut lazy) = self.lazy.take() {
+                lazy.abort().await;
+            }
+            if let Some(v) = &view {
+                notes.push(format!(
+                    "the source container {}'s processes are gone; it is kept with its writable layer and volumes",
+                    v.name
+                ));
+            }
         }
         if let Ok(mut m) = self.pages.lock() {
             m.remove(&self.migration_id);
         }
-        for p in crate::logs::keep(
-            &self.env.state_dir,
-            &self.migration_id,
-            "source",
-            &self.dir.join("work"),
-        ) {
-            warn!("keeping CRIU's logs: {p}");
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                errs.push(side_err(
-                    "abandon: remove images",
-                    format!("{}: {e}", self.dir.display()),
-                ));
-            }
-        }
+        errs.extend(self.drop_attempt("abandon"));
         (notes, errs)
     }
 
@@ -799,30 +820,8 @@ impl SourceSide for LocalSource {
         if let Err(e) = self.join_late_lock().await {
             errs.push(side_err("rollback: network lock", e));
         }
-        if let Some(mut lazy) = self.lazy.take() {
-            // CRIU thaws a cgroup it found frozen once it holds the tasks by ptrace; killed, it
-            // lets them run with their sockets still in repair mode, where a read fails and
-            // the application drops the connection (a queued request makes that immediate).
-            // Frozen again first, they only run once repair mode is off.
-            let refrozen = tokio::task::spawn_blocking(move || {
-                crate::freezer::Freezer::of(view.pid).and_then(|f| f.freeze(FREEZE_LIMIT))
-            })
-            .await;
-            match refrozen {
-                Ok(Ok(_)) => self.frozen = true,
-                Ok(Err(e)) => errs.push(side_err("rollback: freeze before stopping CRIU", e)),
-                Err(e) => errs.push(side_err("rollback: freeze before stopping CRIU", e)),
-            }
-            lazy.abort().await;
-            // CRIU killed mid-dump leaves the sockets in repair mode: they would answer the
-            // clients' next segments with resets.
-            match ferry_net::repair_off(view.pid) {
-                Ok(n) => info!(
-                    sockets = n,
-                    "TCP repair mode turned off after the aborted dump"
-                ),
-                Err(e) => errs.push(side_err("rollback: TCP repair off", e)),
-            }
+        if self.lazy.is_some() {
+            errs.extend(self.stop_criu_frozen(view.pid, "rollback").await);
         }
         if self.frozen {
             match thaw(view.pid) {
@@ -860,22 +859,7 @@ impl SourceSide for LocalSource {
                 errs.push(side_err("rollback: restart policy", e));
             }
         }
-        for p in crate::logs::keep(
-            &self.env.state_dir,
-            &self.migration_id,
-            "source",
-            &self.dir.join("work"),
-        ) {
-            warn!("keeping CRIU's logs: {p}");
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                errs.push(side_err(
-                    "rollback: remove images",
-                    format!("{}: {e}", self.dir.display()),
-                ));
-            }
-        }
+        errs.extend(self.drop_attempt("rollback"));
         let _ = SideErrorKind::Failed;
         errs
     }
