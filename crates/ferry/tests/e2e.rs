@@ -1428,6 +1428,37 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
     }
 }
 
+/// Starts `ferry migrate --strategy post-copy` of `name` from a to b and returns it once the
+/// target runs the container, pages still on their way.
+fn post_copy_until_resumed(name: &str, extra: &[&str]) -> std::process::Child {
+    let tls = client_tls();
+    let (from, to) = (addr("a"), addr("b"));
+    let child = Command::new(ferry())
+        .args([
+            "migrate",
+            name,
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--tls-dir",
+            &tls,
+        ])
+        .args(["--strategy", "post-copy"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the target to resume the container", || {
+        inspect("b", name)
+            .filter(|c| c["State"]["Running"] == true)
+            .map(|_| ())
+    });
+    child
+}
+
 /// The known risk of post-copy: once the target runs, the source's memory exists only as pages
 /// in flight. A source agent that dies then must be reported, and the target container stopped
 /// rather than left spinning on missing pages. Stop-and-copy (or pre-copy) is the safe choice.
@@ -1442,31 +1473,7 @@ fn a_post_copy_whose_source_agent_dies_mid_transfer_is_reported_and_the_target_s
     let _ = redis_on_a(name, ip, 400_000);
     let b_log = host("b")["agent_log"].as_str().unwrap().to_string();
     let b_log_before = std::fs::read_to_string(&b_log).unwrap_or_default().len();
-    let tls = client_tls();
-    let (from, to) = (addr("a"), addr("b"));
-    let child = Command::new(ferry())
-        .args([
-            "migrate",
-            name,
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--tls-dir",
-            &tls,
-            "--strategy",
-            "post-copy",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the target to resume the container", || {
-        inspect("b", name)
-            .filter(|c| c["State"]["Running"] == true)
-            .map(|_| ())
-    });
+    let child = post_copy_until_resumed(name, &[]);
     let pidfile =
         PathBuf::from(host("a")["exec_root"].as_str().unwrap()).with_file_name("agent.pid");
     let pid = std::fs::read_to_string(&pidfile)
@@ -1574,32 +1581,7 @@ fn a_post_copy_whose_page_server_dies_after_the_resume_reports_pages_lost_with_a
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (name, ip) = ("e2e-postcopy-lost", "198.18.0.143");
     let _ = redis_on_a(name, ip, 400_000);
-    let tls = client_tls();
-    let (from, to) = (addr("a"), addr("b"));
-    let child = Command::new(ferry())
-        .args([
-            "migrate",
-            name,
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--tls-dir",
-            &tls,
-            "--strategy",
-            "post-copy",
-            "--json",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the target to resume the container", || {
-        inspect("b", name)
-            .filter(|c| c["State"]["Running"] == true)
-            .map(|_| ())
-    });
+    let child = post_copy_until_resumed(name, &["--json"]);
     let server = wait_for("the source's page server", lazy_page_server);
     assert!(run(Command::new("kill").args(["-9", &server.to_string()]))
         .status

@@ -217,6 +217,25 @@ async fn run(
     }
 }
 
+/// The proxy between a daemon end and a source end, each a duplex pipe of `buf` bytes.
+fn spawn_proxy(
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    buf: usize,
+) -> (
+    tokio::task::JoinHandle<Result<ReadAheadStats, ReadAheadError>>,
+    DuplexStream,
+    DuplexStream,
+) {
+    let (d_near, d_far) = tokio::io::duplex(buf);
+    let (s_near, s_far) = tokio::io::duplex(buf);
+    (
+        tokio::spawn(read_ahead(d_near, s_near, lazy, opts)),
+        d_far,
+        s_far,
+    )
+}
+
 fn layout(runs: &[(u32, u64, u64)]) -> LazyPages {
     let mut m: LazyPages = BTreeMap::new();
     for (pid, start_page, pages) in runs {
@@ -293,14 +312,7 @@ async fn with_no_lazy_ranges_known_it_is_a_plain_forwarder() {
 async fn a_source_that_dies_fails_the_proxy_instead_of_hanging() {
     within(async {
         let lazy = layout(&[(1, 0x10, 400)]);
-        let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
-        let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
-        let proxy = tokio::spawn(read_ahead(
-            d_near,
-            s_near,
-            lazy,
-            ReadAheadOptions::default(),
-        ));
+        let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, ReadAheadOptions::default(), 1 << 20);
         // Nothing is read ahead before the daemon names the process, so it asks first; the
         // source reads a request, then is gone.
         d_far
@@ -328,14 +340,8 @@ async fn a_source_that_dies_fails_the_proxy_instead_of_hanging() {
 #[tokio::test]
 async fn commands_only_a_dump_sends_are_refused_by_name() {
     within(async {
-        let (d_near, mut d_far) = tokio::io::duplex(1 << 16);
-        let (s_near, _s_far) = tokio::io::duplex(1 << 16);
-        let proxy = tokio::spawn(read_ahead(
-            d_near,
-            s_near,
-            LazyPages::new(),
-            ReadAheadOptions::default(),
-        ));
+        let (proxy, mut d_far, _s_far) =
+            spawn_proxy(LazyPages::new(), ReadAheadOptions::default(), 1 << 16);
         d_far
             .write_all(
                 &PsIov {
@@ -398,14 +404,7 @@ proptest! {
 async fn faults_before_the_background_transfer_are_never_queued_behind_read_ahead() {
     within(async {
         let lazy = layout(&[(1, 0x10, 400)]);
-        let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
-        let (s_near, mut s_far) = tokio::io::duplex(1 << 20);
-        let proxy = tokio::spawn(read_ahead(
-            d_near,
-            s_near,
-            lazy,
-            ReadAheadOptions::default(),
-        ));
+        let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, ReadAheadOptions::default(), 1 << 20);
         // Restore-time faults: one page each. The source must see exactly these requests.
         for page in [0x20u64, 0x90, 0x31] {
             let vaddr = page * PAGE_SIZE;
@@ -453,8 +452,6 @@ async fn faults_before_the_background_transfer_are_never_queued_behind_read_ahea
 async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet() {
     within(async {
         let lazy = layout(&[(1, 0x10, 4000)]);
-        let (d_near, mut d_far) = tokio::io::duplex(64 << 20);
-        let (s_near, mut s_far) = tokio::io::duplex(64 << 20);
         // A window far smaller than the layout: the fault lands beyond what is read ahead.
         let opts = ReadAheadOptions {
             window: 256 * PAGE_SIZE,
@@ -462,7 +459,7 @@ async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet(
             in_flight: 128 * PAGE_SIZE,
             fault_quiet: std::time::Duration::from_secs(3600),
         };
-        let proxy = tokio::spawn(read_ahead(d_near, s_near, lazy, opts));
+        let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 64 << 20);
         // The source answers every request at once and records them all.
         let source = tokio::spawn(async move {
             let mut asked = Vec::new();
