@@ -464,10 +464,22 @@ async fn read_pages<R: AsyncRead + Unpin>(
         .data_len()
         .filter(|l| *l as u64 <= MAX_ANSWER)
         .ok_or_else(|| ReadAheadError::Source(format!("{} pages in one answer", head.nr_pages)))?;
-    let mut data = BytesMut::zeroed(len);
-    rd.read_exact(&mut data)
-        .await
-        .map_err(io("reading pages from the page server"))?;
+    // Read into spare capacity rather than a zeroed buffer: every page byte would be
+    // written twice.
+    let mut data = BytesMut::with_capacity(len);
+    while data.len() < len {
+        let want = (len - data.len()) as u64;
+        let n = (&mut *rd)
+            .take(want)
+            .read_buf(&mut data)
+            .await
+            .map_err(io("reading pages from the page server"))?;
+        if n == 0 {
+            return Err(io("reading pages from the page server")(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+    }
     Ok((head, data.freeze()))
 }
 
