@@ -75,6 +75,17 @@ pub struct LocalSource {
     steps_ms: std::collections::BTreeMap<String, u64>,
     /// The target wired the container's network namespace ahead: dump it as external.
     external_netns: bool,
+    /// Pre-copy: the pre-dump rounds taken so far, and whether the stop rules ended them.
+    rounds: Vec<ferry_criu::RoundStats>,
+    rounds_done: bool,
+    /// Pre-copy: pages the final dump wrote and pages it found in the last round.
+    final_pages: Option<(u64, u64)>,
+}
+
+/// Where pre-dump round `n` goes among the images the target receives; the target keeps each
+/// round in a directory of its own and links them the way CRIU's `parent` chain expects.
+pub fn round_file_name(round: u32, file: &str) -> String {
+    format!("pre-{round}/{file}")
 }
 
 /// What the post-copy lock task managed before it ended.
@@ -123,6 +134,9 @@ fn thaw(pid: u32) -> Result<bool, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Sub-directory of a migration's directory that holds the pre-dump rounds (`pre/1`, …).
+const PRE_DIR: &str = "pre";
+
 /// How long the kernel may take to freeze every task of the container.
 const FREEZE_LIMIT: Duration = Duration::from_secs(5);
 
@@ -170,6 +184,9 @@ impl LocalSource {
             pending_arp_off: Vec::new(),
             steps_ms: Default::default(),
             external_netns: false,
+            rounds: Vec::new(),
+            rounds_done: false,
+            final_pages: None,
         }
     }
 
@@ -547,6 +564,71 @@ impl SourceSide for LocalSource {
         Ok(DumpedImages { dir, files })
     }
 
+    async fn memory_round(&mut self) -> Result<Option<ferry_migrate::RoundImages>, SideError> {
+        if self.rounds_done {
+            return Ok(None);
+        }
+        let view = self.view()?.clone();
+        let round = u32::try_from(self.rounds.len() + 1).unwrap_or(u32::MAX);
+        let step = format!("precopy: pre-dump round {round}");
+        let handle = ferry_criu::discover_runc(
+            view.pid,
+            &view.id,
+            self.env.runc.as_deref().unwrap_or("runc"),
+        )
+        .map_err(|e| side_err(&step, e))?;
+        let opts = ferry_criu::PrecopyOptions {
+            images: self.dir.join(PRE_DIR),
+            work: self.dir.join("work").join(PRE_DIR),
+            tcp_established: true,
+            timeout: self.dump_timeout,
+        };
+        let r = ferry_criu::pre_dump(&handle, &opts, round)
+            .await
+            .map_err(|e| SideError::failed(&step, e.to_string()).with_log(e.log().to_vec()))?;
+        let files = ferry_criu::checkpoint::image_files(&r.image_dir)
+            .map_err(|e| side_err(&step, format!("{}: {e}", r.image_dir.display())))?;
+        let report = ferry_proto::MemoryRound {
+            round,
+            pages_scanned: r.stats.pages_scanned,
+            pages_written: r.stats.pages_written,
+            pages_in_parent: r.stats.pages_skipped_parent,
+            frozen_ms: u64::from(r.stats.frozen_time_us) / 1000,
+            dump_ms: r.wall_ms,
+            bytes: 0,
+            send_ms: 0,
+        };
+        let images = DumpedImages {
+            dir: r.image_dir.clone(),
+            files: files
+                .into_iter()
+                .map(|(rel, path, size, mode)| ImageFile {
+                    rel: round_file_name(round, &rel),
+                    path,
+                    size,
+                    mode,
+                })
+                .collect(),
+        };
+        self.rounds.push(r);
+        let last = match ferry_criu::next_step(&self.rounds) {
+            ferry_criu::PrecopyDecision::Stop { reason } => {
+                self.rounds_done = true;
+                Some(reason.to_string())
+            }
+            ferry_criu::PrecopyDecision::Continue => None,
+        };
+        Ok(Some(ferry_migrate::RoundImages {
+            images,
+            report,
+            last,
+        }))
+    }
+
+    fn final_dump_pages(&self) -> Option<(u64, u64)> {
+        self.final_pages
+    }
+
     fn target_prepared(&mut self, target: &ferry_migrate::PreparedTarget) {
         self.external_netns = target.prewired_netns;
     }
@@ -572,7 +654,7 @@ impl SourceSide for LocalSource {
         // ARP off, which flushes the neighbour table) would sit unsent in the socket and reach
         // the client only when the target's retransmission timer fires, a second later. What
         // clients send meanwhile is ACKed and queued by the kernel and dumped with the socket.
-        if strategy == Strategy::PostCopy {
+        if strategy.lazy_pages() {
             // A lazy dump must end the source itself once the pages are served, which a cgroup
             // frozen by Docker would prevent; CRIU leaves a cgroup it found frozen to die.
             // CRIU locks the network itself before it reads the sockets; ours follows the dump
@@ -619,15 +701,19 @@ impl SourceSide for LocalSource {
             image_dir: image_dir.clone(),
             work_dir: self.dir.join("work"),
             tcp_established: true,
-            leave_running: self.strategy != Strategy::PostCopy,
+            leave_running: !self.strategy.lazy_pages(),
             timeout: self.dump_timeout,
             criu_config: if self.external_netns {
                 Some(self.external_netns_config(view.pid)?)
             } else {
                 None
             },
+            parent: self
+                .rounds
+                .last()
+                .map(|r| format!("../{PRE_DIR}/{}", r.round)),
         };
-        if self.strategy == Strategy::PostCopy {
+        if self.strategy.lazy_pages() {
             let port = free_loopback_port().map_err(|e| {
                 side_err(
                     "dump",
@@ -680,6 +766,12 @@ impl SourceSide for LocalSource {
                 "source_criu_dump".into(),
                 started.elapsed().as_millis() as u64,
             );
+            if !self.rounds.is_empty() {
+                match ferry_criu::read_stats_dump(&opts.work_dir) {
+                    Ok(st) => self.final_pages = Some((st.pages_written, st.pages_skipped_parent)),
+                    Err(e) => warn!("final dump statistics: {e}"),
+                }
+            }
         }
         let data_started = std::time::Instant::now();
         for (i, v) in self.volumes.iter_mut().enumerate() {

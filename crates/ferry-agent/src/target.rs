@@ -98,6 +98,8 @@ struct TargetMigration {
     checkpoint_dir: Option<PathBuf>,
     ctrd_copy: Option<String>,
     images_complete: bool,
+    /// Pre-copy rounds whose images have all arrived (they arrive in order).
+    memory_rounds: u32,
     /// Volumes this migration created here, removed again on rollback.
     created_volumes: Vec<String>,
     /// Existing volumes with content the operator allowed ferry to replace.
@@ -134,6 +136,7 @@ struct RestoreParts {
     prepare: PrepareRequest,
     env: RestoreEnv,
     images_complete: bool,
+    memory_rounds: u32,
 }
 
 /// A `docker start --checkpoint` begun while the migration was prepared: Docker's whole start
@@ -177,7 +180,7 @@ impl Parked {
 /// source ends the wait sooner, through the rollback that follows.
 fn park_limit(strategy: Strategy) -> Duration {
     match strategy {
-        Strategy::PostCopy => Duration::from_secs(300),
+        s if s.lazy_pages() => Duration::from_secs(300),
         _ => Duration::from_secs(3600),
     }
 }
@@ -325,6 +328,59 @@ fn write_executable(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Where a received image file goes: the final image set is flat; pre-copy rounds come as
+/// `pre-<round>/<file>` and each round gets a directory of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageName<'a> {
+    Final(&'a str),
+    Round(u32, &'a str),
+}
+
+/// Parses a received file name, refusing anything that could leave the migration's directory
+/// or name a round beyond pre-copy's round limit.
+pub fn parse_image_name(name: &str) -> Option<ImageName<'_>> {
+    // `parent` is the link the target makes between rounds, never a received file.
+    let plain = |f: &str| safe_image_name(f) && f != "parent";
+    if let Some((round, file)) = name.strip_prefix("pre-").and_then(|r| r.split_once('/')) {
+        if round.is_empty() || !round.bytes().all(|b| b.is_ascii_digit()) || round.starts_with('0') {
+            return None;
+        }
+        let round: u32 = round.parse().ok()?;
+        let max = u32::try_from(ferry_criu::precopy::MAX_ROUNDS).unwrap_or(u32::MAX);
+        return (round <= max && plain(file)).then_some(ImageName::Round(round, file));
+    }
+    plain(name).then_some(ImageName::Final(name))
+}
+
+/// Directory of pre-copy round `round` inside a migration's directory.
+fn round_dir(migration_dir: &Path, round: u32) -> PathBuf {
+    migration_dir.join("pre").join(round.to_string())
+}
+
+/// Makes round `round`'s directory, linked to the round before as CRIU's `parent` (the
+/// target writes the links itself: no received name is ever a link).
+fn make_round_dir(migration_dir: &Path, round: u32) -> std::io::Result<PathBuf> {
+    let dir = round_dir(migration_dir, round);
+    std::fs::create_dir_all(&dir)?;
+    if round > 1 {
+        let link = dir.join("parent");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("../{}", round - 1), &link)?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Links the final images to the last pre-copy round, so CRIU's restore (and the lazy-pages
+/// daemon) find the pages the final dump left there.
+fn link_final_to_round(migration_dir: &Path, round: u32) -> std::io::Result<()> {
+    let link = migration_dir.join("images").join("parent");
+    if std::fs::symlink_metadata(&link).is_ok() {
+        std::fs::remove_file(&link)?;
+    }
+    std::os::unix::fs::symlink(format!("../pre/{round}"), &link)
+}
+
 /// A file name inside a flat CRIU image directory: one normal component, nothing else.
 pub fn safe_image_name(name: &str) -> bool {
     let p = Path::new(name);
@@ -376,6 +432,7 @@ impl Targets {
             prepare: m.prepare.clone(),
             env: m.restore_env.clone(),
             images_complete: m.images_complete,
+            memory_rounds: m.memory_rounds,
         })
     }
 
@@ -676,6 +733,7 @@ impl Targets {
                 checkpoint_dir: None,
                 ctrd_copy: None,
                 images_complete: false,
+                memory_rounds: 0,
                 created_volumes: Vec::new(),
                 replaceable_volumes,
                 replaced: Vec::new(),
@@ -827,7 +885,7 @@ impl Targets {
         let images = dir.join("images");
         let work = dir.join("work");
         let mut extra_args = vec![];
-        if prepare.strategy == Strategy::PostCopy {
+        if prepare.strategy.lazy_pages() {
             extra_args.push("--lazy-pages".to_string());
         }
         let opath = ferry_criu::runtime::overrides_path(&self.env.state_dir, &container_id);
@@ -1012,7 +1070,7 @@ impl Targets {
         timeout: Duration,
     ) -> Result<(u64, u64), ErrorInfo> {
         let step = "receive images";
-        let dir = {
+        let (mig_dir, rounds_done, takes_rounds) = {
             let map = self.map.lock().await;
             let m = map
                 .get(id)
@@ -1023,21 +1081,46 @@ impl Targets {
                     format!("migration {id} is {:?}, not waiting for images", m.state),
                 ));
             }
-            m.dir.join("images")
+            (m.dir.clone(), m.memory_rounds, m.prepare.strategy.memory_rounds())
         };
+        let dir = mig_dir.join("images");
+        // The pre-copy round this image set carries, if it is one.
+        let mut set_round: Option<u32> = None;
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut chunks = ferry_transfer::ChunkDecoder::new();
         loop {
             let msg = conn.recv(timeout).await.map_err(|e| err(step, e))?;
             match msg {
                 Message::FileStart { path, size, mode } => {
-                    if !safe_image_name(&path) {
+                    let Some(name) = parse_image_name(&path) else {
                         return Err(err(
                             step,
-                            format!("refused image file name {path:?}: not a plain file name"),
+                            format!("refused image file name {path:?}: neither a plain file name nor pre-<round>/<file name>"),
                         ));
-                    }
-                    let dest = dir.join(&path);
+                    };
+                    let dest = match name {
+                        ImageName::Final(file) => {
+                            if set_round.is_some() {
+                                return Err(err(step, format!("{path}: a final image inside a pre-copy round's set")));
+                            }
+                            dir.join(file)
+                        }
+                        ImageName::Round(round, file) => {
+                            if !takes_rounds {
+                                return Err(err(step, format!("{path}: a pre-copy round for a migration whose strategy copies no memory ahead")));
+                            }
+                            if files > 0 && set_round != Some(round) {
+                                return Err(err(step, format!("{path}: files of different rounds in one image set")));
+                            }
+                            if round != rounds_done + 1 {
+                                return Err(err(step, format!("{path}: round {round} arrived after round {rounds_done}; rounds must come in order")));
+                            }
+                            set_round = Some(round);
+                            make_round_dir(&mig_dir, round)
+                                .map_err(|e| err(step, format!("round {round}: {e}")))?
+                                .join(file)
+                        }
+                    };
                     let mut sink = match crate::volumes::first_pass_index(&path) {
                         Some(index) => {
                             let (name, data) = self.volume_dest(id, index).await?;
@@ -1130,7 +1213,10 @@ impl Targets {
                         ));
                     }
                     if let Some(m) = self.map.lock().await.get_mut(id) {
-                        m.images_complete = true;
+                        match set_round {
+                            Some(round) => m.memory_rounds = round,
+                            None => m.images_complete = true,
+                        }
                     }
                     return Ok((files, bytes));
                 }
@@ -1147,11 +1233,17 @@ impl Targets {
             prepare,
             env: renv,
             images_complete,
+            memory_rounds,
         } = self.restore_parts(id, step).await?;
         if !images_complete {
             return Err(err(step, "the checkpoint images have not all arrived"));
         }
         let images = dir.join("images");
+        if memory_rounds > 0 {
+            link_final_to_round(&dir, memory_rounds).map_err(|e| {
+                err(step, format!("linking the images to pre-copy round {memory_rounds}: {e}"))
+            })?;
+        }
         let work = dir.join("work");
         if prepare.fault == Some(Fault::TargetRestore) {
             damage_pages(&images).map_err(|e| err(step, format!("fault injection: {e}")))?;
@@ -1194,7 +1286,7 @@ impl Targets {
                 .await?;
         }
         lap("layer");
-        if prepare.strategy == Strategy::PostCopy {
+        if prepare.strategy.lazy_pages() {
             self.start_lazy_pages(id, &prepare, &images, &work).await?;
         }
         lap("lazy_pages_daemon");
@@ -1295,7 +1387,7 @@ impl Targets {
             m.state = TargetState::Restored;
         }
         info!(container = %prepare.container_name, pid, docker_start_ms, "restored");
-        if prepare.strategy == Strategy::PostCopy {
+        if prepare.strategy.lazy_pages() {
             self.watch_pages(id).await;
         }
         Ok(RestoreInfo {
@@ -1719,6 +1811,7 @@ impl Targets {
                     checkpoint_dir: m.checkpoint_dir.clone(),
                     ctrd_copy: m.ctrd_copy.clone(),
                     images_complete: m.images_complete,
+            memory_rounds: m.memory_rounds,
                     created_volumes: m.created_volumes.clone(),
                     replaceable_volumes: m.replaceable_volumes.clone(),
                     replaced: m.replaced.clone(),
@@ -1819,7 +1912,7 @@ impl Targets {
         ) {
             return;
         }
-        if state == TargetState::Restored && strategy == Strategy::PostCopy {
+        if state == TargetState::Restored && strategy.lazy_pages() {
             warn!(migration = %id, "control channel lost ({why}) after a post-copy restore: waiting for the remaining pages");
             match self.commit(id).await {
                 Ok(()) => {
@@ -2277,6 +2370,53 @@ mod tests {
         for bad in ["", "..", ".", "/etc/passwd", "a/b", "../x", "x/..", "a\0b"] {
             assert!(!safe_image_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn round_names_are_numbered_in_range_and_plain_inside() {
+        let table: &[(&str, Option<ImageName>)] = &[
+            ("pages-1.img", Some(ImageName::Final("pages-1.img"))),
+            ("pre-1/pages-1.img", Some(ImageName::Round(1, "pages-1.img"))),
+            ("pre-8/pagemap-7.img", Some(ImageName::Round(8, "pagemap-7.img"))),
+            ("pre-9/pages-1.img", None),
+            ("pre-0/pages-1.img", None),
+            ("pre-01/pages-1.img", None),
+            ("pre-/pages-1.img", None),
+            ("pre-1x/pages-1.img", None),
+            ("pre-1/../x", None),
+            ("pre-1/a/b", None),
+            ("pre-1/", None),
+            ("pre-1/parent", None),
+            ("parent", None),
+            ("pre-1", Some(ImageName::Final("pre-1"))),
+            ("pre-99999999999/x", None),
+            ("x/pre-1/y", None),
+        ];
+        for (name, want) in table {
+            assert_eq!(parse_image_name(name).as_ref(), want.as_ref(), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn rounds_chain_to_each_other_and_the_final_images_to_the_last() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mig = tmp.path();
+        std::fs::create_dir_all(mig.join("images")).expect("images");
+        for round in 1..=3 {
+            let d = make_round_dir(mig, round).expect("round dir");
+            std::fs::write(d.join("pages-1.img"), format!("round {round}")).expect("write");
+            // A second file of the same round finds the directory and its link in place.
+            make_round_dir(mig, round).expect("again");
+        }
+        link_final_to_round(mig, 3).expect("link");
+        link_final_to_round(mig, 3).expect("relinking replaces the link");
+        let mut at = mig.join("images");
+        for round in (1..=3).rev() {
+            at = at.join("parent");
+            let text = std::fs::read_to_string(at.join("pages-1.img")).expect("read via chain");
+            assert_eq!(text, format!("round {round}"));
+        }
+        assert!(!at.join("parent").exists(), "round 1 has no parent");
     }
 
     #[test]

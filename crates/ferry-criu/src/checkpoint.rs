@@ -103,6 +103,10 @@ pub struct CheckpointOptions {
     /// reads its own configuration host-wide, but the `criu swrk` it starts inherits its
     /// environment, and CRIU reads the file `CRIU_CONFIG_FILE` names before runc's options.
     pub criu_config: Option<PathBuf>,
+    /// Pre-copy: the last pre-dump round's image directory, relative to `image_dir` (runc
+    /// refuses an absolute one). Pages unchanged since that round stay there, so the dump
+    /// writes (or, lazily, serves) only what the container dirtied after it.
+    pub parent: Option<String>,
 }
 
 /// The variable CRIU reads a configuration file's path from.
@@ -134,6 +138,10 @@ pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), Too
     }
     if o.leave_running {
         args.push("--leave-running");
+    }
+    if let Some(p) = &o.parent {
+        args.push("--parent-path");
+        args.push(p);
     }
     args.push(&h.id);
     let env: Vec<(&str, &std::ffi::OsStr)> = o
@@ -273,6 +281,9 @@ pub async fn checkpoint_lazy(
     }
     if o.tcp_established {
         cmd.arg("--tcp-established");
+    }
+    if let Some(p) = &o.parent {
+        cmd.arg("--parent-path").arg(p);
     }
     cmd.arg(&h.id);
     cmd.stdin(std::process::Stdio::null())

@@ -4,7 +4,12 @@
 use ferry_proto::{HostFacts, Strategy};
 
 /// Strategies this build can drive end to end. `auto` never picks one outside this list.
-pub const IMPLEMENTED: &[Strategy] = &[Strategy::StopAndCopy, Strategy::PostCopy];
+pub const IMPLEMENTED: &[Strategy] = &[
+    Strategy::StopAndCopy,
+    Strategy::PreCopy,
+    Strategy::PostCopy,
+    Strategy::Hybrid,
+];
 
 /// Pipe size CRIU's page server needs for post-copy.
 pub const PIPE_NEEDED: u64 = 4 * 1024 * 1024;
@@ -132,9 +137,15 @@ pub fn choose_strategy(
                 "pre-copy needs soft-dirty memory tracking on source {} (criu --feature mem_dirty_track)",
                 source.agent
             )),
-            Strategy::Hybrid if !(post_copy_ok && pre_copy_ok) => {
-                Err("hybrid needs soft-dirty tracking on the source and userfaultfd on the target".to_string())
-            }
+            Strategy::Hybrid if !pre_copy_ok => Err(format!(
+                "hybrid needs soft-dirty memory tracking on source {} (criu --feature mem_dirty_track)",
+                source.agent
+            )),
+            Strategy::Hybrid if !post_copy_ok => Err(format!("hybrid needs userfaultfd on target {}", target.agent)),
+            Strategy::Hybrid if !source_pipes_ok => Err(format!(
+                "hybrid needs fs.pipe-max-size >= {PIPE_NEEDED} (or CAP_SYS_RESOURCE) on source {}, which has {} (start its agent with --tune-host)",
+                source.agent, source.pipe_max_size
+            )),
             _ => Ok(()),
         }
     };
@@ -293,9 +304,40 @@ mod tests {
     }
 
     #[test]
+    fn with_soft_dirty_on_the_source_auto_picks_hybrid_and_each_lack_is_named() {
+        let mut s = host("a");
+        s.criu_features.mem_dirty_track = true;
+        let c = choose_strategy(Strategy::Auto, &s, &host("b")).unwrap();
+        assert_eq!(c.strategy, Strategy::Hybrid);
+        assert_eq!(
+            choose_strategy(Strategy::PreCopy, &s, &host("b"))
+                .unwrap()
+                .strategy,
+            Strategy::PreCopy
+        );
+        let mut t = host("b");
+        t.criu_features.uffd = false;
+        let c = choose_strategy(Strategy::Auto, &s, &t).unwrap();
+        assert_eq!(c.strategy, Strategy::PreCopy);
+        assert!(c.reason.contains("hybrid needs userfaultfd on target b"), "{}", c.reason);
+        let mut small = s.clone();
+        small.pipe_max_size = 1024 * 1024;
+        let err = choose_strategy(Strategy::Hybrid, &small, &host("b")).unwrap_err();
+        assert!(err.contains("pipe-max-size") && err.contains("source a"), "{err}");
+        assert_eq!(
+            choose_strategy(Strategy::Auto, &small, &host("b"))
+                .unwrap()
+                .strategy,
+            Strategy::PreCopy
+        );
+    }
+
+    #[test]
     fn unimplemented_or_unsupported_requests_are_refused() {
         let err = choose_strategy(Strategy::PreCopy, &host("a"), &host("b")).unwrap_err();
-        assert!(err.contains("pre-copy"), "{err}");
+        assert!(err.contains("pre-copy needs soft-dirty") && err.contains("source a"), "{err}");
+        let err = choose_strategy(Strategy::Hybrid, &host("a"), &host("b")).unwrap_err();
+        assert!(err.contains("hybrid needs soft-dirty"), "{err}");
         let ok = choose_strategy(Strategy::StopAndCopy, &host("a"), &host("b")).unwrap();
         assert_eq!(ok.strategy, Strategy::StopAndCopy);
     }

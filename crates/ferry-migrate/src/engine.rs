@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use ferry_proto::{ErrorInfo, Event, Outcome, Phase, Report, Strategy, TargetState};
+use ferry_proto::{ErrorInfo, Event, MemoryRounds, Outcome, Phase, Report, Strategy, TargetState};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
@@ -62,6 +62,8 @@ pub struct Engine<S, T, X> {
 enum Reached {
     Nothing,
     TargetPrepared,
+    /// Pre-copy rounds have written images on the source, which its rollback removes.
+    MemoryCopied,
     SourceFrozen,
     CommitRequested,
 }
@@ -131,6 +133,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 rollback_errors: Vec::new(),
                 warnings: Vec::new(),
                 volumes: Vec::new(),
+                memory_rounds: None,
             };
             let mut frozen_at: Option<Instant> = None;
             let result = self.forward(&plan, &mut report, &mut frozen_at).await;
@@ -235,7 +238,12 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             self.add_phase(Phase::Precopy, ms);
             report.bytes_sent += res.map_err(fail(Reached::TargetPrepared))?;
         }
-        if report.strategy == Strategy::PostCopy {
+        if report.strategy.memory_rounds() {
+            let rounds = self.memory_rounds().await?;
+            report.bytes_sent += rounds.rounds.iter().map(|r| r.bytes).sum::<u64>();
+            report.memory_rounds = Some(rounds);
+        }
+        if report.strategy.lazy_pages() {
             // Only where the dump is short: a channel left idle through a long stop-and-copy
             // dump could outlive the target's wait for its first file.
             self.transport.warm_up().await;
@@ -254,6 +262,12 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Dump, step_to, self.source.dump())
                 .map_err(fail(Reached::SourceFrozen))?
         };
+        if let (Some(rounds), Some((written, in_parent))) =
+            (report.memory_rounds.as_mut(), self.source.final_dump_pages())
+        {
+            rounds.final_pages_written = written;
+            rounds.final_pages_in_parent = in_parent;
+        }
         let total = images.total_bytes();
         self.emit(Event::Progress {
             phase: Phase::Transfer,
@@ -318,6 +332,60 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 .push(format!("migrated, but the source could not clean up: {e}")),
         }
         Ok(())
+    }
+
+    /// Pre-copy rounds while the container runs, each round's images sent before the next
+    /// starts, until the source's stop rules end them. Every round is a pre-dump: nothing is
+    /// frozen for longer than CRIU's page collection, so a failure here rolls back only the
+    /// target.
+    async fn memory_rounds(&mut self) -> Result<MemoryRounds, Failure> {
+        let limit = self.opts.transfer_timeout;
+        let fail = |error| Failure {
+            error,
+            reached: Reached::MemoryCopied,
+        };
+        let mut out = MemoryRounds::default();
+        loop {
+            let round = step!(self, Phase::Precopy, limit, self.source.memory_round())
+                .map_err(fail)?;
+            let Some(mut round) = round else {
+                if out.rounds.is_empty() {
+                    return Err(fail(SideError::failed(
+                        "precopy",
+                        "the source copied no memory round for a strategy that needs them",
+                    )));
+                }
+                out.stop_reason = "the source ended its rounds".into();
+                break;
+            };
+            let (cancel, events) = (self.cancel.clone(), self.events.clone());
+            let no_progress = |_: u64, _: u64| {};
+            let fut = self.transport.send_images(&round.images, &no_progress);
+            let (res, ms) = timed(&cancel, &events, Phase::Precopy, limit, fut).await;
+            self.add_phase(Phase::Precopy, ms);
+            round.report.bytes = res.map_err(fail)?;
+            round.report.send_ms = ms;
+            let r = &round.report;
+            info!(
+                round = r.round,
+                pages_written = r.pages_written,
+                pages_in_parent = r.pages_in_parent,
+                bytes = r.bytes,
+                "memory round sent"
+            );
+            self.emit(Event::Note {
+                message: format!(
+                    "memory round {}: {} pages copied ({} unchanged since the round before), {} bytes sent in {} ms",
+                    r.round, r.pages_written, r.pages_in_parent, r.bytes, ms
+                ),
+            });
+            out.rounds.push(round.report);
+            if let Some(why) = round.last {
+                out.stop_reason = why;
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Undoes what `reached` says was done. Returns the outcome: rolled back, or — when the
@@ -397,7 +465,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             }
             // Without a commit request the target rolls itself back when the session ends, so
             // resuming the source is safe even when the target could not confirm.
-            if failure.reached >= Reached::SourceFrozen {
+            if failure.reached >= Reached::MemoryCopied {
                 match tokio::time::timeout(step_to, self.source.rollback()).await {
                     Ok(errs) => report.rollback_errors.extend(errs.iter().map(|e| e.info())),
                     Err(_) => report.rollback_errors.push(ErrorInfo {

@@ -104,6 +104,17 @@ impl DumpedImages {
     }
 }
 
+/// One pre-copy round the source copied while the container ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundImages {
+    /// The round's CRIU images, named `pre-<round>/<file>` for the target.
+    pub images: DumpedImages,
+    /// CRIU's counts for the round (`bytes` and `send_ms` are the engine's to fill in).
+    pub report: ferry_proto::MemoryRound,
+    /// Set on the round after which the stop rules end pre-copy: why.
+    pub last: Option<String>,
+}
+
 /// Progress callback: (bytes done, bytes total).
 pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
 
@@ -114,6 +125,18 @@ pub trait SourceSide: Send {
     /// what changes afterwards goes with the dump.
     fn precopy(&mut self) -> impl Future<Output = Result<DumpedImages, SideError>> + Send {
         async { Ok(DumpedImages::default()) }
+    }
+    /// Pre-copy and hybrid: copies one more round of the container's memory while it runs
+    /// (a CRIU pre-dump on top of the previous round). `None` when this source copies no
+    /// memory ahead.
+    fn memory_round(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<RoundImages>, SideError>> + Send {
+        async { Ok(None) }
+    }
+    /// Pages the final dump wrote and pages it left in the last round's images, when known.
+    fn final_dump_pages(&self) -> Option<(u64, u64)> {
+        None
     }
     /// Stops the container's processes and its network without losing anything; undone by
     /// `rollback`.

@@ -64,9 +64,45 @@ struct FakeSource {
     prewired: Arc<Mutex<Option<bool>>>,
     at: At,
     rollback_errors: usize,
+    /// Pre-copy: pages each round writes; the source stops after the last one.
+    rounds: Vec<u64>,
+    /// Pre-copy: the round (1-based) whose pre-dump fails.
+    round_fails: Option<u32>,
+    rounds_taken: u32,
 }
 
 impl SourceSide for FakeSource {
+    async fn memory_round(&mut self) -> Result<Option<RoundImages>, SideError> {
+        let n = self.rounds_taken + 1;
+        let Some(&pages) = self.rounds.get(self.rounds_taken as usize) else {
+            return Ok(None);
+        };
+        push(&self.log, &format!("source.round{n}"));
+        if self.round_fails == Some(n) {
+            return Err(SideError::failed(format!("precopy: pre-dump round {n}"), "criu failed"));
+        }
+        self.rounds_taken = n;
+        Ok(Some(RoundImages {
+            images: DumpedImages {
+                dir: "/nonexistent".into(),
+                files: vec![ImageFile {
+                    rel: format!("pre-{n}/pages-1.img"),
+                    path: "/nonexistent/pages-1.img".into(),
+                    size: pages * 4096,
+                    mode: 0o600,
+                }],
+            },
+            report: ferry_proto::MemoryRound {
+                round: n,
+                pages_written: pages,
+                ..Default::default()
+            },
+            last: (n as usize == self.rounds.len()).then(|| "too-few-pages".to_string()),
+        }))
+    }
+    fn final_dump_pages(&self) -> Option<(u64, u64)> {
+        (self.rounds_taken > 0).then_some((3, 97))
+    }
     fn target_prepared(&mut self, target: &PreparedTarget) {
         *self.prewired.lock().unwrap() = Some(target.prewired_netns);
     }
@@ -75,8 +111,10 @@ impl SourceSide for FakeSource {
         if self.at == At::SourcePreflight {
             return Err(SideError::refused("preflight", "no such container: nope"));
         }
+        let mut facts = facts("a");
+        facts.criu_features.mem_dirty_track = !self.rounds.is_empty();
         Ok(SourcePreflight {
-            facts: facts("a"),
+            facts,
             cpuinfo: Some(vec![1]),
             prepare: PrepareRequest {
                 migration_id: String::new(),
@@ -287,6 +325,33 @@ async fn run_full(
     cancel: Option<CancellationToken>,
     target_prewires: bool,
 ) -> (ferry_proto::Report, Vec<String>, Option<bool>) {
+    let plan = Rounds {
+        strategy: Strategy::Auto,
+        pages: vec![],
+        fails: None,
+    };
+    run_plan(at, rollback_errors, cancel, target_prewires, plan).await
+}
+
+/// A pre-copy set-up: the strategy asked for, the pages of each round, the round that fails.
+struct Rounds {
+    strategy: Strategy,
+    pages: Vec<u64>,
+    fails: Option<u32>,
+}
+
+async fn run_rounds(at: At, plan: Rounds) -> (ferry_proto::Report, Vec<String>) {
+    let (report, calls, _) = run_plan(at, 0, None, true, plan).await;
+    (report, calls)
+}
+
+async fn run_plan(
+    at: At,
+    rollback_errors: usize,
+    cancel: Option<CancellationToken>,
+    target_prewires: bool,
+    plan: Rounds,
+) -> (ferry_proto::Report, Vec<String>, Option<bool>) {
     let log: Log = Arc::default();
     let prewired: Arc<Mutex<Option<bool>>> = Arc::default();
     let engine = Engine::new(
@@ -295,6 +360,9 @@ async fn run_full(
             prewired: prewired.clone(),
             at,
             rollback_errors,
+            rounds: plan.pages,
+            round_fails: plan.fails,
+            rounds_taken: 0,
         },
         FakeTarget {
             log: log.clone(),
@@ -321,7 +389,7 @@ async fn run_full(
             container: "c".into(),
             source: "a".into(),
             target: "b".into(),
-            strategy: Strategy::Auto,
+            strategy: plan.strategy,
         })
         .await;
     let calls = log.lock().unwrap().clone();
@@ -583,4 +651,102 @@ async fn a_restore_that_never_answers_times_out_and_rolls_back() {
         "source.rollback"
     ])));
     assert!(report.error.unwrap().message.contains("no answer within"));
+}
+
+#[tokio::test]
+async fn pre_copy_sends_each_round_before_the_next_and_reports_them() {
+    let (report, log) = run_rounds(
+        At::None,
+        Rounds {
+            strategy: Strategy::PreCopy,
+            pages: vec![5000, 300, 20],
+            fails: None,
+        },
+    )
+    .await;
+    assert_eq!(report.outcome, Outcome::Migrated, "{:?}", report.error);
+    assert_eq!(report.strategy, Strategy::PreCopy);
+    let want = calls(&[
+        "source.preflight",
+        "target.preflight",
+        "target.prepare",
+        "source.round1",
+        "transport.send",
+        "source.round2",
+        "transport.send",
+        "source.round3",
+        "transport.send",
+        "source.freeze",
+        "source.dump",
+        "transport.send",
+        "source.settle",
+        "target.restore",
+        "target.commit",
+        "source.commit",
+    ]);
+    assert_eq!(log, want);
+    let rounds = report.memory_rounds.expect("memory rounds in the report");
+    let written: Vec<u64> = rounds.rounds.iter().map(|r| r.pages_written).collect();
+    assert_eq!(written, vec![5000, 300, 20]);
+    let sent: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();
+    assert_eq!(sent, vec![5000 * 4096, 300 * 4096, 20 * 4096]);
+    assert_eq!(rounds.stop_reason, "too-few-pages");
+    assert_eq!((rounds.final_pages_written, rounds.final_pages_in_parent), (3, 97));
+    assert_eq!(
+        report.bytes_sent,
+        5320 * 4096 + 4096 + PAGE_BYTES,
+        "rounds, final images and pages all count"
+    );
+}
+
+#[tokio::test]
+async fn auto_with_soft_dirty_takes_rounds_then_a_lazy_final_dump() {
+    let (report, log) = run_rounds(
+        At::None,
+        Rounds {
+            strategy: Strategy::Auto,
+            pages: vec![100],
+            fails: None,
+        },
+    )
+    .await;
+    assert_eq!(report.outcome, Outcome::Migrated, "{:?}", report.error);
+    assert_eq!(report.strategy, Strategy::Hybrid, "{}", report.strategy_reason);
+    assert_eq!(log[3], "source.round1");
+    assert_eq!(report.memory_rounds.map(|r| r.rounds.len()), Some(1));
+}
+
+#[tokio::test]
+async fn a_failed_round_rolls_back_both_sides_without_freezing() {
+    let (report, log) = run_rounds(
+        At::None,
+        Rounds {
+            strategy: Strategy::PreCopy,
+            pages: vec![5000, 300],
+            fails: Some(2),
+        },
+    )
+    .await;
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert_eq!(report.error.as_ref().map(|e| e.step.as_str()), Some("precopy: pre-dump round 2"));
+    assert!(!log.iter().any(|c| c == "source.freeze"), "{log:?}");
+    assert!(log.ends_with(&calls(&["target.rollback", "source.rollback"])), "{log:?}");
+    assert_eq!(report.downtime_ms, 0, "nothing was frozen");
+}
+
+#[tokio::test]
+async fn pre_copy_without_soft_dirty_is_refused_before_any_change() {
+    let (report, log) = run_rounds(
+        At::None,
+        Rounds {
+            strategy: Strategy::PreCopy,
+            pages: vec![],
+            fails: None,
+        },
+    )
+    .await;
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    let e = report.error.expect("an error");
+    assert!(e.message.contains("pre-copy needs soft-dirty"), "{}", e.message);
+    assert_eq!(log, calls(&["source.preflight", "target.preflight"]));
 }

@@ -147,6 +147,17 @@ impl Strategy {
             Strategy::Hybrid => "hybrid",
         }
     }
+
+    /// Whether memory pages follow the restore (served by the source's page server), which
+    /// lets the pause stay short but ties the target to the source until every page arrived.
+    pub fn lazy_pages(self) -> bool {
+        matches!(self, Strategy::PostCopy | Strategy::Hybrid)
+    }
+
+    /// Whether memory is copied in pre-dump rounds while the container still runs.
+    pub fn memory_rounds(self) -> bool {
+        matches!(self, Strategy::PreCopy | Strategy::Hybrid)
+    }
 }
 
 impl std::fmt::Display for Strategy {

@@ -191,4 +191,36 @@ pub struct Report {
     pub warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeTransfer>,
+    /// Pre-copy and hybrid: the memory rounds copied while the container ran, and why they
+    /// stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_rounds: Option<MemoryRounds>,
+}
+
+/// The pre-dump rounds of a pre-copy or hybrid migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRounds {
+    pub rounds: Vec<MemoryRound>,
+    /// Why no further round ran (CRIU's page counts met a stop rule, or the round limit).
+    pub stop_reason: String,
+    /// Pages the final dump wrote (pre-copy) or left to be served lazily (hybrid), and pages
+    /// it found unchanged since the last round.
+    pub final_pages_written: u64,
+    pub final_pages_in_parent: u64,
+}
+
+/// One pre-dump round, from CRIU's own statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRound {
+    pub round: u32,
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    /// Pages unchanged since the previous round, left in its images.
+    pub pages_in_parent: u64,
+    /// How long the container was frozen for this round (CRIU freezes briefly to collect
+    /// the dirty pages, then copies them while it runs).
+    pub frozen_ms: u64,
+    pub dump_ms: u64,
+    pub bytes: u64,
+    pub send_ms: u64,
 }

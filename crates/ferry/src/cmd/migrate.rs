@@ -253,6 +253,21 @@ pub fn print_human(r: &Report) {
         .map(|(k, v)| format!("{k} {v} ms"))
         .collect();
     println!("  phases: {}", phases.join(", "));
+    if let Some(m) = &r.memory_rounds {
+        let rounds: Vec<String> = m
+            .rounds
+            .iter()
+            .map(|x| format!("{} pages", x.pages_written))
+            .collect();
+        println!(
+            "  memory rounds while running: {} ({}), stopped: {}; the final dump wrote {} pages and found {} unchanged",
+            m.rounds.len(),
+            rounds.join(", "),
+            m.stop_reason,
+            m.final_pages_written,
+            m.final_pages_in_parent
+        );
+    }
     for v in &r.volumes {
         println!(
             "  volume {}: first pass {} bytes in {} ms while running, final pass {} bytes ({} entries) in {} ms while frozen",
