@@ -125,17 +125,32 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         })
         .collect();
     problems += pair_problems.iter().map(|p| p.len()).sum::<usize>();
+    // What `ferry migrate` with `--strategy auto` would pick towards each peer, and why.
+    let auto: Vec<Option<String>> = peers
+        .iter()
+        .map(|p| {
+            local.as_ref().map(|l| {
+                match ferry_migrate::choose_strategy(ferry_proto::Strategy::Auto, l, p) {
+                    Ok(c) => format!("{} ({})", c.strategy, c.reason),
+                    Err(why) => format!("none: {why}"),
+                }
+            })
+        })
+        .collect();
     if a.json {
-        let v = serde_json::json!({"local": local, "peers": peers, "pair_problems": pair_problems});
+        let v = serde_json::json!({"local": local, "peers": peers, "pair_problems": pair_problems, "auto_strategy": auto});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         if let Some(l) = &local {
             print_facts(l);
         }
-        for (p, pp) in peers.iter().zip(&pair_problems) {
+        for ((p, pp), auto) in peers.iter().zip(&pair_problems).zip(&auto) {
             print_facts(p);
             if pp.is_empty() {
                 println!("  → this host can migrate containers to {}", p.agent);
+                if let Some(s) = auto {
+                    println!("  → strategy auto: {s}");
+                }
             }
             for x in pp {
                 println!("  → cannot migrate to {}: {x}", p.agent);
