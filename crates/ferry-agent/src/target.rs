@@ -342,7 +342,8 @@ pub fn parse_image_name(name: &str) -> Option<ImageName<'_>> {
     // `parent` is the link the target makes between rounds, never a received file.
     let plain = |f: &str| safe_image_name(f) && f != "parent";
     if let Some((round, file)) = name.strip_prefix("pre-").and_then(|r| r.split_once('/')) {
-        if round.is_empty() || !round.bytes().all(|b| b.is_ascii_digit()) || round.starts_with('0') {
+        if round.is_empty() || !round.bytes().all(|b| b.is_ascii_digit()) || round.starts_with('0')
+        {
             return None;
         }
         let round: u32 = round.parse().ok()?;
@@ -1081,7 +1082,11 @@ impl Targets {
                     format!("migration {id} is {:?}, not waiting for images", m.state),
                 ));
             }
-            (m.dir.clone(), m.memory_rounds, m.prepare.strategy.memory_rounds())
+            (
+                m.dir.clone(),
+                m.memory_rounds,
+                m.prepare.strategy.memory_rounds(),
+            )
         };
         let dir = mig_dir.join("images");
         // The pre-copy round this image set carries, if it is one.
@@ -1101,7 +1106,10 @@ impl Targets {
                     let dest = match name {
                         ImageName::Final(file) => {
                             if set_round.is_some() {
-                                return Err(err(step, format!("{path}: a final image inside a pre-copy round's set")));
+                                return Err(err(
+                                    step,
+                                    format!("{path}: a final image inside a pre-copy round's set"),
+                                ));
                             }
                             dir.join(file)
                         }
@@ -1110,7 +1118,10 @@ impl Targets {
                                 return Err(err(step, format!("{path}: a pre-copy round for a migration whose strategy copies no memory ahead")));
                             }
                             if files > 0 && set_round != Some(round) {
-                                return Err(err(step, format!("{path}: files of different rounds in one image set")));
+                                return Err(err(
+                                    step,
+                                    format!("{path}: files of different rounds in one image set"),
+                                ));
                             }
                             if round != rounds_done + 1 {
                                 return Err(err(step, format!("{path}: round {round} arrived after round {rounds_done}; rounds must come in order")));
@@ -1241,7 +1252,10 @@ impl Targets {
         let images = dir.join("images");
         if memory_rounds > 0 {
             link_final_to_round(&dir, memory_rounds).map_err(|e| {
-                err(step, format!("linking the images to pre-copy round {memory_rounds}: {e}"))
+                err(
+                    step,
+                    format!("linking the images to pre-copy round {memory_rounds}: {e}"),
+                )
             })?;
         }
         let work = dir.join("work");
@@ -1343,6 +1357,7 @@ impl Targets {
                 m.ctrd_copy = r.original_image_path.clone();
             }
         }
+        let timed_out = start_res.is_err();
         let start_err = match start_res {
             Err(()) => Some(format!(
                 "docker start from checkpoint did not finish within {} s",
@@ -1353,7 +1368,9 @@ impl Targets {
         };
         if let Some(message) = start_err {
             let mut tool_log = ferry_criu::quote_log(&work.join("restore.log"));
-            if record.is_none() {
+            // The wrapper writes its record once runc returns, so after a timeout its absence
+            // says nothing about whether it ran.
+            if record.is_none() && !timed_out {
                 tool_log.push(format!(
                     "(the {} runtime wrapper was not called: is the container's runtime {}?)",
                     crate::FERRY_RUNTIME,
@@ -1811,7 +1828,7 @@ impl Targets {
                     checkpoint_dir: m.checkpoint_dir.clone(),
                     ctrd_copy: m.ctrd_copy.clone(),
                     images_complete: m.images_complete,
-            memory_rounds: m.memory_rounds,
+                    memory_rounds: m.memory_rounds,
                     created_volumes: m.created_volumes.clone(),
                     replaceable_volumes: m.replaceable_volumes.clone(),
                     replaced: m.replaced.clone(),
@@ -2376,8 +2393,14 @@ mod tests {
     fn round_names_are_numbered_in_range_and_plain_inside() {
         let table: &[(&str, Option<ImageName>)] = &[
             ("pages-1.img", Some(ImageName::Final("pages-1.img"))),
-            ("pre-1/pages-1.img", Some(ImageName::Round(1, "pages-1.img"))),
-            ("pre-8/pagemap-7.img", Some(ImageName::Round(8, "pagemap-7.img"))),
+            (
+                "pre-1/pages-1.img",
+                Some(ImageName::Round(1, "pages-1.img")),
+            ),
+            (
+                "pre-8/pagemap-7.img",
+                Some(ImageName::Round(8, "pagemap-7.img")),
+            ),
             ("pre-9/pages-1.img", None),
             ("pre-0/pages-1.img", None),
             ("pre-01/pages-1.img", None),

@@ -319,11 +319,18 @@ mod tests {
         t.criu_features.uffd = false;
         let c = choose_strategy(Strategy::Auto, &s, &t).unwrap();
         assert_eq!(c.strategy, Strategy::PreCopy);
-        assert!(c.reason.contains("hybrid needs userfaultfd on target b"), "{}", c.reason);
+        assert!(
+            c.reason.contains("hybrid needs userfaultfd on target b"),
+            "{}",
+            c.reason
+        );
         let mut small = s.clone();
         small.pipe_max_size = 1024 * 1024;
         let err = choose_strategy(Strategy::Hybrid, &small, &host("b")).unwrap_err();
-        assert!(err.contains("pipe-max-size") && err.contains("source a"), "{err}");
+        assert!(
+            err.contains("pipe-max-size") && err.contains("source a"),
+            "{err}"
+        );
         assert_eq!(
             choose_strategy(Strategy::Auto, &small, &host("b"))
                 .unwrap()
@@ -335,7 +342,10 @@ mod tests {
     #[test]
     fn unimplemented_or_unsupported_requests_are_refused() {
         let err = choose_strategy(Strategy::PreCopy, &host("a"), &host("b")).unwrap_err();
-        assert!(err.contains("pre-copy needs soft-dirty") && err.contains("source a"), "{err}");
+        assert!(
+            err.contains("pre-copy needs soft-dirty") && err.contains("source a"),
+            "{err}"
+        );
         let err = choose_strategy(Strategy::Hybrid, &host("a"), &host("b")).unwrap_err();
         assert!(err.contains("hybrid needs soft-dirty"), "{err}");
         let ok = choose_strategy(Strategy::StopAndCopy, &host("a"), &host("b")).unwrap();

@@ -262,9 +262,10 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Dump, step_to, self.source.dump())
                 .map_err(fail(Reached::SourceFrozen))?
         };
-        if let (Some(rounds), Some((written, in_parent))) =
-            (report.memory_rounds.as_mut(), self.source.final_dump_pages())
-        {
+        if let (Some(rounds), Some((written, in_parent))) = (
+            report.memory_rounds.as_mut(),
+            self.source.final_dump_pages(),
+        ) {
             rounds.final_pages_written = written;
             rounds.final_pages_in_parent = in_parent;
         }
@@ -346,8 +347,8 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         };
         let mut out = MemoryRounds::default();
         loop {
-            let round = step!(self, Phase::Precopy, limit, self.source.memory_round())
-                .map_err(fail)?;
+            let round =
+                step!(self, Phase::Precopy, limit, self.source.memory_round()).map_err(fail)?;
             let Some(mut round) = round else {
                 if out.rounds.is_empty() {
                     return Err(fail(SideError::failed(

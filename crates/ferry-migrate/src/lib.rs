@@ -19,8 +19,8 @@ mod side;
 pub use compat::{choose_strategy, compat_problems, StrategyChoice, PIPE_NEEDED};
 pub use engine::{Engine, EngineOptions, MigrationPlan};
 pub use side::{
-    DumpedImages, ImageFile, PreparedTarget, ProgressFn, RoundImages, SideError, SideErrorKind, SourcePreflight,
-    SourceSide, TargetSide, Transport,
+    DumpedImages, ImageFile, PreparedTarget, ProgressFn, RoundImages, SideError, SideErrorKind,
+    SourcePreflight, SourceSide, TargetSide, Transport,
 };
 
 #[cfg(test)]

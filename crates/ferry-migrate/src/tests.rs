@@ -79,7 +79,10 @@ impl SourceSide for FakeSource {
         };
         push(&self.log, &format!("source.round{n}"));
         if self.round_fails == Some(n) {
-            return Err(SideError::failed(format!("precopy: pre-dump round {n}"), "criu failed"));
+            return Err(SideError::failed(
+                format!("precopy: pre-dump round {n}"),
+                "criu failed",
+            ));
         }
         self.rounds_taken = n;
         Ok(Some(RoundImages {
@@ -691,7 +694,10 @@ async fn pre_copy_sends_each_round_before_the_next_and_reports_them() {
     let sent: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();
     assert_eq!(sent, vec![5000 * 4096, 300 * 4096, 20 * 4096]);
     assert_eq!(rounds.stop_reason, "too-few-pages");
-    assert_eq!((rounds.final_pages_written, rounds.final_pages_in_parent), (3, 97));
+    assert_eq!(
+        (rounds.final_pages_written, rounds.final_pages_in_parent),
+        (3, 97)
+    );
     assert_eq!(
         report.bytes_sent,
         5320 * 4096 + 4096 + PAGE_BYTES,
@@ -711,7 +717,12 @@ async fn auto_with_soft_dirty_takes_rounds_then_a_lazy_final_dump() {
     )
     .await;
     assert_eq!(report.outcome, Outcome::Migrated, "{:?}", report.error);
-    assert_eq!(report.strategy, Strategy::Hybrid, "{}", report.strategy_reason);
+    assert_eq!(
+        report.strategy,
+        Strategy::Hybrid,
+        "{}",
+        report.strategy_reason
+    );
     assert_eq!(log[3], "source.round1");
     assert_eq!(report.memory_rounds.map(|r| r.rounds.len()), Some(1));
 }
@@ -728,9 +739,15 @@ async fn a_failed_round_rolls_back_both_sides_without_freezing() {
     )
     .await;
     assert_eq!(report.outcome, Outcome::RolledBack);
-    assert_eq!(report.error.as_ref().map(|e| e.step.as_str()), Some("precopy: pre-dump round 2"));
+    assert_eq!(
+        report.error.as_ref().map(|e| e.step.as_str()),
+        Some("precopy: pre-dump round 2")
+    );
     assert!(!log.iter().any(|c| c == "source.freeze"), "{log:?}");
-    assert!(log.ends_with(&calls(&["target.rollback", "source.rollback"])), "{log:?}");
+    assert!(
+        log.ends_with(&calls(&["target.rollback", "source.rollback"])),
+        "{log:?}"
+    );
     assert_eq!(report.downtime_ms, 0, "nothing was frozen");
 }
 
@@ -747,6 +764,10 @@ async fn pre_copy_without_soft_dirty_is_refused_before_any_change() {
     .await;
     assert_eq!(report.outcome, Outcome::RolledBack);
     let e = report.error.expect("an error");
-    assert!(e.message.contains("pre-copy needs soft-dirty"), "{}", e.message);
+    assert!(
+        e.message.contains("pre-copy needs soft-dirty"),
+        "{}",
+        e.message
+    );
     assert_eq!(log, calls(&["source.preflight", "target.preflight"]));
 }
