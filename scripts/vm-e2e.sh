@@ -17,6 +17,8 @@
 #   FERRY_VM_E2E_TIMEOUT  seconds the guest may run (default 2400)
 #   FERRY_VM_E2E_MEM      guest memory (default 6G)
 #   FERRY_VM_E2E_SMP      guest CPUs (default 2)
+#   FERRY_VM_E2E_CGROUP   v1 (default: v1 controllers with v2 at unified/, as this host) or v2
+#                         (the unified hierarchy alone)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +27,8 @@ cache=${FERRY_VM_E2E_CACHE:-/var/cache/ferry/precopy-vm}
 timeout_s=${FERRY_VM_E2E_TIMEOUT:-2400}
 mem=${FERRY_VM_E2E_MEM:-6G}
 smp=${FERRY_VM_E2E_SMP:-2}
+cgroup=${FERRY_VM_E2E_CGROUP:-v1}
+[[ $cgroup == v1 || $cgroup == v2 ]] || { echo "FERRY_VM_E2E_CGROUP must be v1 or v2, not '$cgroup'" >&2; exit 2; }
 filter=${1:-pre_copy_then_hybrid}
 marker=FERRY-VM-EXIT
 
@@ -115,15 +119,19 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
-# The same cgroup layout as the hosts the test bed runs on (v1 controllers, v2 beside them at
-# unified/), so the guest proves what those hosts run rather than a different cgroup driver.
-mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
-for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
-  mkdir -p /sys/fs/cgroup/\$c && mount -t cgroup -o \$c cgroup /sys/fs/cgroup/\$c
-done
-mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
-mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
-mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+# By default the same cgroup layout as the hosts the test bed runs on (v1 controllers, v2
+# beside them at unified/), so the guest proves what those hosts run.
+if [ "$cgroup" = v2 ]; then
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup
+else
+  mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+  for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+    mkdir -p /sys/fs/cgroup/\$c && mount -t cgroup -o \$c cgroup /sys/fs/cgroup/\$c
+  done
+  mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+  mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+fi
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
 for m in overlay veth bridge br_netfilter macvlan tun nf_tables nft_compat nft_chain_nat \\
          nf_nat nf_conntrack xt_conntrack xt_MASQUERADE xt_addrtype xt_comment xt_mark \\
@@ -134,7 +142,7 @@ for m in overlay veth bridge br_netfilter macvlan tun nf_tables nft_compat nft_c
 done
 ip link set lo up
 hostname ferry-vm
-echo "guest up: \$(uname -r), soft-dirty: \$(criu check --feature mem_dirty_track >/dev/null 2>&1 && echo yes || echo no)"
+echo "guest up: \$(uname -r), cgroup $cgroup, soft-dirty: \$(criu check --feature mem_dirty_track >/dev/null 2>&1 && echo yes || echo no)"
 cd /root
 rc=0
 FERRY_E2E=1 FERRY_E2E_TESTBED=minimal FERRY_E2E_SOFT_DIRTY=required \\

@@ -266,8 +266,8 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             report.memory_rounds.as_mut(),
             self.source.final_dump_pages(),
         ) {
-            rounds.final_pages_written = written;
-            rounds.final_pages_in_parent = in_parent;
+            rounds.final_pages_written = Some(written);
+            rounds.final_pages_in_parent = Some(in_parent);
         }
         let total = images.total_bytes();
         self.emit(Event::Progress {

@@ -696,7 +696,7 @@ async fn pre_copy_sends_each_round_before_the_next_and_reports_them() {
     assert_eq!(rounds.stop_reason, "too-few-pages");
     assert_eq!(
         (rounds.final_pages_written, rounds.final_pages_in_parent),
-        (3, 97)
+        (Some(3), Some(97))
     );
     assert_eq!(
         report.bytes_sent,

@@ -203,10 +203,13 @@ pub struct MemoryRounds {
     pub rounds: Vec<MemoryRound>,
     /// Why no further round ran (CRIU's page counts met a stop rule, or the round limit).
     pub stop_reason: String,
-    /// Pages the final dump wrote (pre-copy) or left to be served lazily (hybrid), and pages
-    /// it found unchanged since the last round.
-    pub final_pages_written: u64,
-    pub final_pages_in_parent: u64,
+    /// Pages the final dump wrote, and pages it found unchanged since the last round, from
+    /// CRIU's statistics of that dump. Absent for hybrid: a lazy dump writes its statistics
+    /// only when its page server ends, after the migration has committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_pages_written: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_pages_in_parent: Option<u64>,
 }
 
 /// One pre-dump round, from CRIU's own statistics.

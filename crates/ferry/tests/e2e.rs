@@ -2093,6 +2093,13 @@ fn pre_copy_then_hybrid_move_redis_there_and_back_under_one_live_client() {
     );
     assert!(inspect("b", name).is_none());
     settle();
+
+    // The same container and data once more without rounds, so the guest's run shows what
+    // the rounds took out of the freeze on the same emulated machine.
+    let plain = migrate_ok(name, &["--strategy", "stop-and-copy"]);
+    eprintln!("stop-and-copy report: {plain}");
+    assert!(plain["memory_rounds"].is_null(), "{plain}");
+    settle();
     let summary = client.finish();
     eprintln!("client: {summary}");
     assert_redis_intact(&target, keys, &expected, &summary);

@@ -259,13 +259,17 @@ pub fn print_human(r: &Report) {
             .iter()
             .map(|x| format!("{} pages", x.pages_written))
             .collect();
+        let last = match (m.final_pages_written, m.final_pages_in_parent) {
+            (Some(w), Some(p)) => {
+                format!("; the final dump wrote {w} pages and found {p} unchanged")
+            }
+            _ => String::new(),
+        };
         println!(
-            "  memory rounds while running: {} ({}), stopped: {}; the final dump wrote {} pages and found {} unchanged",
+            "  memory rounds while running: {} ({}), stopped: {}{last}",
             m.rounds.len(),
             rounds.join(", "),
             m.stop_reason,
-            m.final_pages_written,
-            m.final_pages_in_parent
         );
     }
     for v in &r.volumes {
