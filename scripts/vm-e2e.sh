@@ -102,11 +102,15 @@ for f in $boot_mods; do
   cp "$f" "$initrd/modules/"
   mods="$mods $(basename "$f" .ko)"
 done
+mkdir -p "$stage/ferry-vm/bin"
+: >"$stage/ferry-vm/paths"
 for f in "$bins"/ferry "$bins"/ferry-workload "$e2e"; do
   mkdir -p "$stage$(dirname "$f")"
   cp -L "$f" "$stage$f"
+  # A second copy for a checkout under /tmp or /run, which the guest mounts tmpfs over.
+  cp -L "$f" "$stage/ferry-vm/bin/"
+  echo "$f" >>"$stage/ferry-vm/paths"
 done
-mkdir -p "$stage/ferry-vm"
 cat >"$stage/ferry-vm/init" <<EOF
 #!/bin/bash
 # Second stage, on the guest's ext4 root: kernel facilities, then the tests.
@@ -119,6 +123,9 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
+while read -r f; do
+  [ -e "\$f" ] || { mkdir -p "\$(dirname "\$f")" && cp "/ferry-vm/bin/\$(basename "\$f")" "\$f"; }
+done </ferry-vm/paths
 # By default the same cgroup layout as the hosts the test bed runs on (v1 controllers, v2
 # beside them at unified/), so the guest proves what those hosts run.
 if [ "$cgroup" = v2 ]; then

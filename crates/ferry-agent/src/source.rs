@@ -78,8 +78,8 @@ pub struct LocalSource {
     /// Pre-copy: the pre-dump rounds taken so far, and whether the stop rules ended them.
     rounds: Vec<ferry_criu::RoundStats>,
     rounds_done: bool,
-    /// Pre-copy: pages the final dump wrote and pages it found in the last round.
-    final_pages: Option<(u64, u64)>,
+    /// CRIU's statistics of the final dump, once written.
+    dump_stats: Option<ferry_proto::CriuDumpStats>,
 }
 
 /// Where pre-dump round `n` goes among the images the target receives; the target keeps each
@@ -124,6 +124,20 @@ pub struct PageServer {
 fn free_loopback_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// CRIU's `stats-dump` in the report's terms.
+fn report_stats(st: &ferry_criu::DumpStats) -> ferry_proto::CriuDumpStats {
+    ferry_proto::CriuDumpStats {
+        freezing_us: u64::from(st.freezing_time_us),
+        frozen_us: u64::from(st.frozen_time_us),
+        memdump_us: u64::from(st.memdump_time_us),
+        memwrite_us: u64::from(st.memwrite_time_us),
+        pages_scanned: st.pages_scanned,
+        pages_written: st.pages_written,
+        pages_lazy: st.pages_lazy,
+        pages_in_parent: st.pages_skipped_parent,
+    }
 }
 
 /// Thaws the container's freezer cgroup: a post-copy dump killed half-way leaves the tasks frozen
@@ -186,7 +200,7 @@ impl LocalSource {
             external_netns: false,
             rounds: Vec::new(),
             rounds_done: false,
-            final_pages: None,
+            dump_stats: None,
         }
     }
 
@@ -244,6 +258,18 @@ impl LocalSource {
                 format!("{}: {e}", self.dir.display()),
             )),
             _ => None,
+        }
+    }
+
+    /// Reads CRIU's statistics of a plain final dump; a report without them is still a report,
+    /// so a failure is only logged. A lazy dump's are not worth reading: the page server CRIU
+    /// starts for the lazy pages resets the dump's counters (`init_stats` in
+    /// `cr_page_server`), and the file written when it ends holds only a frozen time that
+    /// spans the whole page transfer.
+    fn read_dump_stats(&mut self) {
+        match ferry_criu::read_stats_dump(&self.dir.join("work")) {
+            Ok(st) => self.dump_stats = Some(report_stats(&st)),
+            Err(e) => warn!("final dump statistics: {e}"),
         }
     }
 
@@ -625,8 +651,8 @@ impl SourceSide for LocalSource {
         }))
     }
 
-    fn final_dump_pages(&self) -> Option<(u64, u64)> {
-        self.final_pages
+    fn dump_stats(&self) -> Option<ferry_proto::CriuDumpStats> {
+        self.dump_stats
     }
 
     fn target_prepared(&mut self, target: &ferry_migrate::PreparedTarget) {
@@ -766,12 +792,7 @@ impl SourceSide for LocalSource {
                 "source_criu_dump".into(),
                 started.elapsed().as_millis() as u64,
             );
-            if !self.rounds.is_empty() {
-                match ferry_criu::read_stats_dump(&opts.work_dir) {
-                    Ok(st) => self.final_pages = Some((st.pages_written, st.pages_skipped_parent)),
-                    Err(e) => warn!("final dump statistics: {e}"),
-                }
-            }
+            self.read_dump_stats();
         }
         let data_started = std::time::Instant::now();
         for (i, v) in self.volumes.iter_mut().enumerate() {

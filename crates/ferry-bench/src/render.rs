@@ -106,6 +106,15 @@ fn breakdown(c: &CaseReport) -> String {
                 .collect();
             line.push_str(&format!(" (of which {} ms)", steps.join(", ")));
         }
+        if let Some(d) = &r.criu_dump {
+            line.push_str(&format!(
+                "; CRIU: {} pages scanned ({} written, {} lazy), collecting them {:.0} ms frozen",
+                d.pages_scanned,
+                d.pages_written,
+                d.pages_lazy,
+                d.memdump_us as f64 / 1000.0
+            ));
+        }
         if let Some(z) = &r.compression {
             line.push_str(&format!("; compression {} → {}", z.policy, z.decision));
             if r.bytes_uncompressed > r.bytes_sent {

@@ -134,6 +134,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 warnings: Vec::new(),
                 volumes: Vec::new(),
                 memory_rounds: None,
+                criu_dump: None,
             };
             let mut frozen_at: Option<Instant> = None;
             let result = self.forward(&plan, &mut report, &mut frozen_at).await;
@@ -262,13 +263,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Dump, step_to, self.source.dump())
                 .map_err(fail(Reached::SourceFrozen))?
         };
-        if let (Some(rounds), Some((written, in_parent))) = (
-            report.memory_rounds.as_mut(),
-            self.source.final_dump_pages(),
-        ) {
-            rounds.final_pages_written = Some(written);
-            rounds.final_pages_in_parent = Some(in_parent);
-        }
+        take_dump_stats(report, self.source.dump_stats());
         let total = images.total_bytes();
         self.emit(Event::Progress {
             phase: Phase::Transfer,
@@ -519,4 +514,15 @@ async fn timed<R>(
         let _ = tx.send(Event::PhaseFinished { phase, ms });
     }
     (res, ms)
+}
+
+/// Puts CRIU's statistics of the final dump into the report, and with pre-dump rounds, what
+/// the final dump wrote on top of the last one.
+fn take_dump_stats(report: &mut Report, stats: Option<ferry_proto::CriuDumpStats>) {
+    let Some(st) = stats else { return };
+    report.criu_dump = Some(st);
+    if let Some(rounds) = report.memory_rounds.as_mut() {
+        rounds.final_pages_written = Some(st.pages_written);
+        rounds.final_pages_in_parent = Some(st.pages_in_parent);
+    }
 }

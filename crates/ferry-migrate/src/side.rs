@@ -134,8 +134,9 @@ pub trait SourceSide: Send {
     ) -> impl Future<Output = Result<Option<RoundImages>, SideError>> + Send {
         async { Ok(None) }
     }
-    /// Pages the final dump wrote and pages it left in the last round's images, when known.
-    fn final_dump_pages(&self) -> Option<(u64, u64)> {
+    /// CRIU's statistics of the final dump, read after `dump`. `None` for a lazy dump: CRIU
+    /// resets its counters when it starts the page server.
+    fn dump_stats(&self) -> Option<ferry_proto::CriuDumpStats> {
         None
     }
     /// Stops the container's processes and its network without losing anything; undone by

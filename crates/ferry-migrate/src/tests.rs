@@ -103,8 +103,12 @@ impl SourceSide for FakeSource {
             last: (n as usize == self.rounds.len()).then(|| "too-few-pages".to_string()),
         }))
     }
-    fn final_dump_pages(&self) -> Option<(u64, u64)> {
-        (self.rounds_taken > 0).then_some((3, 97))
+    fn dump_stats(&self) -> Option<ferry_proto::CriuDumpStats> {
+        (self.rounds_taken > 0).then_some(ferry_proto::CriuDumpStats {
+            pages_written: 3,
+            pages_in_parent: 97,
+            ..Default::default()
+        })
     }
     fn target_prepared(&mut self, target: &PreparedTarget) {
         *self.prewired.lock().unwrap() = Some(target.prewired_netns);
@@ -697,6 +701,11 @@ async fn pre_copy_sends_each_round_before_the_next_and_reports_them() {
     assert_eq!(
         (rounds.final_pages_written, rounds.final_pages_in_parent),
         (Some(3), Some(97))
+    );
+    assert_eq!(
+        report.criu_dump.map(|c| c.pages_in_parent),
+        Some(97),
+        "CRIU's statistics reach the report"
     );
     assert_eq!(
         report.bytes_sent,

@@ -195,6 +195,32 @@ pub struct Report {
     /// stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_rounds: Option<MemoryRounds>,
+    /// CRIU's own statistics of the final dump, which say how much of the dump step was the
+    /// memory and how much the rest (descriptors, mounts, sockets). Absent for lazy dumps
+    /// (post-copy, hybrid): CRIU resets the dump's counters when it starts the page server
+    /// for the lazy pages, so the statistics it writes at the end hold nothing of the dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_dump: Option<CriuDumpStats>,
+}
+
+/// CRIU's `stats-dump` of one dump, in microseconds and pages.
+///
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CriuDumpStats {
+    /// Waiting for the kernel to freeze the tasks.
+    pub freezing_us: u64,
+    pub frozen_us: u64,
+    /// Scanning the page maps and collecting the pages into pipes, with the tasks frozen.
+    pub memdump_us: u64,
+    /// Writing (or sending) the collected pages.
+    pub memwrite_us: u64,
+    pub pages_scanned: u64,
+    /// Pages written into the images.
+    pub pages_written: u64,
+    /// Pages left for the lazy-pages daemon to fetch.
+    pub pages_lazy: u64,
+    /// Pages unchanged since the parent (pre-dump round) images.
+    pub pages_in_parent: u64,
 }
 
 /// The pre-dump rounds of a pre-copy or hybrid migration.
@@ -204,8 +230,8 @@ pub struct MemoryRounds {
     /// Why no further round ran (CRIU's page counts met a stop rule, or the round limit).
     pub stop_reason: String,
     /// Pages the final dump wrote, and pages it found unchanged since the last round, from
-    /// CRIU's statistics of that dump. Absent for hybrid: a lazy dump writes its statistics
-    /// only when its page server ends, after the migration has committed.
+    /// CRIU's statistics of that dump. Absent for hybrid, whose final dump is lazy (see
+    /// `Report::criu_dump`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_pages_written: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -328,6 +328,12 @@ fn a_counter_server_migrates_with_its_client_connection_and_state() {
     let report = migrate_ok(name, &["--strategy", "stop-and-copy"]);
     assert_eq!(report["outcome"], "migrated");
     assert_eq!(report["strategy"], "stop-and-copy");
+    // CRIU's own statistics of the dump: everything written, nothing left lazy.
+    let c = &report["criu_dump"];
+    assert!(
+        c["pages_written"].as_u64().unwrap() > 0 && c["pages_lazy"].as_u64() == Some(0),
+        "{report}"
+    );
     for p in [
         "preflight",
         "prepare",
@@ -815,6 +821,9 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
             < report["phases_ms"]["commit"].as_u64().unwrap(),
         "pages must move after the restore: {report}"
     );
+    // CRIU resets a lazy dump's counters when it starts the page server: no statistics
+    // rather than zeros passed off as the dump's.
+    assert!(report["criu_dump"].is_null(), "{report}");
     // The report says where the pause went, from both sides.
     for step in [
         "source_freeze_cgroup",
@@ -2084,6 +2093,9 @@ fn pre_copy_then_hybrid_move_redis_there_and_back_under_one_live_client() {
     assert!(ok, "migrate back failed: {report}\n{stderr}");
     eprintln!("hybrid report: {report}");
     assert_rounds(&report, "hybrid");
+    // CRIU resets a lazy dump's counters when it starts the page server: no statistics
+    // rather than zeros passed off as the dump's.
+    assert!(report["criu_dump"].is_null(), "{report}");
     assert!(
         report["strategy_reason"]
             .as_str()

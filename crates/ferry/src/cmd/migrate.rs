@@ -272,6 +272,18 @@ pub fn print_human(r: &Report) {
             m.stop_reason,
         );
     }
+    if let Some(c) = &r.criu_dump {
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "  CRIU's final dump: {} pages scanned, {} written, {} lazy, {} in the parent; collecting them took {:.1} ms of the freeze, writing {:.1} ms",
+            c.pages_scanned,
+            c.pages_written,
+            c.pages_lazy,
+            c.pages_in_parent,
+            ms(c.memdump_us),
+            ms(c.memwrite_us),
+        );
+    }
     for v in &r.volumes {
         println!(
             "  volume {}: first pass {} bytes in {} ms while running, final pass {} bytes ({} entries) in {} ms while frozen",
