@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod facts;
 pub mod image;
 pub mod mountinfo;
+pub mod nftables;
 pub mod precopy;
 pub mod prewire;
 pub mod proc;

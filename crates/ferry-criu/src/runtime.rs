@@ -356,6 +356,12 @@ pub fn run_wrapper(state_dir: &Path, runc: Option<&str>, args: Vec<String>) -> i
         match prewire_bundle(&bundle, o.criu_config.as_deref(), limit) {
             Ok(ns) => {
                 let prewired = ns.is_some();
+                if let Some(ns) = &ns {
+                    // Without it the pre-resume action opens the namespace itself, slower.
+                    if let Err(e) = ns.serve_open(&o.image_path.join(crate::prewire::OPEN_SOCKET)) {
+                        eprintln!("ferry runtime: the namespace opener: {e}");
+                    }
+                }
                 _wired = ns;
                 write_json_atomic(
                     &p.report,

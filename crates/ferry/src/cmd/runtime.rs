@@ -20,10 +20,13 @@ pub struct Args {
 
 pub fn run(a: Args) -> ExitCode {
     if a.criu_action {
-        use ferry_criu::prewire::{run_action, SCRIPT_ACTION_ENV, SCRIPT_INIT_PID_ENV};
+        use ferry_criu::prewire::{
+            run_action, SCRIPT_ACTION_ENV, SCRIPT_IMAGE_DIR_ENV, SCRIPT_INIT_PID_ENV,
+        };
         let action = std::env::var(SCRIPT_ACTION_ENV).ok();
         let pid = std::env::var(SCRIPT_INIT_PID_ENV).ok();
-        return match run_action(action.as_deref(), pid.as_deref()) {
+        let images = std::env::var(SCRIPT_IMAGE_DIR_ENV).ok();
+        return match run_action(action.as_deref(), pid.as_deref(), images.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ferry runtime --criu-action: {e}");
