@@ -339,7 +339,8 @@ mod tests {
     fn answers_carry_their_sequence_number_and_errno() {
         let mut two = error_msg(5, libc::EPERM);
         two.extend(error_msg(2, 0));
-        let table: [(&[u8], Vec<(u32, i32)>); 4] = [
+        type Case<'a> = (&'a [u8], Vec<(u32, i32)>);
+        let table: [Case; 4] = [
             (&error_msg(2, libc::ENOENT), vec![(2, libc::ENOENT)]),
             (&two, vec![(5, libc::EPERM), (2, 0)]),
             (&two[..50], vec![(5, libc::EPERM)]),
