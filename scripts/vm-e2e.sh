@@ -107,8 +107,8 @@ mkdir -p "$stage/ferry-vm/bin"
 for f in "$bins"/ferry "$bins"/ferry-workload "$e2e"; do
   mkdir -p "$stage$(dirname "$f")"
   cp -L "$f" "$stage$f"
-  # A second copy for a checkout under /tmp or /run, which the guest mounts tmpfs over.
-  cp -L "$f" "$stage/ferry-vm/bin/"
+  # A second name for a checkout under /tmp or /run, which the guest mounts tmpfs over.
+  ln "$stage$f" "$stage/ferry-vm/bin/"
   echo "$f" >>"$stage/ferry-vm/paths"
 done
 cat >"$stage/ferry-vm/init" <<EOF

@@ -11,10 +11,9 @@
 //! outside the pause, by `iptables-restore`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -194,72 +193,41 @@ pub struct NetfilterSocket {
 impl NetfilterSocket {
     /// Each answer is awaited at most `timeout`.
     pub fn new(timeout: Duration) -> io::Result<Self> {
-        // SAFETY: socket(2) has no memory-safety preconditions; the result is checked.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
+        use nix::sys::socket::{
+            setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType,
         };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: `tv` is a valid timeval for the duration of the call and its size is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )?;
+        let tv = nix::sys::time::TimeVal::new(
+            timeout.as_secs() as libc::time_t,
+            timeout.subsec_micros() as libc::suseconds_t,
+        );
+        setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
         Ok(NetfilterSocket { fd })
     }
 
     /// Opens the iptables `*filter` table of `family`.
     pub fn open_filter_table(&self, family: u8) -> io::Result<Opened> {
+        use nix::sys::socket::{recv, sendto, MsgFlags, NetlinkAddr};
         let (msg, mut waiting) = open_table_batch(family, "filter", &FILTER_CHAINS, 1);
-        // SAFETY: an all-zero sockaddr_nl is valid (the kernel as the peer).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `msg` and `addr` outlive the call; their lengths are passed.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sendto(
+            self.fd.as_raw_fd(),
+            &msg,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
         let mut buf = vec![0u8; 16384];
         while !waiting.is_empty() {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            for (seq, errno) in answers(&buf[..n as usize]) {
+            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for (seq, errno) in answers(&buf[..n]) {
                 match errno {
                     0 => waiting.retain(|s| *s != seq),
                     // A failed message aborts the whole batch, and the rest answer alike.
@@ -270,12 +238,6 @@ impl NetfilterSocket {
         }
         Ok(Opened::Yes)
     }
-}
-
-/// Opens the iptables `*filter` table of `family` in the calling thread's network namespace
-/// with a socket of its own (closed on return, so the caller waits for the clean-up).
-pub fn open_filter_table(family: u8, timeout: Duration) -> io::Result<Opened> {
-    NetfilterSocket::new(timeout)?.open_filter_table(family)
 }
 
 #[cfg(test)]
@@ -359,7 +321,7 @@ mod tests {
         }
         let r = std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            open_filter_table(NFPROTO_IPV4, Duration::from_secs(2))
+            NetfilterSocket::new(Duration::from_secs(2))?.open_filter_table(NFPROTO_IPV4)
         })
         .join()
         .expect("thread");

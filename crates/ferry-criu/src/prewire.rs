@@ -188,8 +188,9 @@ fn find_tool(name: &str) -> PathBuf {
 
 /// Runs each `tool` (an `*tables-restore`) with its `rules` on stdin, all at once, in the
 /// calling thread's network namespace (a child inherits it), each killed past the timeout;
-/// an error quotes the failing tool's stderr. At the pre-resume step this runs inside the
-/// pause, where two `*tables-restore` runs one after the other cost ~25 ms here.
+/// an error quotes the failing tool's stderr. Where it opens a namespace at the pre-resume step
+/// (the fallback of [`Opener`]) it runs inside the pause, where two one after the other cost
+/// ~25 ms here.
 fn restore_rules(runs: &[(&str, &str)]) -> Result<(), String> {
     use std::process::{Child, Command, Stdio};
     let mut children: Vec<(&str, Child)> = Vec::new();
@@ -254,51 +255,78 @@ fn restore_rules(runs: &[(&str, &str)]) -> Result<(), String> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// Sets the calling thread's namespace silent (`quiet`) or back to a new namespace's defaults.
-fn set_quiet(quiet: bool) -> Result<(), String> {
+/// Makes the calling thread's namespace silent: no ARP answers, filter policies DROP but
+/// loopback; [`Opener`] undoes it.
+fn make_quiet() -> Result<(), String> {
     // /proc/sys shows the network namespace of the thread that opens it.
     let arp = Path::new("/proc/sys/net/ipv4/conf/all/arp_ignore");
-    let value = if quiet {
-        ARP_IGNORE_ALL
-    } else {
-        ARP_IGNORE_DEFAULT
-    };
-    std::fs::write(arp, value).map_err(|e| format!("{}: {e}", arp.display()))?;
-    let ipv6 = Path::new("/proc/thread-self/net/if_inet6").exists();
-    if !quiet && open_over_netlink(ipv6)? {
-        return Ok(());
-    }
-    let rules = if quiet { QUIET_RULES } else { OPEN_RULES };
-    let mut runs = vec![("iptables-restore", rules)];
-    if ipv6 {
-        runs.push(("ip6tables-restore", rules));
+    std::fs::write(arp, ARP_IGNORE_ALL).map_err(|e| format!("{}: {e}", arp.display()))?;
+    let mut runs = vec![("iptables-restore", QUIET_RULES)];
+    if has_ipv6() {
+        runs.push(("ip6tables-restore", QUIET_RULES));
     }
     restore_rules(&runs)
+}
+
+/// Whether the calling thread's namespace has IPv6, so its quiet rules cover it too.
+fn has_ipv6() -> bool {
+    Path::new("/proc/thread-self/net/if_inet6").exists()
 }
 
 /// How long the kernel may take to answer a netlink batch.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Opens the namespace by turning the quiet rules' filter tables into empty, accepting ones
-/// over netlink, as `OPEN_RULES` would (see `crate::nftables`). `false` when the IPv4 table is
-/// not an nftables one (iptables-legacy, or no quiet rules there): the caller then falls back
-/// to `iptables-restore`, which is right in every case.
-fn open_over_netlink(ipv6: bool) -> Result<bool, String> {
-    use crate::nftables::{open_filter_table, Opened, NFPROTO_IPV4, NFPROTO_IPV6};
-    match open_filter_table(NFPROTO_IPV4, NETLINK_TIMEOUT) {
-        Ok(Opened::Yes) => {}
-        Ok(Opened::NotThere) => return Ok(false),
-        Err(e) => {
-            tracing::debug!("opening the ip filter table over netlink: {e}");
-            return Ok(false);
+/// What opening a silenced namespace takes, made ready in it beforehand: the `arp_ignore`
+/// file and a netfilter netlink socket, opened by the thread that is in the namespace. The
+/// filter tables are opened over netlink (see `crate::nftables`); where a table is not an
+/// nftables one (iptables-legacy) or the socket could not be made, `iptables-restore` of
+/// `OPEN_RULES` does it, which is right in every case.
+struct Opener {
+    arp: std::fs::File,
+    nl: Option<crate::nftables::NetfilterSocket>,
+    ipv6: bool,
+}
+
+impl Opener {
+    /// In the calling thread's network namespace.
+    fn prepare() -> Result<Self, String> {
+        let arp_path = "/proc/sys/net/ipv4/conf/all/arp_ignore";
+        let arp = std::fs::OpenOptions::new()
+            .write(true)
+            .open(arp_path)
+            .map_err(|e| format!("{arp_path}: {e}"))?;
+        let nl = crate::nftables::NetfilterSocket::new(NETLINK_TIMEOUT)
+            .map_err(|e| tracing::debug!("a netfilter netlink socket: {e}"))
+            .ok();
+        Ok(Opener {
+            arp,
+            nl,
+            ipv6: has_ipv6(),
+        })
+    }
+
+    fn open(&self) -> Result<(), String> {
+        use crate::nftables::{Opened, NFPROTO_IPV4, NFPROTO_IPV6};
+        use std::os::unix::fs::FileExt;
+        self.arp
+            .write_at(ARP_IGNORE_DEFAULT.as_bytes(), 0)
+            .map_err(|e| format!("arp_ignore: {e}"))?;
+        let mut families = vec![(NFPROTO_IPV4, "iptables-restore")];
+        if self.ipv6 {
+            families.push((NFPROTO_IPV6, "ip6tables-restore"));
         }
+        let mut fallback = Vec::new();
+        for (family, tool) in families {
+            let opened = self.nl.as_ref().map(|nl| nl.open_filter_table(family));
+            if !matches!(opened, Some(Ok(Opened::Yes))) {
+                fallback.push((tool, OPEN_RULES));
+            }
+        }
+        if fallback.is_empty() {
+            return Ok(());
+        }
+        restore_rules(&fallback)
     }
-    if ipv6 {
-        // Absent means the quiet rules never reached IPv6: nothing to open there.
-        open_filter_table(NFPROTO_IPV6, NETLINK_TIMEOUT)
-            .map_err(|e| format!("opening the ip6 filter table: {e}"))?;
-    }
-    Ok(true)
 }
 
 /// A new, silent network namespace held open by this process.
@@ -314,7 +342,7 @@ impl QuietNetns {
                 .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
             let f = std::fs::File::open("/proc/thread-self/ns/net")
                 .map_err(|e| format!("opening the new network namespace: {e}"))?;
-            set_quiet(true)?;
+            make_quiet()?;
             Ok(OwnedFd::from(f))
         });
         let fd = worker
@@ -344,20 +372,10 @@ impl QuietNetns {
             .map_err(|e| format!("binding {}: {e}", sock.display()))?;
         let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
         std::thread::spawn(move || {
-            let ready = (|| -> Result<_, String> {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| format!("entering the wired namespace: {e}"))?;
-                let arp_path = "/proc/sys/net/ipv4/conf/all/arp_ignore";
-                let arp = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(arp_path)
-                    .map_err(|e| format!("{arp_path}: {e}"))?;
-                let nl = crate::nftables::NetfilterSocket::new(NETLINK_TIMEOUT)
-                    .map_err(|e| format!("a netfilter netlink socket: {e}"))?;
-                let ipv6 = Path::new("/proc/thread-self/net/if_inet6").exists();
-                Ok((nl, arp, ipv6))
-            })();
-            let (nl, arp, ipv6) = match ready {
+            let ready = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the wired namespace: {e}"))
+                .and_then(|()| Opener::prepare());
+            let opener = match ready {
                 Ok(r) => {
                     let _ = tx.send(Ok(()));
                     r
@@ -373,7 +391,7 @@ impl QuietNetns {
                 if c.read_exact(&mut b).is_err() {
                     continue;
                 }
-                let answer = match open_prepared(&nl, &arp, ipv6) {
+                let answer = match opener.open() {
                     Ok(()) => "ok\n".to_string(),
                     Err(e) => format!("{e}\n"),
                 };
@@ -430,7 +448,7 @@ pub fn unquiet(pid: u32) -> Result<(), String> {
     std::thread::spawn(move || -> Result<(), String> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("entering the network namespace of {pid}: {e}"))?;
-        set_quiet(false)
+        Opener::prepare()?.open()
     })
     .join()
     .map_err(|_| "the namespace thread panicked".to_string())?
@@ -504,30 +522,6 @@ fn ask_open(sock: &Path) -> Option<Result<(), String>> {
             sock.display()
         )),
     })
-}
-
-/// Opens the namespace of the calling thread with what was made ready in it beforehand.
-fn open_prepared(
-    nl: &crate::nftables::NetfilterSocket,
-    arp: &std::fs::File,
-    ipv6: bool,
-) -> Result<(), String> {
-    use crate::nftables::{Opened, NFPROTO_IPV4, NFPROTO_IPV6};
-    use std::os::unix::fs::FileExt;
-    arp.write_at(ARP_IGNORE_DEFAULT.as_bytes(), 0)
-        .map_err(|e| format!("arp_ignore: {e}"))?;
-    let mut families = vec![(NFPROTO_IPV4, "iptables-restore")];
-    if ipv6 {
-        families.push((NFPROTO_IPV6, "ip6tables-restore"));
-    }
-    for (family, tool) in families {
-        match nl.open_filter_table(family) {
-            Ok(Opened::Yes) => {}
-            // Not an nftables table, or not the quiet one: the tool is right in every case.
-            Ok(Opened::NotThere) | Err(_) => restore_rules(&[(tool, OPEN_RULES)])?,
-        }
-    }
-    Ok(())
 }
 
 /// The CRIU configuration line that dumps the container's network namespace as external, for
@@ -662,22 +656,21 @@ mod tests {
         };
         std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            set_quiet(true).expect("quiet");
+            make_quiet().expect("quiet");
             assert!(policies().contains("-P INPUT DROP"), "{}", policies());
             // The netlink path alone opens it: no iptables-restore fallback in this check.
             assert_eq!(
-                crate::nftables::open_filter_table(
-                    crate::nftables::NFPROTO_IPV4,
-                    Duration::from_secs(2)
-                )
-                .expect("netlink"),
+                crate::nftables::NetfilterSocket::new(Duration::from_secs(2))
+                    .expect("netlink socket")
+                    .open_filter_table(crate::nftables::NFPROTO_IPV4)
+                    .expect("netlink"),
                 crate::nftables::Opened::Yes
             );
             let p = policies();
             assert!(p.contains("-P INPUT ACCEPT") && !p.contains("DROP"), "{p}");
             assert!(!p.contains("-A "), "rules left: {p}");
-            set_quiet(true).expect("quiet again");
-            set_quiet(false).expect("open");
+            make_quiet().expect("quiet again");
+            Opener::prepare().expect("prepare").open().expect("open");
             let p = policies();
             assert!(p.contains("-P OUTPUT ACCEPT") && !p.contains("DROP"), "{p}");
             let arp = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/arp_ignore")

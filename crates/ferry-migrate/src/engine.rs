@@ -263,7 +263,13 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Dump, step_to, self.source.dump())
                 .map_err(fail(Reached::SourceFrozen))?
         };
-        take_dump_stats(report, self.source.dump_stats());
+        if let Some(st) = self.source.dump_stats() {
+            report.criu_dump = Some(st);
+            if let Some(rounds) = report.memory_rounds.as_mut() {
+                rounds.final_pages_written = Some(st.pages_written);
+                rounds.final_pages_in_parent = Some(st.pages_in_parent);
+            }
+        }
         let total = images.total_bytes();
         self.emit(Event::Progress {
             phase: Phase::Transfer,
@@ -514,15 +520,4 @@ async fn timed<R>(
         let _ = tx.send(Event::PhaseFinished { phase, ms });
     }
     (res, ms)
-}
-
-/// Puts CRIU's statistics of the final dump into the report, and with pre-dump rounds, what
-/// the final dump wrote on top of the last one.
-fn take_dump_stats(report: &mut Report, stats: Option<ferry_proto::CriuDumpStats>) {
-    let Some(st) = stats else { return };
-    report.criu_dump = Some(st);
-    if let Some(rounds) = report.memory_rounds.as_mut() {
-        rounds.final_pages_written = Some(st.pages_written);
-        rounds.final_pages_in_parent = Some(st.pages_in_parent);
-    }
 }
