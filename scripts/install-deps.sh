@@ -14,7 +14,7 @@ for p in docker.io iproute2 iptables redis-server redis-tools busybox-static pro
          build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler \
          protobuf-compiler python3-protobuf libnl-3-dev libnftables-dev libnet1-dev libcap-dev libbsd-dev \
          libgnutls28-dev uuid-dev xz-utils ca-certificates openssl postgresql-15 postgresql-client-15 \
-         qemu-system-x86 cpio; do
+         qemu-system-x86 cpio patch; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -41,11 +41,14 @@ chmod 0700 "$CRIU_RUNDIR"
 if [[ "$(stat -f -c %T "$CRIU_RUNDIR")" != "tmpfs" ]]; then
   mount -t tmpfs -o size=1m,mode=0700 ferry-criu "$CRIU_RUNDIR"
 fi
+# Patched with patches/criu (--lazy-pages-read: a post-copy dump leaves the pages in the frozen
+# tasks instead of splicing them all into pipes inside the pause).
 # Built with libnftables: its in-process network lock takes ~1 ms where the iptables one runs
 # iptables-restore six times (~50 ms, inside a post-copy's pause).
 criu_ok() {
   command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q "Version: ${CRIU_WANT}" \
     && criu check --feature network_lock_nftables >/dev/null 2>&1 \
+    && criu check --feature lazy_pages_read >/dev/null 2>&1 \
     && grep -qa "${CRIU_RUNDIR}/criu.kdat" "$(command -v criu)"
 }
 if ! criu_ok; then
@@ -71,6 +74,10 @@ if ! criu_ok; then
   [[ -n "$orig" ]] || { log "criu orig tarball did not arrive"; exit 1; }
   tar -xf "$orig" -C "$work/src"
   dir=$(find "$work/src" -maxdepth 1 -type d -name 'criu-*' | head -n1)
+  # ferry's own CRIU changes (patches/criu/*.patch, each says why in its message).
+  for p in "$(dirname "$0")"/../patches/criu/*.patch; do
+    patch -d "$dir" -p1 --forward --quiet <"$p" || { log "patch $p does not apply to $(basename "$dir")"; exit 1; }
+  done
   make -C "$dir" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log"; exit 1; }
   install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
   hash -r

@@ -24,18 +24,31 @@ use crate::host::{has_cap_sys_resource, HostEnv};
 
 impl LocalSource {
     /// CRIU's configuration for a dump whose network namespace the target wired ahead.
-    fn external_netns_config(&self, pid: u32) -> Result<PathBuf, SideError> {
+    /// This dump's own CRIU configuration (runc has no flags for these options), or `None`
+    /// when it needs none: the network namespace the target wired ahead is dumped as
+    /// external, and a lazy dump reads its pages from the frozen tasks where CRIU can.
+    fn dump_config(&self, pid: u32, lazy: bool) -> Result<Option<PathBuf>, SideError> {
         use std::os::unix::fs::MetadataExt;
-        let ns = format!("/proc/{pid}/ns/net");
-        let ino = std::fs::metadata(&ns)
-            .map_err(|e| side_err("dump", format!("{ns}: {e}")))?
-            .ino();
+        let mut text = String::new();
+        if self.external_netns {
+            let ns = format!("/proc/{pid}/ns/net");
+            let ino = std::fs::metadata(&ns)
+                .map_err(|e| side_err("dump", format!("{ns}: {e}")))?
+                .ino();
+            text.push_str(&ferry_criu::prewire::external_netns_line(ino));
+        }
+        if lazy && self.criu_lazy_pages_read {
+            text.push_str(ferry_criu::LAZY_PAGES_READ_LINE);
+        }
+        if text.is_empty() {
+            return Ok(None);
+        }
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| side_err("dump", format!("{}: {e}", self.dir.display())))?;
         let path = self.dir.join("criu-dump.conf");
-        std::fs::write(&path, ferry_criu::prewire::external_netns_line(ino))
+        std::fs::write(&path, text)
             .map_err(|e| side_err("dump", format!("{}: {e}", path.display())))?;
-        Ok(path)
+        Ok(Some(path))
     }
 }
 
@@ -75,6 +88,11 @@ pub struct LocalSource {
     steps_ms: std::collections::BTreeMap<String, u64>,
     /// The target wired the container's network namespace ahead: dump it as external.
     external_netns: bool,
+    /// This host's CRIU can leave a lazy dump's pages in the frozen tasks (learnt in the
+    /// preflight, as `criu check` takes longer than the pause should).
+    criu_lazy_pages_read: bool,
+    /// The lazy dump was taken with `--lazy-pages-read`.
+    lazy_pages_read: bool,
     /// Pre-copy: the pre-dump rounds taken so far, and whether the stop rules ended them.
     rounds: Vec<ferry_criu::RoundStats>,
     rounds_done: bool,
@@ -198,6 +216,8 @@ impl LocalSource {
             pending_arp_off: Vec::new(),
             steps_ms: Default::default(),
             external_netns: false,
+            criu_lazy_pages_read: false,
+            lazy_pages_read: false,
             rounds: Vec::new(),
             rounds_done: false,
             dump_stats: None,
@@ -552,6 +572,10 @@ impl SourceSide for LocalSource {
             )),
         }
         self.view = Some(view);
+        self.criu_lazy_pages_read = match &self.env.criu {
+            Some(criu) => ferry_criu::facts::has_feature(criu, "lazy_pages_read").await,
+            None => false,
+        };
         Ok(SourcePreflight {
             facts,
             cpuinfo,
@@ -655,6 +679,10 @@ impl SourceSide for LocalSource {
         self.dump_stats
     }
 
+    fn lazy_pages_read(&self) -> bool {
+        self.lazy_pages_read
+    }
+
     fn target_prepared(&mut self, target: &ferry_migrate::PreparedTarget) {
         self.external_netns = target.prewired_netns;
     }
@@ -729,11 +757,7 @@ impl SourceSide for LocalSource {
             tcp_established: true,
             leave_running: !self.strategy.lazy_pages(),
             timeout: self.dump_timeout,
-            criu_config: if self.external_netns {
-                Some(self.external_netns_config(view.pid)?)
-            } else {
-                None
-            },
+            criu_config: self.dump_config(view.pid, self.strategy.lazy_pages())?,
             parent: self
                 .rounds
                 .last()
@@ -766,6 +790,7 @@ impl SourceSide for LocalSource {
                 started.elapsed().as_millis() as u64,
             );
             self.lazy = Some(lazy);
+            self.lazy_pages_read = self.criu_lazy_pages_read;
             let (pid, ifaces) = (view.pid, std::mem::take(&mut self.pending_arp_off));
             self.late_lock = Some(tokio::spawn(async move {
                 let mut done = LateLock::default();

@@ -112,6 +112,13 @@ pub struct CheckpointOptions {
 /// The variable CRIU reads a configuration file's path from.
 pub const CRIU_CONFIG_ENV: &str = "CRIU_CONFIG_FILE";
 
+/// The CRIU configuration line of ferry's `--lazy-pages-read` patch (`patches/criu`): a lazy
+/// dump gives its lazy pages only a map and reads each run from the still-frozen tasks when
+/// the page server is asked, instead of splicing all of them into pipes while the tasks are
+/// frozen, which made the pause grow with the memory. Only for a CRIU whose `criu check
+/// --feature lazy_pages_read` passes: any other refuses the unknown option.
+pub const LAZY_PAGES_READ_LINE: &str = "lazy-pages-read\n";
+
 /// `runc checkpoint`. On failure the error quotes CRIU's dump.log and runc's own message.
 pub async fn checkpoint(h: &RuncHandle, o: &CheckpointOptions) -> Result<(), ToolError> {
     for d in [&o.image_dir, &o.work_dir] {

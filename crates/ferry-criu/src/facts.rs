@@ -57,6 +57,7 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
     facts.features.uffd_noncoop = feature("uffd-noncoop").await?;
     facts.features.mem_dirty_track = feature("mem_dirty_track").await?;
     facts.features.network_lock_nftables = feature("network_lock_nftables").await?;
+    facts.features.lazy_pages_read = feature("lazy_pages_read").await?;
     Ok(facts)
 }
 

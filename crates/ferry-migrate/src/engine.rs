@@ -128,6 +128,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 downtime_steps_ms: BTreeMap::new(),
                 prewired_netns: false,
                 restore_parked: false,
+                lazy_pages_read: false,
                 networks: Vec::new(),
                 error: None,
                 rollback_errors: Vec::new(),
@@ -263,6 +264,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             step!(self, Phase::Dump, step_to, self.source.dump())
                 .map_err(fail(Reached::SourceFrozen))?
         };
+        report.lazy_pages_read = self.source.lazy_pages_read();
         if let Some(st) = self.source.dump_stats() {
             report.criu_dump = Some(st);
             if let Some(rounds) = report.memory_rounds.as_mut() {

@@ -139,6 +139,11 @@ pub trait SourceSide: Send {
     fn dump_stats(&self) -> Option<ferry_proto::CriuDumpStats> {
         None
     }
+    /// Whether the lazy dump left the pages in the frozen tasks, read on request
+    /// (`--lazy-pages-read`), rather than spliced into pipes inside the pause.
+    fn lazy_pages_read(&self) -> bool {
+        false
+    }
     /// Stops the container's processes and its network without losing anything; undone by
     /// `rollback`.
     fn freeze(

@@ -182,6 +182,11 @@ pub struct Report {
     /// the pause); false when it had to start over or was not parked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore_parked: bool,
+    /// The source's lazy dump left the pages in the frozen container and CRIU read each run
+    /// when the target asked (`--lazy-pages-read`), so the pause did not grow with the memory
+    /// by splicing all of it into pipes first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lazy_pages_read: bool,
     pub networks: Vec<NetworkReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,

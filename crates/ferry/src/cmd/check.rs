@@ -31,11 +31,12 @@ fn print_facts(f: &HostFacts) {
     );
     let ft = &f.criu_features;
     println!(
-        "  features  tcp-established {} uffd {} uffd-noncoop {} soft-dirty {}",
+        "  features  tcp-established {} uffd {} uffd-noncoop {} soft-dirty {} lazy-pages-read {}",
         yes(ft.tcp_established),
         yes(ft.uffd),
         yes(ft.uffd_noncoop),
-        yes(ft.mem_dirty_track)
+        yes(ft.mem_dirty_track),
+        yes(ft.lazy_pages_read)
     );
     println!(
         "  runc      {}",
