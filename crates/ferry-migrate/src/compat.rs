@@ -204,6 +204,7 @@ mod tests {
                 uffd_noncoop: true,
                 mem_dirty_track: false,
                 network_lock_nftables: false,
+                lazy_pages_read: false,
             },
             docker_experimental: true,
             ferry_runtime: true,

@@ -50,6 +50,7 @@ fn facts(name: &str) -> HostFacts {
             uffd_noncoop: true,
             mem_dirty_track: false,
             network_lock_nftables: true,
+            lazy_pages_read: true,
         },
         docker_experimental: true,
         ferry_runtime: true,
