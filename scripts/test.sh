@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --workspace --bins
+# unwrap/expect are denied outside tests (workspace lints): clippy is what enforces that.
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --release --workspace --all-targets --quiet
+elif [ -n "${CI:-}" ]; then
+  echo "cargo clippy is missing: CI must check the workspace lints" >&2; exit 1
+else
+  echo "cargo clippy is missing: the unwrap/expect lint check was not run" >&2
+fi
 target/release/ferry testbed up --with-incompatible-host --with-userns-hosts >/dev/null
 # The Engine API client's live test runs against test-bed host c, on reserved test subnets.
 export FERRY_DOCKER_TEST_HOST=unix:///run/ferry-testbed/c/docker.sock

@@ -66,7 +66,7 @@ impl AgentClient {
             };
             match next {
                 Ok(Message::Event(ev)) => on_event(&ev),
-                Ok(Message::Report(r)) => return Ok(r),
+                Ok(Message::Report(r)) => return Ok(*r),
                 Ok(other) => {
                     return Err(ConnError::Unexpected(crate::conn::describe(&other)).into())
                 }

@@ -418,7 +418,7 @@ async fn run_migration<S: AsyncRead + AsyncWrite + Unpin>(
     };
     info!(outcome = ?report.outcome, downtime_ms = report.downtime_ms, "migration finished");
     if cli_alive {
-        conn.send(&Message::Report(report)).await?;
+        conn.send(&Message::Report(Box::new(report))).await?;
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
 //!
 //! Results go to $FERRY_BENCH_OUT (default: a temporary directory that is kept).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::path::PathBuf;
 
 use ferry_bench::{BenchOptions, CaseStatus, MANUAL};

@@ -2,6 +2,8 @@
 //! encoding, status handling, error text, timeouts, version negotiation, the pre-1.44
 //! multi-network create, wait_running's state machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

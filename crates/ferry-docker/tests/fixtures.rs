@@ -4,6 +4,8 @@
 //! follow moby v28.5.2's types as answered at API 1.44 (compat Aliases with short ID and
 //! hostname, DNSNames, GwPriority, no Config.MacAddress, cgroup v2 defaults).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use ferry_docker::{create_body_from_inspect, ContainerView, DockerError, Treatment, FIELD_RULES};
 use serde_json::{json, Value};
 

@@ -15,6 +15,8 @@
 //!   here, i.e. a local daemon) and `start?checkpoint=` it: the migration path on one host.
 //!   Needs an experimental daemon with CRIU.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! checksum into the semantic checks. None may panic; each either applies completely or leaves
 //! nothing behind; a canary next to the destination is never touched.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::fs;

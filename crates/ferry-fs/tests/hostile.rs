@@ -1,6 +1,8 @@
 //! Hand-built hostile streams, all with a valid END: each is refused, nothing lands in the
 //! destination, and nothing is written outside it (a canary directory stays as it was).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::fs;

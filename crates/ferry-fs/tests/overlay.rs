@@ -1,6 +1,8 @@
 //! A real overlay mount: the upper dir streamed into a fresh upper dir gives the same merged
 //! view over the same lower dir. Needs root; skipped (with a note) otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::fs;

@@ -1,5 +1,7 @@
 //! Property tests: random trees survive encode → apply unchanged; damaged streams never apply.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::fs;

@@ -1,5 +1,7 @@
 //! Whole trees through encode → apply, first and incremental passes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::fs;

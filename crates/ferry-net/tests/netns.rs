@@ -4,6 +4,8 @@
 //! (198.18.0.1 in `a`, 198.18.0.2 in `b`) and runs `sleep` in `a`; the pid of that `sleep`
 //! addresses namespace `a` exactly as a container's pid would. Traffic never leaves the pair.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;

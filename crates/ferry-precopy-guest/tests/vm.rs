@@ -5,6 +5,8 @@
 //! fails in CI, so it is never silently skipped there; with it, a missing QEMU or kernel is a
 //! failure that says which.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;

@@ -32,7 +32,7 @@ pub enum Message {
     /// CLI → source agent: start a migration; answered by `Event`s and one final `Report`.
     Migrate(MigrateRequest),
     Event(Event),
-    Report(Report),
+    Report(Box<Report>),
     /// CLI → source agent: stop and roll back if not yet committed.
     Cancel,
 

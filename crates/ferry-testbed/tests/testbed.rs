@@ -2,6 +2,8 @@
 //! (and leaves up) the shared test bed, so it is opt-in: `cargo test -p ferry-testbed -- --ignored`.
 //! Set FERRY_TESTBED_NO_AGENTS=1 if the ferry binary cannot run agents yet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

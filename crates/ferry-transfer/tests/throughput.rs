@@ -2,6 +2,8 @@
 //! by default (timing, not correctness): `cargo test --release -p ferry-transfer -- --ignored
 //! --nocapture`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::sync::Arc;
 use std::time::Instant;
 

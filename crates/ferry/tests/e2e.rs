@@ -5,6 +5,8 @@
 //! container's network namespace. They need root; with FERRY_E2E unset they are skipped
 //! locally and fail in CI (CI=true), so they can never be silently skipped there.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};

@@ -96,7 +96,7 @@ async fn daemon(
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let mut reqs = Vec::new();
-        let fault = fault_every > 0 && step % fault_every == 0;
+        let fault = fault_every > 0 && step.is_multiple_of(fault_every);
         if fault || pipelined {
             // A fault on a random missing page.
             let all: Vec<(u64, u64, u64)> = missing
