@@ -45,8 +45,11 @@ fi
 # tasks instead of splicing them all into pipes inside the pause).
 # Built with libnftables: its in-process network lock takes ~1 ms where the iptables one runs
 # iptables-restore six times (~50 ms, inside a post-copy's pause).
+# The installed binary records which patch set it was built with, so a changed patch rebuilds it.
+CRIU_PATCHES_SUM=$(cat "$(dirname "$0")"/../patches/criu/*.patch | sha256sum | cut -c1-16)
+CRIU_STAMP=/usr/local/share/ferry/criu-patches
 criu_ok() {
-  command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q "Version: ${CRIU_WANT}" \
+  [[ "$(cat "$CRIU_STAMP" 2>/dev/null)" == "$CRIU_PATCHES_SUM" ]] && command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q "Version: ${CRIU_WANT}" \
     && criu check --feature network_lock_nftables >/dev/null 2>&1 \
     && criu check --feature lazy_pages_read >/dev/null 2>&1 \
     && grep -qa "${CRIU_RUNDIR}/criu.kdat" "$(command -v criu)"
@@ -80,6 +83,7 @@ if ! criu_ok; then
   done
   make -C "$dir" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log"; exit 1; }
   install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
+  install -d /usr/local/share/ferry && echo "$CRIU_PATCHES_SUM" >"$CRIU_STAMP"
   hash -r
   criu_ok || { log "built criu does not report ${CRIU_WANT}"; exit 1; }
 fi
