@@ -26,7 +26,8 @@ impl LocalSource {
     /// CRIU's configuration for a dump whose network namespace the target wired ahead.
     /// This dump's own CRIU configuration (runc has no flags for these options), or `None`
     /// when it needs none: the network namespace the target wired ahead is dumped as
-    /// external, and a lazy dump reads its pages from the frozen tasks where CRIU can.
+    /// external, a lazy dump reads its pages from the frozen tasks where CRIU can, and the
+    /// network is locked with nftables where both hosts' CRIU can.
     fn dump_config(&self, pid: u32, lazy: bool) -> Result<Option<PathBuf>, SideError> {
         use std::os::unix::fs::MetadataExt;
         let mut text = String::new();
@@ -39,6 +40,9 @@ impl LocalSource {
         }
         if lazy && self.criu_lazy_pages_read {
             text.push_str(ferry_criu::LAZY_PAGES_READ_LINE);
+        }
+        if self.nft_lock {
+            text.push_str(ferry_criu::NFT_LOCK_LINE);
         }
         if text.is_empty() {
             return Ok(None);
@@ -91,6 +95,10 @@ pub struct LocalSource {
     /// This host's CRIU can leave a lazy dump's pages in the frozen tasks (learnt in the
     /// preflight, as `criu check` takes longer than the pause should).
     criu_lazy_pages_read: bool,
+    /// This host's CRIU can lock the network with nftables (learnt in the preflight).
+    criu_nft_lock: bool,
+    /// The dump locks the network with nftables: this host's CRIU and the target's can.
+    nft_lock: bool,
     /// The lazy dump was taken with `--lazy-pages-read`.
     lazy_pages_read: bool,
     /// Pre-copy: the pre-dump rounds taken so far, and whether the stop rules ended them.
@@ -217,6 +225,8 @@ impl LocalSource {
             steps_ms: Default::default(),
             external_netns: false,
             criu_lazy_pages_read: false,
+            criu_nft_lock: false,
+            nft_lock: false,
             lazy_pages_read: false,
             rounds: Vec::new(),
             rounds_done: false,
@@ -572,10 +582,8 @@ impl SourceSide for LocalSource {
             )),
         }
         self.view = Some(view);
-        self.criu_lazy_pages_read = match &self.env.criu {
-            Some(criu) => ferry_criu::facts::has_feature(criu, "lazy_pages_read").await,
-            None => false,
-        };
+        self.criu_lazy_pages_read = facts.criu_features.lazy_pages_read;
+        self.criu_nft_lock = facts.criu_features.network_lock_nftables;
         Ok(SourcePreflight {
             facts,
             cpuinfo,
@@ -683,8 +691,13 @@ impl SourceSide for LocalSource {
         self.lazy_pages_read
     }
 
+    fn network_lock_nftables(&self) -> bool {
+        self.nft_lock
+    }
+
     fn target_prepared(&mut self, target: &ferry_migrate::PreparedTarget) {
         self.external_netns = target.prewired_netns;
+        self.nft_lock = target.nft_lock && self.criu_nft_lock;
     }
 
     async fn freeze(&mut self, strategy: Strategy) -> Result<(), SideError> {
@@ -985,6 +998,21 @@ impl SourceSide for LocalSource {
             Ok(true) => warn!("removed a network-lock chain CRIU left behind"),
             Ok(false) => {}
             Err(e) => errs.push(side_err("rollback: CRIU lock", e)),
+        }
+        if self.nft_lock {
+            let pid = view.pid;
+            match tokio::task::spawn_blocking(move || {
+                ferry_criu::nftables::remove_criu_lock_tables(pid)
+            })
+            .await
+            {
+                Ok(Ok(t)) if !t.is_empty() => {
+                    warn!(tables = %t.join(", "), "removed a network lock CRIU left behind")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errs.push(side_err("rollback: CRIU nftables lock", e)),
+                Err(e) => errs.push(side_err("rollback: CRIU nftables lock", e.to_string())),
+            }
         }
         if self.locked {
             match ferry_net::unlock(view.pid).await {

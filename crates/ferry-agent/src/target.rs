@@ -116,8 +116,6 @@ struct TargetMigration {
 #[derive(Debug, Clone, Default)]
 struct RestoreEnv {
     docker_root: Option<String>,
-    /// CRIU locks the restored network namespace with nftables rather than iptables.
-    nft_lock: bool,
     /// The runtime wrapper wired the container's network namespace while the migration was
     /// prepared (see `ferry_criu::prewire`); every restore of it must join that namespace.
     prewired: bool,
@@ -704,16 +702,16 @@ impl Targets {
                 serde_json::Value::String(crate::FERRY_RUNTIME.into()),
             );
         }
+        let nft_lock = match &self.env.criu {
+            Some(criu) => ferry_criu::facts::has_feature(criu, "network_lock_nftables").await,
+            None => false,
+        };
         let restore_env = RestoreEnv {
             docker_root: docker.info().await.ok().and_then(|i| {
                 i.get("DockerRootDir")
                     .and_then(|v| v.as_str())
                     .map(str::to_string)
             }),
-            nft_lock: match &self.env.criu {
-                Some(criu) => ferry_criu::facts::has_feature(criu, "network_lock_nftables").await,
-                None => false,
-            },
             prewired: false,
             upper_dir: None,
             mounts: None,
@@ -761,6 +759,7 @@ impl Targets {
         Ok(PreparedTarget {
             container_id: id,
             prewired_netns: prewired,
+            nft_lock,
         })
     }
 
@@ -896,9 +895,6 @@ impl Targets {
                 .map_err(|e| err(step, format!("{}: {e}", parent.display())))?;
         }
         let mut conf_text = String::new();
-        if renv.nft_lock {
-            conf_text.push_str("network-lock nftables\n");
-        }
         if prewire.is_some() {
             let script = ferry_criu::runtime::action_script_path(&self.env.state_dir);
             let exe = std::env::current_exe()
@@ -1970,6 +1966,7 @@ impl Targets {
                     Ok(p) => Message::Prepared {
                         container_id: p.container_id,
                         prewired_netns: p.prewired_netns,
+                        nft_lock: p.nft_lock,
                     },
                     Err(e) => Message::Error(e),
                 },
@@ -2144,9 +2141,11 @@ impl TargetSide for RemoteTarget {
             Message::Prepared {
                 container_id,
                 prewired_netns,
+                nft_lock,
             } => Ok(PreparedTarget {
                 container_id,
                 prewired_netns,
+                nft_lock,
             }),
             other => Err(unexpected("prepare", &other)),
         }

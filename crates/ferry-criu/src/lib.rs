@@ -17,7 +17,7 @@ pub mod runtime;
 
 pub use checkpoint::{
     checkpoint, checkpoint_lazy, discover_runc, CheckpointOptions, LazyDump, LazyPagesDaemon,
-    RuncHandle, LAZY_PAGES_READ_LINE,
+    RuncHandle, LAZY_PAGES_READ_LINE, NFT_LOCK_LINE,
 };
 pub use facts::{cpuinfo_check, cpuinfo_dump, criu_facts, runc_version, CriuFacts};
 pub use precopy::{

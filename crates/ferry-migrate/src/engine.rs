@@ -129,6 +129,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 prewired_netns: false,
                 restore_parked: false,
                 lazy_pages_read: false,
+                network_lock_nftables: false,
                 networks: Vec::new(),
                 error: None,
                 rollback_errors: Vec::new(),
@@ -265,6 +266,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 .map_err(fail(Reached::SourceFrozen))?
         };
         report.lazy_pages_read = self.source.lazy_pages_read();
+        report.network_lock_nftables = self.source.network_lock_nftables();
         if let Some(st) = self.source.dump_stats() {
             report.criu_dump = Some(st);
             if let Some(rounds) = report.memory_rounds.as_mut() {

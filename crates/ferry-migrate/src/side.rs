@@ -141,6 +141,11 @@ pub trait SourceSide: Send {
     }
     /// Whether the lazy dump left the pages in the frozen tasks, read on request
     /// (`--lazy-pages-read`), rather than spliced into pipes inside the pause.
+    /// The final dump locked the network with nftables (one in-process transaction) rather
+    /// than iptables (an `iptables-restore` per family and step).
+    fn network_lock_nftables(&self) -> bool {
+        false
+    }
     fn lazy_pages_read(&self) -> bool {
         false
     }
@@ -193,6 +198,8 @@ pub struct PreparedTarget {
     pub container_id: String,
     /// The target's restore will join a network namespace it wired beforehand.
     pub prewired_netns: bool,
+    /// The target's CRIU restores an nftables network lock (the dump may take one).
+    pub nft_lock: bool,
 }
 
 /// The host the container goes to.

@@ -70,9 +70,14 @@ struct FakeSource {
     /// Pre-copy: the round (1-based) whose pre-dump fails.
     round_fails: Option<u32>,
     rounds_taken: u32,
+    /// The target said its CRIU restores an nftables lock.
+    nft_lock: bool,
 }
 
 impl SourceSide for FakeSource {
+    fn network_lock_nftables(&self) -> bool {
+        self.nft_lock
+    }
     async fn memory_round(&mut self) -> Result<Option<RoundImages>, SideError> {
         let n = self.rounds_taken + 1;
         let Some(&pages) = self.rounds.get(self.rounds_taken as usize) else {
@@ -113,6 +118,7 @@ impl SourceSide for FakeSource {
     }
     fn target_prepared(&mut self, target: &PreparedTarget) {
         *self.prewired.lock().unwrap() = Some(target.prewired_netns);
+        self.nft_lock = target.nft_lock;
     }
     async fn preflight(&mut self) -> Result<SourcePreflight, SideError> {
         push(&self.log, "source.preflight");
@@ -229,6 +235,7 @@ impl TargetSide for FakeTarget {
         Ok(PreparedTarget {
             container_id: "cid".into(),
             prewired_netns: req.prewire_netns,
+            nft_lock: self.prewire,
         })
     }
     async fn restore(&mut self) -> Result<RestoreInfo, SideError> {
@@ -371,6 +378,7 @@ async fn run_plan(
             rounds: plan.pages,
             round_fails: plan.fails,
             rounds_taken: 0,
+            nft_lock: false,
         },
         FakeTarget {
             log: log.clone(),
@@ -412,6 +420,10 @@ async fn the_source_dumps_for_a_prewired_netns_only_when_the_target_offered_one(
         assert_eq!(report.outcome, Outcome::Migrated);
         assert_eq!(learnt, want, "target offers prewiring: {offers}");
         assert_eq!(Some(report.prewired_netns), want, "the report says so too");
+        assert_eq!(
+            report.network_lock_nftables, offers,
+            "the dump's lock method follows what the target can restore"
+        );
         assert!(report.restore_parked);
     }
     let (_, _, learnt) = run_full(At::Prepare, 0, None, true).await;

@@ -44,6 +44,10 @@ pub enum Message {
         /// `PrepareRequest::prewire_netns`): the source must dump it as external.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prewired_netns: bool,
+        /// The target's CRIU restores an nftables network lock. CRIU's restore uses the lock
+        /// method the dump recorded, so the source takes this one only when the target can.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        nft_lock: bool,
     },
     Restore,
     Restored(RestoreInfo),

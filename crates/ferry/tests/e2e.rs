@@ -271,13 +271,18 @@ fn record_metrics(name: &str, v: Value) {
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&all).unwrap());
 }
 
+/// ferry's and CRIU's iptables lock rules and CRIU's nftables lock tables in `pid`'s netns.
 fn lock_rules(pid: u64) -> String {
     let out = run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables-save"]));
-    text(&out.stdout)
+    let mut left: Vec<String> = text(&out.stdout)
         .lines()
         .filter(|l| l.contains("FERRY") || l.contains("CRIU"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .map(str::to_string)
+        .collect();
+    let tables = ferry_criu::nftables::criu_lock_tables(pid as u32)
+        .unwrap_or_else(|e| panic!("listing the nftables tables of {pid}: {e}"));
+    left.extend(tables.into_iter().map(|t| format!("table inet {t}")));
+    left.join("\n")
 }
 
 fn assert_running_untouched(h: &str, name: &str, restart: &str) -> Value {
@@ -862,6 +867,14 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     // scripts/install-deps.sh builds CRIU with patches/criu: the lazy pages stay in the frozen
     // source and are read on request, not spliced into pipes inside the pause.
     assert_eq!(report["lazy_pages_read"], true, "{report}");
+    // Both CRIUs are built with libnftables: the dump takes the nftables lock, so the restore
+    // unlocks in one transaction instead of five iptables-restore runs; the tmpfs mounts
+    // Docker masks paths with are empty and cross without tar (patches/criu).
+    assert_eq!(report["network_lock_nftables"], true, "{report}");
+    assert!(
+        restore_log.contains("was empty: nothing to extract"),
+        "every tmpfs went through tar"
+    );
     assert!(
         restore_log.contains("criu-action.sh") && restore_log.contains("Found id extRootNetNS"),
         "CRIU did not restore into the wired namespace through ferry's action script"
