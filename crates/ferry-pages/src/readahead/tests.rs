@@ -261,6 +261,7 @@ async fn every_page_arrives_once_and_most_come_from_the_window() {
             chunk_pages: 16,
             in_flight: 32 * PAGE_SIZE,
             fault_quiet: std::time::Duration::ZERO,
+            sequential_pages: 0,
         };
         let r = run(lazy, opts, 42, 3, false).await;
         assert!(r.stats.peak_in_flight <= opts.in_flight, "{:?}", r.stats);
@@ -373,6 +374,7 @@ proptest! {
         chunk_pages in 1u64..40,
         in_flight_pages in 1u64..60,
         quiet_us in prop_oneof![Just(0u64), 1u64..300],
+        seq_pages in prop_oneof![Just(0u64), 1u64..20],
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
@@ -384,6 +386,7 @@ proptest! {
             chunk_pages,
             in_flight: in_flight_pages * PAGE_SIZE,
             fault_quiet: std::time::Duration::from_micros(quiet_us),
+            sequential_pages: seq_pages,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
@@ -394,8 +397,11 @@ proptest! {
         // This daemon never skips a page it will not ask for, so nothing fetched ahead may be
         // left over: a page fetched twice would be.
         prop_assert_eq!(r.stats.wasted, 0);
-        prop_assert!(r.stats.peak_held <= opts.window.max(chunk_pages * PAGE_SIZE));
-        prop_assert!(r.stats.peak_in_flight <= opts.in_flight.max(chunk_pages * PAGE_SIZE));
+        // A walk's next pages are asked for behind its fault whatever the bounds: at most
+        // `sequential_pages` more.
+        let seq = seq_pages * PAGE_SIZE;
+        prop_assert!(r.stats.peak_held <= opts.window.max(chunk_pages * PAGE_SIZE) + seq);
+        prop_assert!(r.stats.peak_in_flight <= opts.in_flight.max(chunk_pages * PAGE_SIZE) + seq);
         prop_assert!(r.stats.peak_in_flight <= r.stats.peak_held);
     }
 }
@@ -458,6 +464,7 @@ async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet(
             chunk_pages: 64,
             in_flight: 128 * PAGE_SIZE,
             fault_quiet: std::time::Duration::from_secs(3600),
+            sequential_pages: 0,
         };
         let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 64 << 20);
         // The source answers every request at once and records them all.
@@ -546,6 +553,81 @@ async fn a_process_the_daemon_never_names_is_never_read_ahead() {
         assert_eq!(dmn.await.unwrap().unwrap(), 120 * PAGE_SIZE);
         assert_eq!(server.await.unwrap().unwrap(), 120 * PAGE_SIZE);
         assert!(stats.served_ahead > 0, "{stats:?}");
+    })
+    .await
+}
+
+/// A process that walks its memory page by page, each fault answered before the next.
+async fn walk(d: &mut DuplexStream, dst: u64, first_page: u64, pages: u64) -> u64 {
+    let mut got = 0;
+    for p in first_page..first_page + pages {
+        let v = p * PAGE_SIZE;
+        d.write_all(&PsIov::get(dst, v, 1).encode()).await.unwrap();
+        let mut hb = [0u8; IOV_LEN];
+        d.read_exact(&mut hb).await.unwrap();
+        let h = PsIov::decode(&hb);
+        assert_eq!(
+            (h.dst_id, h.vaddr, h.nr_pages),
+            (dst, v, 1),
+            "answer to the fault at {v:#x}"
+        );
+        let mut data = vec![0u8; PAGE_SIZE as usize];
+        d.read_exact(&mut data).await.unwrap();
+        assert!(
+            data == page_bytes(dst, v, 1),
+            "page {v:#x} carries someone else's bytes"
+        );
+        got += 1;
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_walk_page_by_page_is_answered_ahead_after_its_first_two_faults() {
+    within(async {
+        // With 8: the faults at 0x10 and 0x11 are forwarded, the second asks for 0x12..0x1a
+        // behind it; then every ninth page is a fault forwarded with the next eight behind it
+        // (0x1a, 0x23, 0x2c, 0x35, the last followed by the range's remaining two).
+        for (seq, want_forwarded) in [(8u64, 6), (0, 40)] {
+            let lazy = layout(&[(1, 0x10, 40), (1, 0x100, 4)]);
+            let opts = ReadAheadOptions {
+                sequential_pages: seq,
+                ..ReadAheadOptions::default()
+            };
+            let (d_near, mut d_far) = tokio::io::duplex(1 << 20);
+            let (s_near, s_far) = tokio::io::duplex(1 << 20);
+            let server = tokio::spawn(page_server(s_far, lazy.clone(), 1000));
+            let proxy = tokio::spawn(read_ahead(d_near, s_near, lazy, opts));
+            let got = walk(&mut d_far, lazy_dst(1), 0x10, 40).await;
+            assert_eq!(got, 40);
+            // The other range is asked for once, by the daemon's background transfer.
+            d_far
+                .write_all(&PsIov::get(lazy_dst(1), 0x100 * PAGE_SIZE, 4).encode())
+                .await
+                .unwrap();
+            let mut hb = [0u8; IOV_LEN];
+            d_far.read_exact(&mut hb).await.unwrap();
+            let mut data = vec![0u8; (PsIov::decode(&hb).nr_pages * PAGE_SIZE) as usize];
+            d_far.read_exact(&mut data).await.unwrap();
+            let close = PsIov {
+                cmd: PS_IOV_CLOSE,
+                nr_pages: 0,
+                vaddr: 0,
+                dst_id: 0,
+            };
+            d_far.write_all(&close.encode()).await.unwrap();
+            let mut st = [0u8; 4];
+            d_far.read_exact(&mut st).await.unwrap();
+            let stats = proxy.await.unwrap().expect("proxy");
+            let sent = server.await.unwrap().expect("page server");
+            assert_eq!(sent, 44 * PAGE_SIZE, "every page crossed once: {stats:?}");
+            assert_eq!(
+                stats.forwarded / PAGE_SIZE,
+                want_forwarded + PsIov::decode(&hb).nr_pages,
+                "sequential_pages {seq}: {stats:?}"
+            );
+            assert_eq!(stats.sequential > 0, seq > 0, "{stats:?}");
+        }
     })
     .await
 }
