@@ -1345,6 +1345,15 @@ impl Targets {
             }
         };
         let docker_start_ms = lap("docker_start");
+        let resume_within_start = ferry_criu::prewire::resumed_at(&images).and_then(|at| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64()
+                * 1000.0;
+            let before_end = (now - at).max(0.0) as u64;
+            Some(docker_start_ms.saturating_sub(before_end))
+        });
         let record: Option<ferry_criu::runtime::RestoreRecord> = std::fs::read(&rpath)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -1396,6 +1405,10 @@ impl Targets {
         lap("wait_running");
         let garp_sent = self.announce(pid, &prepare).await;
         lap("announce");
+        if let Some(ms) = resume_within_start {
+            // Part of docker_start, not a step of its own: the tasks ran from this point on.
+            steps.insert("resumed_within_docker_start".into(), ms);
+        }
         if let Some(m) = self.map.lock().await.get_mut(id) {
             m.state = TargetState::Restored;
         }

@@ -462,6 +462,11 @@ pub const SCRIPT_IMAGE_DIR_ENV: &str = "CRTOOLS_IMAGE_DIR";
 /// The unix socket, in the restore's image directory, on which the runtime wrapper that wired
 /// the namespace opens it when the pre-resume action asks (see [`QuietNetns::serve_open`]).
 pub const OPEN_SOCKET: &str = "ferry-open.sock";
+/// Written by the pre-resume action into the restore's image directory once the namespace is
+/// open: the wall-clock time (Unix milliseconds) at which CRIU was about to resume the tasks.
+/// `docker start` returns well after that (CRIU's exit, runc's and containerd's answers), so
+/// this is what says how much of it the container was really down for.
+pub const RESUMED_FILE: &str = "ferry-resumed-at-ms";
 /// How long the action waits for the wrapper to open the namespace.
 const OPEN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The action at which the wired namespace is opened: every socket is restored and CRIU's own
@@ -489,16 +494,41 @@ pub fn run_action(
     if action != Some(UNQUIET_ACTION) {
         return Ok(());
     }
-    if let Some(dir) = image_dir {
-        if let Some(answer) = ask_open(&Path::new(dir).join(OPEN_SOCKET)) {
-            return answer;
+    let opened = match image_dir.and_then(|dir| ask_open(&Path::new(dir).join(OPEN_SOCKET))) {
+        Some(answer) => answer,
+        None => {
+            let pid: u32 = init_pid
+                .ok_or(format!("CRIU gave no {SCRIPT_INIT_PID_ENV}"))?
+                .parse()
+                .map_err(|e| format!("{SCRIPT_INIT_PID_ENV} is not a pid: {e}"))?;
+            unquiet(pid)
         }
+    };
+    if let (Ok(()), Some(dir)) = (&opened, image_dir) {
+        // Only a measurement: the restore must not fail for want of it.
+        let _ = stamp_resumed(Path::new(dir));
     }
-    let pid: u32 = init_pid
-        .ok_or(format!("CRIU gave no {SCRIPT_INIT_PID_ENV}"))?
+    opened
+}
+
+fn stamp_resumed(dir: &Path) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(std::io::Error::other)?;
+    std::fs::write(
+        dir.join(RESUMED_FILE),
+        format!("{:.3}\n", now.as_secs_f64() * 1000.0),
+    )
+}
+
+/// When the pre-resume action of the restore from `images` ran (Unix milliseconds), if it did.
+pub fn resumed_at(images: &Path) -> Option<f64> {
+    std::fs::read_to_string(images.join(RESUMED_FILE))
+        .ok()?
+        .trim()
         .parse()
-        .map_err(|e| format!("{SCRIPT_INIT_PID_ENV} is not a pid: {e}"))?;
-    unquiet(pid)
+        .ok()
+        .filter(|ms: &f64| ms.is_finite() && *ms > 0.0)
 }
 
 /// Asks the wrapper on `sock` to open the namespace; None when no wrapper listens there.
@@ -707,17 +737,39 @@ mod tests {
         assert!(policies(&ns).contains("-P INPUT DROP"));
         ns.serve_open(&dir.path().join(OPEN_SOCKET)).expect("serve");
         let images = dir.path().to_string_lossy().into_owned();
+        assert_eq!(resumed_at(dir.path()), None, "nothing resumed yet");
         for round in 0..2 {
             assert_eq!(
                 run_action(Some(UNQUIET_ACTION), None, Some(&images)),
                 Ok(()),
                 "round {round}"
             );
+            let at = resumed_at(dir.path()).expect("the action stamps the resume");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs_f64()
+                * 1000.0;
+            assert!(at <= now && now - at < 60_000.0, "stamped {at}, now {now}");
             let p = policies(&ns);
             assert!(
                 p.contains("-P INPUT ACCEPT") && !p.contains("DROP") && !p.contains("-A "),
                 "{p}"
             );
+        }
+    }
+
+    #[test]
+    fn a_resume_stamp_is_read_only_when_it_is_a_time() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (text, want) in [
+            ("1796642168501.192\n", Some(1796642168501.192)),
+            ("0\n", None),
+            ("soon", None),
+            ("NaN", None),
+        ] {
+            std::fs::write(dir.path().join(RESUMED_FILE), text).expect("write");
+            assert_eq!(resumed_at(dir.path()), want, "{text:?}");
         }
     }
 

@@ -871,6 +871,15 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     // unlocks in one transaction instead of five iptables-restore runs; the tmpfs mounts
     // Docker masks paths with are empty and cross without tar (patches/criu).
     assert_eq!(report["network_lock_nftables"], true, "{report}");
+    // The pre-resume action stamped when the tasks were let go, inside docker start.
+    let steps = &report["downtime_steps_ms"];
+    let resumed = steps["target_resumed_within_docker_start"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resume stamp in {steps}"));
+    assert!(
+        resumed <= steps["target_docker_start"].as_u64().unwrap_or(0),
+        "{steps}"
+    );
     assert!(
         restore_log.contains("was empty: nothing to extract"),
         "every tmpfs went through tar"
