@@ -91,17 +91,13 @@ fn string_attr(ty: u16, value: &str) -> Vec<u8> {
     attr(ty, &v)
 }
 
-/// The batch that opens `table` of `family`: every chain's rules flushed and its policy set
-/// to accept. Its messages carry sequence numbers from `first_seq` on; returns the batch and
-/// the sequence numbers of the messages that ask for an acknowledgement.
-pub fn open_table_batch(
-    family: u8,
-    table: &str,
-    chains: &[&str],
+/// One nftables transaction: `msgs` (type, family, attributes), each acknowledged, between a
+/// batch begin and end whose sequence numbers run from `first_seq` on; returns the batch and
+/// the sequence numbers of the acknowledged messages.
+fn batch(
     first_seq: u32,
+    msgs: impl IntoIterator<Item = (u16, u8, Vec<u8>)>,
 ) -> (Vec<u8>, Vec<u32>) {
-    let nft = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
-    let acked_flags = NLM_F_REQUEST | NLM_F_ACK;
     let mut buf = Vec::new();
     let mut seq = first_seq;
     let mut acked = Vec::new();
@@ -114,38 +110,16 @@ pub fn open_table_batch(
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    for chain in chains {
+    for (msg, family, attrs) in msgs {
         seq += 1;
-        let flush = [
-            string_attr(NFTA_RULE_TABLE, table),
-            string_attr(NFTA_RULE_CHAIN, chain),
-        ]
-        .concat();
         push_msg(
             &mut buf,
-            nft(NFT_MSG_DELRULE),
-            acked_flags,
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | NLM_F_ACK,
             seq,
             family,
             0,
-            &flush,
-        );
-        acked.push(seq);
-        seq += 1;
-        let policy = [
-            string_attr(NFTA_CHAIN_TABLE, table),
-            string_attr(NFTA_CHAIN_NAME, chain),
-            attr(NFTA_CHAIN_POLICY, &NF_ACCEPT.to_be_bytes()),
-        ]
-        .concat();
-        push_msg(
-            &mut buf,
-            nft(NFT_MSG_NEWCHAIN),
-            acked_flags,
-            seq,
-            family,
-            0,
-            &policy,
+            &attrs,
         );
         acked.push(seq);
     }
@@ -160,6 +134,35 @@ pub fn open_table_batch(
         &[],
     );
     (buf, acked)
+}
+
+/// The batch that opens `table` of `family`: every chain's rules flushed and its policy set
+/// to accept. Its messages carry sequence numbers from `first_seq` on; returns the batch and
+/// the sequence numbers of the messages that ask for an acknowledgement.
+pub fn open_table_batch(
+    family: u8,
+    table: &str,
+    chains: &[&str],
+    first_seq: u32,
+) -> (Vec<u8>, Vec<u32>) {
+    let msgs = chains.iter().flat_map(|chain| {
+        let flush = [
+            string_attr(NFTA_RULE_TABLE, table),
+            string_attr(NFTA_RULE_CHAIN, chain),
+        ]
+        .concat();
+        let policy = [
+            string_attr(NFTA_CHAIN_TABLE, table),
+            string_attr(NFTA_CHAIN_NAME, chain),
+            attr(NFTA_CHAIN_POLICY, &NF_ACCEPT.to_be_bytes()),
+        ]
+        .concat();
+        [
+            (NFT_MSG_DELRULE, family, flush),
+            (NFT_MSG_NEWCHAIN, family, policy),
+        ]
+    });
+    batch(first_seq, msgs)
 }
 
 /// The request for every table of `family` (a netlink dump).
@@ -216,42 +219,12 @@ pub fn table_names(buf: &[u8]) -> (Vec<String>, bool) {
 
 /// The batch that deletes the tables `names` of `family`, each message acknowledged.
 pub fn delete_tables_batch(family: u8, names: &[String], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
-    let mut buf = Vec::new();
-    let mut seq = first_seq;
-    let mut acked = Vec::new();
-    push_msg(
-        &mut buf,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    for name in names {
-        seq += 1;
-        push_msg(
-            &mut buf,
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            family,
-            0,
-            &string_attr(NFTA_TABLE_NAME, name),
-        );
-        acked.push(seq);
-    }
-    seq += 1;
-    push_msg(
-        &mut buf,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    (buf, acked)
+    batch(
+        first_seq,
+        names
+            .iter()
+            .map(|n| (NFT_MSG_DELTABLE, family, string_attr(NFTA_TABLE_NAME, n))),
+    )
 }
 
 /// Prefix of the `inet` table CRIU's nftables network lock makes (`CRIU-<run id>`).
@@ -259,26 +232,23 @@ pub const CRIU_LOCK_TABLE_PREFIX: &str = "CRIU-";
 
 /// The nftables network locks CRIU left in the network namespace of `pid`.
 pub fn criu_lock_tables(pid: u32) -> Result<Vec<String>, String> {
-    in_netns_of(pid, |nl| {
-        Ok(nl
-            .tables(NFPROTO_INET)
-            .map_err(|e| format!("listing nftables tables: {e}"))?
-            .into_iter()
-            .filter(|t| t.starts_with(CRIU_LOCK_TABLE_PREFIX))
-            .collect())
-    })
+    in_netns_of(pid, criu_tables_here)
+}
+
+fn criu_tables_here(nl: &NetfilterSocket) -> Result<Vec<String>, String> {
+    Ok(nl
+        .tables(NFPROTO_INET)
+        .map_err(|e| format!("listing nftables tables: {e}"))?
+        .into_iter()
+        .filter(|t| t.starts_with(CRIU_LOCK_TABLE_PREFIX))
+        .collect())
 }
 
 /// Removes the nftables network locks CRIU left in the network namespace of `pid` (a CRIU
 /// killed while it held one, before it could unlock); returns their names.
 pub fn remove_criu_lock_tables(pid: u32) -> Result<Vec<String>, String> {
     in_netns_of(pid, |nl| {
-        let names: Vec<String> = nl
-            .tables(NFPROTO_INET)
-            .map_err(|e| format!("listing nftables tables: {e}"))?
-            .into_iter()
-            .filter(|t| t.starts_with(CRIU_LOCK_TABLE_PREFIX))
-            .collect();
+        let names = criu_tables_here(nl)?;
         if !names.is_empty() {
             nl.delete_tables(NFPROTO_INET, &names)
                 .map_err(|e| format!("deleting {}: {e}", names.join(", ")))?;
