@@ -262,6 +262,8 @@ async fn every_page_arrives_once_and_most_come_from_the_window() {
             in_flight: 32 * PAGE_SIZE,
             fault_quiet: std::time::Duration::ZERO,
             sequential_pages: 0,
+            quiet_forward_pages: 16,
+            quiet_forward_for: std::time::Duration::from_secs(3600),
         };
         let r = run(lazy, opts, 42, 3, false).await;
         assert!(r.stats.peak_in_flight <= opts.in_flight, "{:?}", r.stats);
@@ -375,6 +377,8 @@ proptest! {
         in_flight_pages in 1u64..60,
         quiet_us in prop_oneof![Just(0u64), 1u64..300],
         seq_pages in prop_oneof![Just(0u64), 1u64..20],
+        quiet_forward_pages in 1u64..40,
+        quiet_for_us in prop_oneof![Just(0u64), 1u64..3000],
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
@@ -387,6 +391,8 @@ proptest! {
             in_flight: in_flight_pages * PAGE_SIZE,
             fault_quiet: std::time::Duration::from_micros(quiet_us),
             sequential_pages: seq_pages,
+            quiet_forward_pages,
+            quiet_forward_for: std::time::Duration::from_micros(quiet_for_us),
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
@@ -465,6 +471,8 @@ async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet(
             in_flight: 128 * PAGE_SIZE,
             fault_quiet: std::time::Duration::from_secs(3600),
             sequential_pages: 0,
+            quiet_forward_pages: 16,
+            quiet_forward_for: std::time::Duration::from_secs(3600),
         };
         let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 64 << 20);
         // The source answers every request at once and records them all.
@@ -627,6 +635,98 @@ async fn a_walk_page_by_page_is_answered_ahead_after_its_first_two_faults() {
                 "sequential_pages {seq}: {stats:?}"
             );
             assert_eq!(stats.sequential > 0, seq > 0, "{stats:?}");
+        }
+    })
+    .await
+}
+
+/// The daemon asks for `nr` pages at `vaddr`; the source must see exactly that request, and
+/// its answer must reach the daemon.
+async fn passes_through(d: &mut DuplexStream, s: &mut DuplexStream, vaddr: u64, nr: u64) {
+    passes_through_as(d, s, vaddr, nr, nr).await
+}
+
+/// As [`passes_through`], the source seeing the request for `asked` pages cut to `nr`.
+async fn passes_through_as(
+    d: &mut DuplexStream,
+    s: &mut DuplexStream,
+    vaddr: u64,
+    asked: u64,
+    nr: u64,
+) {
+    let dst = lazy_dst(1);
+    d.write_all(&PsIov::get(dst, vaddr, asked).encode())
+        .await
+        .unwrap();
+    let mut hb = [0u8; IOV_LEN];
+    s.read_exact(&mut hb).await.unwrap();
+    let req = PsIov::decode(&hb);
+    assert_eq!((req.vaddr, req.nr_pages), (vaddr, nr), "{req:?}");
+    s.write_all(&PsIov::pages(dst, vaddr, nr).encode())
+        .await
+        .unwrap();
+    s.write_all(&page_bytes(dst, vaddr, nr)).await.unwrap();
+    d.read_exact(&mut hb).await.unwrap();
+    assert_eq!(PsIov::decode(&hb).nr_pages, nr);
+    let mut data = vec![0u8; (nr * PAGE_SIZE) as usize];
+    d.read_exact(&mut data).await.unwrap();
+    assert!(data == page_bytes(dst, vaddr, nr));
+}
+
+#[tokio::test]
+async fn the_rest_of_a_walk_asked_behind_its_fault_is_not_the_background_transfer() {
+    within(async {
+        let lazy = layout(&[(1, 0x10, 400)]);
+        let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, ReadAheadOptions::default(), 1 << 20);
+        // A fault at 0x40, then (CRIU's walk-ahead) the 16 pages after it: both go to the
+        // source as asked, and no read-ahead follows them.
+        passes_through(&mut d_far, &mut s_far, 0x40 * PAGE_SIZE, 1).await;
+        passes_through(&mut d_far, &mut s_far, 0x41 * PAGE_SIZE, 16).await;
+        // Had that started the read-ahead, the source would now see read-ahead requests
+        // before this fault.
+        passes_through(&mut d_far, &mut s_far, 0x90 * PAGE_SIZE, 1).await;
+        // Several pages that do not follow a fault are the background transfer. Nothing
+        // below 0x41 was dropped from what is read ahead: the read-ahead goes on from the
+        // end of this request, not from 0x51.
+        d_far
+            .write_all(&PsIov::get(lazy_dst(1), 0x10 * PAGE_SIZE, 16).encode())
+            .await
+            .unwrap();
+        let mut hb = [0u8; IOV_LEN];
+        s_far.read_exact(&mut hb).await.unwrap();
+        let first = PsIov::decode(&hb);
+        assert_eq!((first.vaddr, first.nr_pages), (0x10 * PAGE_SIZE, 16));
+        s_far.read_exact(&mut hb).await.unwrap();
+        let ahead = PsIov::decode(&hb);
+        assert_eq!(ahead.vaddr, 0x20 * PAGE_SIZE, "{ahead:?}");
+        drop(s_far);
+        drop(d_far);
+        let _ = proxy.await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_background_request_behind_recent_faults_is_forwarded_cut_short() {
+    within(async {
+        // Hours, not milliseconds: the test does not depend on how fast it runs.
+        let hour = std::time::Duration::from_secs(3600);
+        let zero = std::time::Duration::ZERO;
+        // (quiet after a fault, how long cutting lasts, pages the source is asked for)
+        for (quiet, cut_for, want) in [(hour, hour, 16u64), (zero, hour, 64), (hour, zero, 64)] {
+            let lazy = layout(&[(1, 0x10, 400)]);
+            let opts = ReadAheadOptions {
+                fault_quiet: quiet,
+                quiet_forward_for: cut_for,
+                ..ReadAheadOptions::default()
+            };
+            let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 1 << 20);
+            passes_through(&mut d_far, &mut s_far, 0x90 * PAGE_SIZE, 1).await;
+            // The daemon's background transfer asks for 64 pages the window does not hold.
+            passes_through_as(&mut d_far, &mut s_far, 0x10 * PAGE_SIZE, 64, want).await;
+            drop(s_far);
+            drop(d_far);
+            let _ = proxy.await.unwrap();
         }
     })
     .await
