@@ -717,7 +717,7 @@ async fn answer<W: AsyncWrite + Unpin>(
                 if let Some(w) = st.wanted.get_mut(&dst) {
                     w.remove(vaddr, stop);
                 }
-                let next = if fault {
+                let next = if nr == 1 {
                     st.quiet_until = Some(tokio::time::Instant::now() + st.fault_quiet);
                     st.sequential_after(prev_fault, dst, vaddr, stop)
                 } else {
@@ -759,7 +759,7 @@ async fn answer<W: AsyncWrite + Unpin>(
             let got_end = vaddr + head.nr_pages * PAGE_SIZE;
             {
                 let mut st = sh.state();
-                if fault {
+                if nr == 1 {
                     st.quiet_until = Some(tokio::time::Instant::now() + st.fault_quiet);
                 }
                 st.stats.forwarded += data.len() as u64;
