@@ -263,7 +263,8 @@ async fn every_page_arrives_once_and_most_come_from_the_window() {
             fault_quiet: std::time::Duration::ZERO,
             sequential_pages: 0,
             quiet_forward_pages: 16,
-            quiet_forward_for: std::time::Duration::from_secs(3600),
+            settle_for: std::time::Duration::from_secs(3600),
+            bulk_in_flight: 32 * PAGE_SIZE,
         };
         let r = run(lazy, opts, 42, 3, false).await;
         assert!(r.stats.peak_in_flight <= opts.in_flight, "{:?}", r.stats);
@@ -378,7 +379,8 @@ proptest! {
         quiet_us in prop_oneof![Just(0u64), 1u64..300],
         seq_pages in prop_oneof![Just(0u64), 1u64..20],
         quiet_forward_pages in 1u64..40,
-        quiet_for_us in prop_oneof![Just(0u64), 1u64..3000],
+        settle_us in prop_oneof![Just(0u64), 1u64..3000],
+        bulk_in_flight_pages in 1u64..60,
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
@@ -392,7 +394,8 @@ proptest! {
             fault_quiet: std::time::Duration::from_micros(quiet_us),
             sequential_pages: seq_pages,
             quiet_forward_pages,
-            quiet_forward_for: std::time::Duration::from_micros(quiet_for_us),
+            settle_for: std::time::Duration::from_micros(settle_us),
+            bulk_in_flight: bulk_in_flight_pages * PAGE_SIZE,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
@@ -407,7 +410,8 @@ proptest! {
         // `sequential_pages` more.
         let seq = seq_pages * PAGE_SIZE;
         prop_assert!(r.stats.peak_held <= opts.window.max(chunk_pages * PAGE_SIZE) + seq);
-        prop_assert!(r.stats.peak_in_flight <= opts.in_flight.max(chunk_pages * PAGE_SIZE) + seq);
+        let in_flight = opts.in_flight.max(opts.bulk_in_flight);
+        prop_assert!(r.stats.peak_in_flight <= in_flight.max(chunk_pages * PAGE_SIZE) + seq);
         prop_assert!(r.stats.peak_in_flight <= r.stats.peak_held);
     }
 }
@@ -472,7 +476,8 @@ async fn after_a_forwarded_fault_no_read_ahead_goes_out_until_it_has_been_quiet(
             fault_quiet: std::time::Duration::from_secs(3600),
             sequential_pages: 0,
             quiet_forward_pages: 16,
-            quiet_forward_for: std::time::Duration::from_secs(3600),
+            settle_for: std::time::Duration::from_secs(3600),
+            bulk_in_flight: 4096 * PAGE_SIZE,
         };
         let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 64 << 20);
         // The source answers every request at once and records them all.
@@ -717,7 +722,7 @@ async fn a_background_request_behind_recent_faults_is_forwarded_cut_short() {
             let lazy = layout(&[(1, 0x10, 400)]);
             let opts = ReadAheadOptions {
                 fault_quiet: quiet,
-                quiet_forward_for: cut_for,
+                settle_for: cut_for,
                 ..ReadAheadOptions::default()
             };
             let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 1 << 20);
@@ -728,6 +733,82 @@ async fn a_background_request_behind_recent_faults_is_forwarded_cut_short() {
             drop(d_far);
             let _ = proxy.await.unwrap();
         }
+    })
+    .await
+}
+
+/// The next request the source hears, as (page, pages).
+async fn heard(s: &mut DuplexStream) -> (u64, u64) {
+    let mut hb = [0u8; IOV_LEN];
+    s.read_exact(&mut hb).await.unwrap();
+    let r = PsIov::decode(&hb);
+    (r.vaddr / PAGE_SIZE, r.nr_pages)
+}
+
+#[tokio::test]
+async fn once_settled_read_ahead_keeps_the_bulk_in_flight_and_goes_on_behind_faults() {
+    within(async {
+        let lazy = layout(&[(1, 0x10, 4000)]);
+        let opts = ReadAheadOptions {
+            window: 256 * PAGE_SIZE,
+            chunk_pages: 16,
+            in_flight: 16 * PAGE_SIZE,
+            // Were the proxy still settling, this quiet time would stop the read-ahead after
+            // the fault for an hour.
+            fault_quiet: std::time::Duration::from_secs(3600),
+            sequential_pages: 0,
+            quiet_forward_pages: 16,
+            settle_for: std::time::Duration::ZERO,
+            bulk_in_flight: 64 * PAGE_SIZE,
+        };
+        let (proxy, mut d_far, mut s_far) = spawn_proxy(lazy, opts, 64 << 20);
+        let dst = lazy_dst(1);
+        let mut hb = [0u8; IOV_LEN];
+        let answer = |r: (u64, u64)| {
+            let mut v = PsIov::pages(dst, r.0 * PAGE_SIZE, r.1).encode().to_vec();
+            v.extend(page_bytes(dst, r.0 * PAGE_SIZE, r.1));
+            v
+        };
+        // The daemon's background request is forwarded, and four chunks are read ahead.
+        d_far
+            .write_all(&PsIov::get(dst, 0x10 * PAGE_SIZE, 16).encode())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.push(heard(&mut s_far).await);
+        }
+        assert_eq!(
+            got,
+            vec![(0x10, 16), (0x20, 16), (0x30, 16), (0x40, 16), (0x50, 16)]
+        );
+        s_far.write_all(&answer(got[0])).await.unwrap();
+        d_far.read_exact(&mut hb).await.unwrap();
+        d_far
+            .read_exact(&mut vec![0u8; (16 * PAGE_SIZE) as usize])
+            .await
+            .unwrap();
+        // With the read-ahead unanswered, the next request the source hears is the fault: the
+        // read-ahead stopped at bulk_in_flight (four chunks), not at in_flight (one).
+        d_far
+            .write_all(&PsIov::get(dst, 0xE00 * PAGE_SIZE, 1).encode())
+            .await
+            .unwrap();
+        assert_eq!(heard(&mut s_far).await, (0xE00, 1));
+        for r in got[1..].iter().chain([&(0xE00, 1)]) {
+            s_far.write_all(&answer(*r)).await.unwrap();
+        }
+        d_far.read_exact(&mut hb).await.unwrap();
+        assert_eq!(PsIov::decode(&hb).vaddr, 0xE00 * PAGE_SIZE);
+        d_far
+            .read_exact(&mut vec![0u8; PAGE_SIZE as usize])
+            .await
+            .unwrap();
+        // Right behind the fault, without a quiet time, the read-ahead goes on.
+        assert_eq!(heard(&mut s_far).await, (0x60, 16));
+        drop(s_far);
+        drop(d_far);
+        let _ = proxy.await.unwrap();
     })
     .await
 }
