@@ -70,8 +70,9 @@ pub struct ReadAheadOptions {
     /// all the time: going quiet after every fault then left most of the memory to CRIU's own
     /// background requests, one round trip at a time, and a fault waited behind those (up to
     /// 4 MiB each) anyway. After it the read-ahead never goes quiet and keeps up to
-    /// [`Self::bulk_in_flight`] asked for (a 512 MB post-copy: commit 2.3–2.5 s against
-    /// 3.2–4.1 s, the client's p99 latency while pages arrived 13–15 ms against 31–38 ms).
+    /// [`Self::bulk_in_flight`] asked for (512 MB post-copies, four runs: commit 2.6–3.0 s
+    /// against 3.2–4.1 s, the client's p99 latency while pages arrived 14–23 ms against
+    /// 31–38 ms).
     pub settle_for: std::time::Duration,
     /// After the settling time, most bytes of read-ahead requests sent and not yet answered.
     pub bulk_in_flight: u64,
