@@ -1402,9 +1402,10 @@ fn a_named_volume_written_during_the_migration_arrives_complete() {
     for h in ["a", "b"] {
         let _ = docker(h, &["volume", "rm", "-f", vol]);
     }
-    // Writes a file and 8 MiB once, then keeps rewriting a counter while it runs.
+    // Writes a file and 8 MiB once, then keeps rewriting a counter while it runs. The counter is
+    // replaced by a rename so that a reader never meets it truncated but not yet rewritten.
     let script = "echo first > /data/first.txt && /bin/busybox dd if=/dev/urandom of=/data/big.bin bs=1048576 count=8 2>/dev/null \
-        && (i=0; while true; i=$((i+1)); do echo $i > /data/counter.txt; /bin/busybox usleep 5000; done) & \
+        && (i=0; while true; i=$((i+1)); do echo $i > /data/counter.tmp; /bin/busybox mv /data/counter.tmp /data/counter.txt; /bin/busybox usleep 5000; done) & \
         exec /usr/local/bin/ferry-workload serve --port 7000";
     run_on_a(
         name,
