@@ -99,6 +99,18 @@ impl Freezer {
         Ok(true)
     }
 
+    /// The pids of the processes in the cgroup (`cgroup.procs` beside the freezer's state).
+    pub fn procs(&self) -> Result<Vec<i32>, FreezerError> {
+        let dir = match self {
+            Freezer::V1(state) => state.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            Freezer::V2(dir) => dir.clone(),
+        };
+        Ok(read(&dir.join("cgroup.procs"))?
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
     /// Whether every task is frozen, with the raw state for error messages.
     fn is_frozen(&self) -> Result<(bool, String), FreezerError> {
         match self {

@@ -210,6 +210,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 port,
                 bytes,
                 closed,
+                ..
             }) = server
             else {
                 let e = ErrorInfo {
@@ -250,6 +251,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             closed.notify_one();
             Ok(())
         }
+        Purpose::PageReads {
+            migration_id,
+            chunks,
+        } => serve_page_reads(&shared, conn, &migration_id, chunks).await,
         Purpose::Image { image_id } => serve_image(&shared, conn, &image_id).await,
         Purpose::Images { migration_id } => {
             let reply = match shared
@@ -473,3 +478,86 @@ async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(
     info!(image = %image_id, bytes = sent, "image sent");
     Ok(())
 }
+
+/// Post-copy: serves the target's read-ahead from the seized tasks of a lazy dump (see
+/// `ferry_pages::reader`), on the same framing, compression and pacing as the page tunnel.
+async fn serve_page_reads<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut conn: Conn<S>,
+    migration_id: &str,
+    chunks: bool,
+) -> Result<(), AgentError> {
+    let server = shared
+        .pages
+        .lock()
+        .ok()
+        .and_then(|m| m.get(migration_id).cloned());
+    let found = server.ok_or_else(|| format!("no page server for migration {migration_id}"));
+    let tasks = found.and_then(|ps| {
+        let lazy = ferry_pages::lazy_pages(&ps.images).map_err(|e| e.to_string())?;
+        let procs = crate::freezer::Freezer::of(ps.pid)
+            .and_then(|f| f.procs())
+            .map_err(|e| e.to_string())?;
+        let tasks = ferry_pages::SeizedTasks::new(ferry_pages::namespace_pids(&procs));
+        if tasks.is_empty() {
+            return Err(format!(
+                "no process of the container's cgroup (pid {}) is left to read",
+                ps.pid
+            ));
+        }
+        ps.reads
+            .opened
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok((lazy, tasks, ps))
+    });
+    let (lazy, mut tasks, lane) = match tasks {
+        Ok(t) => t,
+        Err(message) => {
+            let e = ErrorInfo {
+                step: "page reads".into(),
+                message,
+                tool_log: vec![],
+            };
+            conn.send(&Message::Error(e.clone())).await?;
+            return Err(AgentError::Remote(e));
+        }
+    };
+    let transfer = shared
+        .transfers
+        .lock()
+        .ok()
+        .and_then(|m| m.get(migration_id).cloned())
+        .unwrap_or_default();
+    let opts = BridgeOptions {
+        framed: chunks,
+        compression: transfer.settings.compression,
+        pacer: transfer.pacer,
+        stats: transfer.stats,
+    };
+    let (near, far) = tokio::io::duplex(PAGE_READS_PIPE);
+    let (served, bridged) = tokio::join!(
+        ferry_pages::serve_reads(near, &lazy, &mut tasks),
+        crate::conn::bridge(conn, far, opts)
+    );
+    match served {
+        Ok(st) => {
+            lane.reads
+                .served
+                .fetch_add(st.bytes, std::sync::atomic::Ordering::Relaxed);
+            info!(migration = %migration_id, requests = st.requests, bytes = st.bytes, processes = tasks.len(), "page reads done")
+        }
+        Err(e) => warn!(migration = %migration_id, "page reads: {e}"),
+    }
+    match bridged {
+        Ok(t) => {
+            lane.bytes
+                .fetch_add(t.to_peer.wire, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e) => warn!(migration = %migration_id, "page reads channel: {e}"),
+    }
+    lane.reads.closed.notify_one();
+    Ok(())
+}
+
+/// The pipe between the page reader and its channel: a few read-ahead answers.
+const PAGE_READS_PIPE: usize = 1 << 20;

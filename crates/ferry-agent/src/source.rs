@@ -74,6 +74,7 @@ pub struct LocalSource {
     pages: PageServers,
     page_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     page_tunnel_closed: std::sync::Arc<tokio::sync::Notify>,
+    page_reads: std::sync::Arc<ReadsLane>,
     source_agent: Option<String>,
     /// The container's overlay2 upper dir: the files it wrote, carried to the target's layer.
     upper_dir: Option<PathBuf>,
@@ -145,6 +146,21 @@ pub struct PageServer {
     pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Signalled when the tunnel closed and `bytes` is final.
     pub closed: std::sync::Arc<tokio::sync::Notify>,
+    /// Set once a page reader lane is open; its `closed` is signalled when it has ended and
+    /// added its bytes to `bytes`.
+    pub reads: std::sync::Arc<ReadsLane>,
+    /// The dump's images, whose pagemaps say which pages the page reader may serve.
+    pub images: PathBuf,
+    /// The container's first process: its cgroup holds the seized tasks.
+    pub pid: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct ReadsLane {
+    pub opened: std::sync::atomic::AtomicBool,
+    /// Page bytes the reader served.
+    pub served: std::sync::atomic::AtomicU64,
+    pub closed: tokio::sync::Notify,
 }
 
 fn free_loopback_port() -> std::io::Result<u16> {
@@ -214,6 +230,7 @@ impl LocalSource {
             pages,
             page_bytes: Default::default(),
             page_tunnel_closed: Default::default(),
+            page_reads: Default::default(),
             upper_dir: None,
             volumes: Vec::new(),
             source_agent,
@@ -565,6 +582,7 @@ impl SourceSide for LocalSource {
             // none, or another container's.
             prewire_netns: !matches!(view.network_mode.as_str(), "host" | "none")
                 && !view.network_mode.starts_with("container:"),
+            page_reads: true,
         };
         let mut warnings = vec![];
         match (
@@ -790,6 +808,9 @@ impl SourceSide for LocalSource {
                         port,
                         bytes: self.page_bytes.clone(),
                         closed: self.page_tunnel_closed.clone(),
+                        reads: self.page_reads.clone(),
+                        images: image_dir.clone(),
+                        pid: view.pid,
                     },
                 );
             }
@@ -905,6 +926,15 @@ impl SourceSide for LocalSource {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), self.page_tunnel_closed.notified())
                     .await;
+            if self
+                .page_reads
+                .opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), self.page_reads.closed.notified())
+                        .await;
+            }
             self.lazy = None;
             if let Ok(mut m) = self.pages.lock() {
                 m.remove(&self.migration_id);
@@ -1048,5 +1078,11 @@ impl SourceSide for LocalSource {
 
     fn extra_bytes_sent(&self) -> u64 {
         self.page_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn page_reader_bytes(&self) -> u64 {
+        self.page_reads
+            .served
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -460,7 +460,7 @@ impl Targets {
             .map_err(|e| err(step, format!("binding a loopback port: {e}")))?;
         let local = listener.local_addr().map_err(|e| err(step, e))?;
         let ask_chunks = prepare.transfer.compression != ferry_proto::Compression::Off;
-        let (tunnel, features) = dial_features(
+        let pages = dial_features(
             source,
             self.client_tls.clone(),
             Purpose::Pages {
@@ -468,9 +468,32 @@ impl Targets {
                 chunks: ask_chunks,
             },
             Duration::from_secs(10),
-        )
-        .await
-        .map_err(|e| {
+        );
+        let reads = async {
+            if !prepare.page_reads {
+                return None;
+            }
+            let purpose = Purpose::PageReads {
+                migration_id: id.to_string(),
+                chunks: ask_chunks,
+            };
+            match dial_features(
+                source,
+                self.client_tls.clone(),
+                purpose,
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!(migration = %id, "no page reader lane, reading ahead through the page server: {e}");
+                    None
+                }
+            }
+        };
+        let (pages, reads) = tokio::join!(pages, reads);
+        let (tunnel, features) = pages.map_err(|e| {
             err(
                 step,
                 format!("opening the page channel to the source agent {source}: {e}"),
@@ -527,19 +550,43 @@ impl Targets {
                 return;
             };
             // The daemon talks to the read-ahead proxy, the proxy to the page server through
-            // the tunnel; whichever ends first closes its side, which ends the other.
+            // the tunnel (and to the source agent's page reader, where there is one); whichever
+            // ends first closes its side, which ends the other.
             let (near, far) = tokio::io::duplex(READ_AHEAD_PIPE);
-            let proxy = ferry_pages::read_ahead_counted(
-                sock,
-                near,
-                lazy,
-                ferry_pages::ReadAheadOptions::default(),
-                &delivered,
-            );
-            let (proxied, tunnelled) = tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts));
+            let ra = ferry_pages::ReadAheadOptions::default();
+            let (proxied, tunnelled) = match reads {
+                Some((lane, lane_features)) => {
+                    let lane_opts = ferry_transfer::BridgeOptions {
+                        framed: ask_chunks
+                            && lane_features
+                                .iter()
+                                .any(|f| f == ferry_proto::FEATURE_CHUNKS),
+                        compression: opts.compression,
+                        pacer: opts.pacer.clone(),
+                        stats: Arc::default(),
+                    };
+                    let (r_near, r_far) = tokio::io::duplex(READ_AHEAD_PIPE);
+                    let proxy =
+                        ferry_pages::read_ahead_split(sock, near, r_near, lazy, ra, &delivered);
+                    let lane = async {
+                        if let Err(e) = crate::conn::bridge(lane, r_far, lane_opts).await {
+                            warn!(migration = %mid, "page reader lane: {e}");
+                        }
+                    };
+                    let ((proxied, tunnelled), ()) = tokio::join!(
+                        async { tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts)) },
+                        lane
+                    );
+                    (proxied, tunnelled)
+                }
+                None => {
+                    let proxy = ferry_pages::read_ahead_counted(sock, near, lazy, ra, &delivered);
+                    tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts))
+                }
+            };
             match proxied {
                 Ok(r) => {
-                    info!(migration = %mid, fetched_ahead = r.fetched_ahead, served_ahead = r.served_ahead, forwarded = r.forwarded, wasted = r.wasted, requests = r.requests, peak_held = r.peak_held, peak_in_flight = r.peak_in_flight, "read-ahead done")
+                    info!(migration = %mid, fetched_ahead = r.fetched_ahead, fetched_by_reader = r.fetched_by_reader, reader_lost = r.reader_lost, served_ahead = r.served_ahead, forwarded = r.forwarded, wasted = r.wasted, requests = r.requests, peak_held = r.peak_held, peak_in_flight = r.peak_in_flight, "read-ahead done")
                 }
                 Err(e) => warn!(migration = %mid, "read-ahead: {e}"),
             }

@@ -129,6 +129,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 prewired_netns: false,
                 restore_parked: false,
                 lazy_pages_read: false,
+                page_reader_bytes: 0,
                 network_lock_nftables: false,
                 networks: Vec::new(),
                 error: None,
@@ -330,6 +331,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
         }
         let source_commit = { step!(self, Phase::Commit, step_to, self.source.commit()) };
         report.bytes_sent += self.source.extra_bytes_sent();
+        report.page_reader_bytes = self.source.page_reader_bytes();
         report.volumes = self.source.volume_transfers();
         match source_commit {
             Ok(w) => report.warnings.extend(w),

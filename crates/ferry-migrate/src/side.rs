@@ -181,6 +181,11 @@ pub trait SourceSide: Send {
     fn extra_bytes_sent(&self) -> u64 {
         0
     }
+    /// Post-copy: page bytes the source agent read from the seized tasks itself for the
+    /// target's read-ahead, rather than CRIU's page server.
+    fn page_reader_bytes(&self) -> u64 {
+        0
+    }
     /// How each named volume travelled (first and final pass), for the report.
     fn volume_transfers(&self) -> Vec<ferry_proto::VolumeTransfer> {
         Vec::new()

@@ -145,6 +145,7 @@ impl SourceSide for FakeSource {
                 overwrite_volumes: false,
                 shared_paths: vec![],
                 prewire_netns: true,
+                page_reads: false,
             },
             networks: vec![],
             warnings: vec![],

@@ -13,15 +13,20 @@
 //! - [`pagemap`]: the lazy ranges of each process, read from `pagemap-<pid>.img`.
 //! - [`ranges`]: page-aligned range sets.
 //! - [`readahead`]: the proxy between the daemon and the source's page server.
+//! - [`reader`]: the source agent's own reader of the seized tasks' lazy pages, a second
+//!   channel for the read-ahead.
 
 pub mod pagemap;
 pub mod ps;
 pub mod ranges;
 pub mod readahead;
+pub mod reader;
 
 pub use pagemap::{lazy_pages, LazyPages, PagemapError};
 pub use ps::{lazy_dst, PsIov, PAGE_SIZE};
 pub use ranges::RangeSet;
 pub use readahead::{
-    read_ahead, read_ahead_counted, ReadAheadError, ReadAheadOptions, ReadAheadStats,
+    read_ahead, read_ahead_counted, read_ahead_split, ReadAheadError, ReadAheadOptions,
+    ReadAheadStats,
 };
+pub use reader::{namespace_pids, serve_reads, ReaderError, ReaderStats, SeizedTasks, TaskMemory};

@@ -16,6 +16,11 @@
 //! restore has finished, it asks only for the pages the restore faults on, and each would
 //! wait behind whatever read-ahead was sent before it.
 //!
+//! With a second upstream, the source agent's own page reader ([`read_ahead_split`],
+//! [`crate::reader`]), the read-ahead goes there and CRIU's page server gets only the daemon's
+//! own requests: faults then wait behind nothing but each other, and the read-ahead need not
+//! hold back while the restored process faults.
+//!
 //! Only ranges of the pagemap's lazy set are ever requested ahead: CRIU's page server treats a
 //! request for pages it does not hold as fatal, and its death takes the source with it. The
 //! daemon's background transfer walks each process's ranges in address order, so a request
@@ -117,6 +122,10 @@ pub struct ReadAheadStats {
     pub peak_in_flight: u64,
     /// Faults taken for a walk, each followed by a request for the pages after it.
     pub sequential: u64,
+    /// Page bytes that arrived on the reader lane.
+    pub fetched_by_reader: u64,
+    /// The reader lane failed and the read-ahead went on through the page server.
+    pub reader_lost: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +187,10 @@ struct State {
     /// Bytes asked for ahead and not yet answered.
     asked: u64,
     expect: VecDeque<Expect>,
+    /// Answers due on the reader lane (see [`read_ahead_split`]), in order.
+    expect_reader: VecDeque<Expect>,
+    /// The reader lane is there and has not failed: read-ahead goes through it.
+    reader_open: bool,
     closing: bool,
     source_gone: bool,
     stats: ReadAheadStats,
@@ -346,13 +359,15 @@ impl State {
     }
 }
 
-struct Shared<W> {
+struct Shared<W, V> {
     st: Mutex<State>,
     changed: Notify,
     writer: tokio::sync::Mutex<W>,
+    /// The reader lane's writer, where there is one.
+    reader: Option<tokio::sync::Mutex<V>>,
 }
 
-impl<W: AsyncWrite + Unpin> Shared<W> {
+impl<W: AsyncWrite + Unpin, V: AsyncWrite + Unpin> Shared<W, V> {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means another task panicked mid-update; the proxy's state is
         // still the best account of what is where.
@@ -376,6 +391,67 @@ impl<W: AsyncWrite + Unpin> Shared<W> {
         w.flush()
             .await
             .map_err(io("sending a request to the page server"))
+    }
+
+    /// Sends a read-ahead request on the reader lane while it is open, else to the page
+    /// server. A reader lane that cannot be written to is given up, not fatal.
+    async fn send_ahead(&self, dst: u64, start: u64, nr: u64) -> Result<(), ReadAheadError> {
+        let req = PsIov::get(dst, start, nr);
+        if let Some(lane) = &self.reader {
+            let mut w = lane.lock().await;
+            let open = {
+                let mut st = self.state();
+                if st.reader_open {
+                    st.expect_reader.push_back(Expect::Ahead { dst, start, nr });
+                }
+                st.reader_open
+            };
+            if open {
+                let sent = match w.write_all(&req.encode()).await {
+                    Ok(()) => w.flush().await,
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(()) => {
+                        self.changed.notify_waiters();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        self.reader_lost(&format!("sending a request: {e}"));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.send(req, Expect::Ahead { dst, start, nr }).await
+    }
+
+    /// Gives up the reader lane: what was asked of it and not answered is wanted again, to
+    /// be asked of the page server.
+    fn reader_lost(&self, why: &str) {
+        {
+            let mut st = self.state();
+            if !st.reader_open {
+                return;
+            }
+            st.reader_open = false;
+            st.stats.reader_lost = true;
+            for e in std::mem::take(&mut st.expect_reader) {
+                if let Expect::Ahead { dst, start, nr } = e {
+                    let end = start + nr * PAGE_SIZE;
+                    if let Some(f) = st.in_flight.get_mut(&dst) {
+                        f.remove(start, end);
+                    }
+                    st.held -= end - start;
+                    st.asked -= end - start;
+                    st.want_again(dst, start, end);
+                }
+            }
+        }
+        if !self.state().closing {
+            tracing::warn!("page reader lane lost, reading ahead through the page server: {why}");
+        }
+        self.changed.notify_waiters();
     }
 }
 
@@ -408,15 +484,68 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    proxy(
+        daemon,
+        source,
+        None::<tokio::io::DuplexStream>,
+        lazy,
+        opts,
+        delivered,
+    )
+    .await
+}
+
+/// [`read_ahead_counted`] with a second upstream, `reader`: the source agent's own reader of
+/// the seized tasks (see [`crate::reader`]), which speaks the page server's protocol. The
+/// read-ahead goes there and CRIU's page server gets only the daemon's own requests, so a
+/// forwarded fault no longer waits behind read-ahead on the page server's one connection: the
+/// read-ahead never goes quiet after faults and keeps [`ReadAheadOptions::bulk_in_flight`]
+/// asked for from the daemon's first background request on. A reader lane that fails or
+/// closes is given up and what it owed is asked of the page server.
+pub async fn read_ahead_split<D, S, R>(
+    daemon: D,
+    source: S,
+    reader: R,
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    delivered: &AtomicU64,
+) -> Result<ReadAheadStats, ReadAheadError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    proxy(daemon, source, Some(reader), lazy, opts, delivered).await
+}
+
+async fn proxy<D, S, R>(
+    daemon: D,
+    source: S,
+    reader: Option<R>,
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    delivered: &AtomicU64,
+) -> Result<ReadAheadStats, ReadAheadError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
     let (src_rd, src_wr) = tokio::io::split(source);
+    let (reader_rd, reader_wr) = match reader.map(tokio::io::split) {
+        Some((r, w)) => (Some(r), Some(w)),
+        None => (None, None),
+    };
     let sh = Shared {
         st: Mutex::new(State {
             wanted: lazy.clone(),
             lazy,
+            reader_open: reader_wr.is_some(),
             ..State::default()
         }),
         changed: Notify::new(),
         writer: tokio::sync::Mutex::new(src_wr),
+        reader: reader_wr.map(tokio::sync::Mutex::new),
     };
     let opts = ReadAheadOptions {
         window: opts.window.max(PAGE_SIZE),
@@ -435,6 +564,16 @@ where
         st.quiet_forward_pages = opts.quiet_forward_pages;
         st.settle_for = opts.settle_for;
     }
+    let lane = async {
+        if let Some(rd) = reader_rd {
+            if let Err(e) = read_reader_answers(&sh, rd).await {
+                sh.reader_lost(&e.to_string());
+            } else {
+                sh.reader_lost("the reader closed its channel");
+            }
+        }
+        std::future::pending::<Result<(), ReadAheadError>>().await
+    };
     let reader = async {
         let r: Result<(), ReadAheadError> = read_answers(&sh, src_rd).await;
         let pending = {
@@ -454,7 +593,7 @@ where
         request_ahead(&sh, &opts).await?;
         std::future::pending::<Result<(), ReadAheadError>>().await
     };
-    let background = async { tokio::try_join!(reader, ahead).map(|_| ()) };
+    let background = async { tokio::try_join!(reader, ahead, lane).map(|_| ()) };
     let result = tokio::select! {
         r = serve_daemon(&sh, daemon, delivered) => r,
         r = background => r,
@@ -470,10 +609,71 @@ where
     result.map(|()| st.stats)
 }
 
-async fn read_answers<R, W>(sh: &Shared<W>, mut rd: R) -> Result<(), ReadAheadError>
+/// Takes the reader lane's answers while it is open. An answer is applied only if the lane
+/// is still open once it has been read: [`Shared::reader_lost`] hands what the lane owed back
+/// to the page server, answers included.
+async fn read_reader_answers<R, W, V>(sh: &Shared<W, V>, mut rd: R) -> Result<(), ReadAheadError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    V: AsyncWrite + Unpin,
+{
+    loop {
+        let (dst, start, nr) = loop {
+            let notified = sh.changed.notified();
+            {
+                let st = sh.state();
+                if !st.reader_open {
+                    return Ok(());
+                }
+                if let Some(Expect::Ahead { dst, start, nr }) = st.expect_reader.front() {
+                    break (*dst, *start, *nr);
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = notified => {}
+                r = rd.read_u8() => {
+                    return match r {
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+                        Err(e) => Err(ReadAheadError::Io { step: "reading from the page reader", source: e }),
+                        Ok(b) => Err(ReadAheadError::Source(format!("byte {b:#x} nobody asked the reader for"))),
+                    };
+                }
+            }
+        };
+        let (head, data) = read_pages(&mut rd, Some((dst, start, nr))).await?;
+        let got = head.nr_pages * PAGE_SIZE;
+        let end = start + nr * PAGE_SIZE;
+        {
+            let mut st = sh.state();
+            if !st.reader_open {
+                return Ok(());
+            }
+            st.expect_reader.pop_front();
+            if let Some(f) = st.in_flight.get_mut(&dst) {
+                f.remove(start, end);
+            }
+            st.held -= end - start - got;
+            st.asked -= end - start;
+            st.stats.fetched_ahead += got;
+            st.stats.fetched_by_reader += got;
+            if got > 0 {
+                st.window.entry(dst).or_default().insert(start, data);
+            }
+            if start + got < end {
+                st.want_again(dst, start + got, end);
+            }
+        }
+        sh.changed.notify_waiters();
+    }
+}
+
+async fn read_answers<R, W, V>(sh: &Shared<W, V>, mut rd: R) -> Result<(), ReadAheadError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    V: AsyncWrite + Unpin,
 {
     loop {
         let expect = loop {
@@ -584,8 +784,8 @@ async fn read_pages<R: AsyncRead + Unpin>(
     Ok((head, data.freeze()))
 }
 
-async fn request_ahead<W: AsyncWrite + Unpin>(
-    sh: &Shared<W>,
+async fn request_ahead<W: AsyncWrite + Unpin, V: AsyncWrite + Unpin>(
+    sh: &Shared<W, V>,
     opts: &ReadAheadOptions,
 ) -> Result<(), ReadAheadError> {
     let chunk = opts.chunk_pages * PAGE_SIZE;
@@ -597,7 +797,8 @@ async fn request_ahead<W: AsyncWrite + Unpin>(
                 return Ok(());
             }
             let now = tokio::time::Instant::now();
-            let settled = st.settled(now);
+            // With the reader lane, read-ahead no longer queues before faults.
+            let settled = st.settled(now) || st.reader_open;
             let quiet = st.quiet_until.filter(|t| *t > now && !settled);
             let in_flight = if settled {
                 opts.bulk_in_flight
@@ -613,10 +814,7 @@ async fn request_ahead<W: AsyncWrite + Unpin>(
             }
         };
         match (next, quiet) {
-            (Some((dst, start, nr)), _) => {
-                sh.send(PsIov::get(dst, start, nr), Expect::Ahead { dst, start, nr })
-                    .await?
-            }
+            (Some((dst, start, nr)), _) => sh.send_ahead(dst, start, nr).await?,
             (None, Some(until)) => {
                 tokio::select! {
                     _ = notified => {}
@@ -634,14 +832,15 @@ enum Answer {
     Forward(u64, Option<(u64, u64, u64)>),
 }
 
-async fn serve_daemon<D, W>(
-    sh: &Shared<W>,
+async fn serve_daemon<D, W, V>(
+    sh: &Shared<W, V>,
     daemon: D,
     delivered: &AtomicU64,
 ) -> Result<(), ReadAheadError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
+    V: AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(daemon);
     loop {
@@ -690,8 +889,8 @@ where
     }
 }
 
-async fn answer<W: AsyncWrite + Unpin>(
-    sh: &Shared<W>,
+async fn answer<W: AsyncWrite + Unpin, V: AsyncWrite + Unpin>(
+    sh: &Shared<W, V>,
     req: PsIov,
 ) -> Result<(PsIov, Bytes), ReadAheadError> {
     let (dst, vaddr, nr) = (req.dst_id, req.vaddr, req.nr_pages);

@@ -103,6 +103,15 @@ pub enum Purpose {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         chunks: bool,
     },
+    /// Post-copy: the target's read-ahead reads the seized tasks' lazy pages from the source
+    /// agent itself, in the page server's protocol, on a channel of its own beside CRIU's
+    /// (see `ferry_pages::reader`). Dialled only where the prepare request says
+    /// `page_reads`.
+    PageReads {
+        migration_id: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chunks: bool,
+    },
     /// The target pulls an image it lacks from the source (`docker save` streamed as `Data`
     /// frames, closed by `ImagesDone`).
     Image {
@@ -326,6 +335,10 @@ pub struct PrepareRequest {
     /// whole start path parked until the images arrive, instead of inside the pause.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prewire_netns: bool,
+    /// Post-copy: the source agent reads the seized tasks' lazy pages itself on a
+    /// [`Purpose::PageReads`] channel, for the target's read-ahead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub page_reads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,6 +148,10 @@ pub struct BandwidthReport {
     pub paced_ms: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub migration_id: String,
@@ -187,6 +191,11 @@ pub struct Report {
     /// by splicing all of it into pipes first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lazy_pages_read: bool,
+    /// Post-copy: page bytes the source agent read from the seized tasks itself and sent on a
+    /// channel of its own for the target's read-ahead, leaving CRIU's page server to the
+    /// faults.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub page_reader_bytes: u64,
     /// CRIU locked the container's network with nftables at the dump, so its restore unlocked
     /// it in one transaction, where iptables costs five `iptables-restore` runs (~60 ms here)
     /// inside the pause. Both hosts' CRIU must be built with libnftables.

@@ -384,6 +384,8 @@ proptest! {
         seed: u64,
         fault_every in 0u64..5,
         pipelined: bool,
+        // No reader lane, one that serves to the end, or one that dies after so many answers.
+        lane in prop_oneof![Just(None), Just(Some(None)), (0usize..8).prop_map(|n| Some(Some(n)))],
     ) {
         let lazy = layout(&runs);
         let total: u64 = lazy.values().map(|r| r.len()).sum();
@@ -398,7 +400,16 @@ proptest! {
             bulk_in_flight: bulk_in_flight_pages * PAGE_SIZE,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let r = rt.block_on(run(lazy, opts, seed, fault_every, pipelined));
+        let r = match lane {
+            None => rt.block_on(run(lazy, opts, seed, fault_every, pipelined)),
+            Some(dies) => {
+                let r = rt.block_on(within(split_run(lazy, opts, seed, fault_every, dies)));
+                prop_assert_eq!(r.reader_sent, r.stats.fetched_by_reader);
+                // A reader that is never asked more than it answers is never lost.
+                prop_assert!(!r.stats.reader_lost || dies.is_some());
+                Run { stats: r.stats, source_sent: r.server_sent + r.reader_sent, received: r.received }
+            }
+        };
         prop_assert_eq!(r.received, total);
         prop_assert_eq!(r.stats.served_ahead + r.stats.forwarded, total);
         prop_assert_eq!(r.source_sent, r.stats.fetched_ahead + r.stats.forwarded);
@@ -811,4 +822,161 @@ async fn once_settled_read_ahead_keeps_the_bulk_in_flight_and_goes_on_behind_fau
         let _ = proxy.await.unwrap();
     })
     .await
+}
+
+/// A page reader that answers its first `answers` requests as the page server would, then
+/// closes the channel unanswered.
+async fn failing_reader(mut s: DuplexStream, answers: usize) -> u64 {
+    let mut sent = 0u64;
+    for _ in 0..answers {
+        let mut hb = [0u8; IOV_LEN];
+        if s.read_exact(&mut hb).await.is_err() {
+            return sent;
+        }
+        let req = PsIov::decode(&hb);
+        s.write_all(&PsIov::pages(req.dst_id, req.vaddr, req.nr_pages).encode())
+            .await
+            .unwrap();
+        s.write_all(&page_bytes(req.dst_id, req.vaddr, req.nr_pages))
+            .await
+            .unwrap();
+        sent += req.nr_pages * PAGE_SIZE;
+    }
+    let mut hb = [0u8; IOV_LEN];
+    let _ = s.read_exact(&mut hb).await;
+    sent
+}
+
+struct SplitRun {
+    stats: ReadAheadStats,
+    server_sent: u64,
+    reader_sent: u64,
+    received: u64,
+}
+
+/// The proxy with a reader lane: `reader_answers` of `None` is a reader that serves as the page
+/// server does; `Some(n)` one that dies after `n` answers.
+async fn split_run(
+    lazy: LazyPages,
+    opts: ReadAheadOptions,
+    seed: u64,
+    fault_every: u64,
+    reader_answers: Option<usize>,
+) -> SplitRun {
+    let (d_near, d_far) = tokio::io::duplex(1 << 20);
+    let (s_near, s_far) = tokio::io::duplex(1 << 20);
+    let (r_near, r_far) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(page_server(s_far, lazy.clone(), 5));
+    let reader = match reader_answers {
+        None => tokio::spawn(page_server(r_far, lazy.clone(), 1 << 20)),
+        Some(n) => tokio::spawn(async move { Ok(failing_reader(r_far, n).await) }),
+    };
+    let dmn = tokio::spawn(daemon(d_far, lazy.clone(), seed, fault_every, 64, true));
+    let delivered = AtomicU64::new(0);
+    let stats = read_ahead_split(d_near, s_near, r_near, lazy, opts, &delivered)
+        .await
+        .expect("proxy");
+    let received = dmn.await.unwrap().expect("daemon");
+    assert_eq!(delivered.load(Ordering::Relaxed), received);
+    SplitRun {
+        stats,
+        server_sent: server.await.unwrap().expect("page server"),
+        reader_sent: reader.await.unwrap().expect("reader"),
+        received,
+    }
+}
+
+fn split_opts() -> ReadAheadOptions {
+    ReadAheadOptions {
+        window: 64 * PAGE_SIZE,
+        chunk_pages: 16,
+        in_flight: 16 * PAGE_SIZE,
+        // Were the read-ahead held back after faults, as on the page server's one connection,
+        // this would stop it for an hour after the first.
+        fault_quiet: std::time::Duration::from_secs(3600),
+        sequential_pages: 0,
+        quiet_forward_pages: 16,
+        settle_for: std::time::Duration::from_secs(3600),
+        bulk_in_flight: 48 * PAGE_SIZE,
+    }
+}
+
+#[test]
+fn with_a_reader_lane_the_read_ahead_goes_there_and_the_page_server_gets_the_daemons_requests() {
+    let lazy = layout(&[(1, 0x10, 300), (1, 0x400, 77), (9, 0x20, 150)]);
+    let total: u64 = lazy.values().map(|r| r.len()).sum();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(within(split_run(lazy, split_opts(), 42, 3, None)));
+    assert_eq!(r.received, total);
+    assert_eq!(
+        r.stats.served_ahead + r.stats.forwarded,
+        total,
+        "{:?}",
+        r.stats
+    );
+    assert!(!r.stats.reader_lost, "{:?}", r.stats);
+    assert_eq!(
+        r.stats.fetched_by_reader, r.stats.fetched_ahead,
+        "{:?}",
+        r.stats
+    );
+    assert_eq!(r.reader_sent, r.stats.fetched_by_reader, "{:?}", r.stats);
+    assert_eq!(r.server_sent, r.stats.forwarded, "{:?}", r.stats);
+    // Faults every third step do not hold the read-ahead back: most pages come through it.
+    assert!(r.stats.served_ahead > total / 2, "{:?}", r.stats);
+    // ... with up to the bulk amount asked for, not the settling time's.
+    assert!(
+        r.stats.peak_in_flight > split_opts().in_flight,
+        "{:?}",
+        r.stats
+    );
+    assert!(
+        r.stats.peak_in_flight <= split_opts().bulk_in_flight,
+        "{:?}",
+        r.stats
+    );
+    assert_eq!(r.stats.wasted, 0, "{:?}", r.stats);
+}
+
+#[test]
+fn a_reader_lane_that_dies_hands_what_it_owed_back_to_the_page_server() {
+    let lazy = layout(&[(1, 0x10, 600), (3, 0x900, 90)]);
+    let total: u64 = lazy.values().map(|r| r.len()).sum();
+    for answers in [0usize, 1, 5] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Back on the page server's one connection, the quiet time after faults applies again.
+        let opts = ReadAheadOptions {
+            fault_quiet: std::time::Duration::ZERO,
+            ..split_opts()
+        };
+        let r = rt.block_on(within(split_run(lazy.clone(), opts, 7, 4, Some(answers))));
+        assert_eq!(r.received, total, "after {answers} answers");
+        assert!(r.stats.reader_lost, "after {answers}: {:?}", r.stats);
+        assert_eq!(r.reader_sent, r.stats.fetched_by_reader, "{:?}", r.stats);
+        assert_eq!(
+            r.server_sent + r.reader_sent,
+            r.stats.fetched_ahead + r.stats.forwarded,
+            "after {answers}: {:?}",
+            r.stats
+        );
+        assert_eq!(
+            r.stats.served_ahead + r.stats.forwarded,
+            total,
+            "{:?}",
+            r.stats
+        );
+        assert_eq!(r.stats.wasted, 0, "after {answers}: {:?}", r.stats);
+        // The read-ahead went on through the page server after the loss.
+        assert!(
+            r.stats.fetched_ahead > r.stats.fetched_by_reader,
+            "after {answers}: {:?}",
+            r.stats
+        );
+    }
 }
