@@ -407,6 +407,25 @@ fn foreign_uid_processes(init_pid: u32) -> Vec<(u32, u32, String)> {
     out
 }
 
+/// Announces the IPv4 addresses of `ifaces` of the container `pid` from its own namespace.
+async fn announce_again(pid: u32, ifaces: &[String]) -> Vec<SideError> {
+    let step = "rollback: announce the addresses again";
+    let listed = match ferry_net::interfaces(pid).await {
+        Ok(l) => l,
+        Err(e) => return vec![side_err(step, e)],
+    };
+    let mut errs = Vec::new();
+    for i in listed.iter().filter(|i| ifaces.contains(&i.name)) {
+        let Some(mac) = i.mac else { continue };
+        for ip in &i.ipv4 {
+            if let Err(e) = ferry_net::gratuitous_arp(pid, &i.name, *ip, mac, 3).await {
+                errs.push(side_err(step, format!("{}: {e}", i.name)));
+            }
+        }
+    }
+    errs
+}
+
 impl SourceSide for LocalSource {
     async fn preflight(&mut self) -> Result<SourcePreflight, SideError> {
         let step = "preflight (source)";
@@ -1019,8 +1038,9 @@ impl SourceSide for LocalSource {
                 Err(e) => errs.push(side_err("rollback: unpause", e)),
             }
         }
-        for iface in std::mem::take(&mut self.arp_off) {
-            if let Err(e) = ferry_net::set_arp(view.pid, &iface, true).await {
+        let silenced = std::mem::take(&mut self.arp_off);
+        for iface in &silenced {
+            if let Err(e) = ferry_net::set_arp(view.pid, iface, true).await {
                 errs.push(side_err("rollback: ARP on", format!("{iface}: {e}")));
             }
         }
@@ -1049,6 +1069,11 @@ impl SourceSide for LocalSource {
                 Ok(()) => self.locked = false,
                 Err(e) => errs.push(side_err("rollback: unlock network", e)),
             }
+        }
+        // The target may have announced the addresses as its restore resumed the tasks (see
+        // `ferry_net::announce_all_here`) and failed after that: take them back.
+        if !silenced.is_empty() {
+            errs.extend(announce_again(view.pid, &silenced).await);
         }
         if let Some(policy) = self.saved_restart_policy.take() {
             if let Err(e) = self.docker.update_restart_policy(&view.id, &policy).await {

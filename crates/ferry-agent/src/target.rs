@@ -1468,6 +1468,7 @@ impl Targets {
             pid,
             docker_start_ms,
             garp_sent,
+            announced_at_resume: ferry_criu::prewire::announced_at_resume(&images),
             steps_ms: steps,
             parked: went_parked,
         })

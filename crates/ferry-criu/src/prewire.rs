@@ -370,6 +370,7 @@ impl QuietNetns {
         }
         let listener = std::os::unix::net::UnixListener::bind(sock)
             .map_err(|e| format!("binding {}: {e}", sock.display()))?;
+        let announced = sock.with_file_name(ANNOUNCED_FILE);
         let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
         std::thread::spawn(move || {
             let ready = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -392,7 +393,10 @@ impl QuietNetns {
                     continue;
                 }
                 let answer = match opener.open() {
-                    Ok(()) => "ok\n".to_string(),
+                    Ok(()) => {
+                        announce_at_resume(&announced);
+                        "ok\n".to_string()
+                    }
                     Err(e) => format!("{e}\n"),
                 };
                 let _ = c.write_all(answer.as_bytes());
@@ -467,6 +471,9 @@ pub const OPEN_SOCKET: &str = "ferry-open.sock";
 /// `docker start` returns well after that (CRIU's exit, runc's and containerd's answers), so
 /// this is what says how much of it the container was really down for.
 pub const RESUMED_FILE: &str = "ferry-resumed-at-ms";
+/// Written by the namespace's opener into the restore's image directory once it has announced
+/// the container's addresses at the resume: one `interface address` line per announcement.
+pub const ANNOUNCED_FILE: &str = "ferry-announced-at-resume";
 /// How long the action waits for the wrapper to open the namespace.
 const OPEN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The action at which the wired namespace is opened: every socket is restored and CRIU's own
@@ -519,6 +526,35 @@ fn stamp_resumed(dir: &Path) -> std::io::Result<()> {
         dir.join(RESUMED_FILE),
         format!("{:.3}\n", now.as_secs_f64() * 1000.0),
     )
+}
+
+/// Announces the opened namespace's addresses (see [`ferry_net::announce_all_here`]) and
+/// records which in `file`. Only ever a head start: the agent announces them again once
+/// `docker start` has returned, so a failure here is logged, not fatal.
+fn announce_at_resume(file: &Path) {
+    match ferry_net::announce_all_here() {
+        Ok(sent) => {
+            let text: String = sent
+                .iter()
+                .map(|(iface, ip)| format!("{iface} {ip}\n"))
+                .collect();
+            let _ = std::fs::write(file, text);
+        }
+        Err(e) => tracing::warn!("announcing the addresses at the resume: {e}"),
+    }
+}
+
+/// What the namespace's opener announced at the resume of the restore from `images`, as
+/// `interface:address`.
+pub fn announced_at_resume(images: &Path) -> Vec<String> {
+    std::fs::read_to_string(images.join(ANNOUNCED_FILE))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(i, a)| format!("{i}:{a}"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// When the pre-resume action of the restore from `images` ran (Unix milliseconds), if it did.

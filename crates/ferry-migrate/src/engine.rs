@@ -130,6 +130,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
                 restore_parked: false,
                 lazy_pages_read: false,
                 page_reader_bytes: 0,
+                announced_at_resume: Vec::new(),
                 network_lock_nftables: false,
                 networks: Vec::new(),
                 error: None,
@@ -312,6 +313,7 @@ impl<S: SourceSide, T: TargetSide, X: Transport> Engine<S, T, X> {
             report.downtime_ms = t.elapsed().as_millis() as u64;
         }
         report.restore_parked = restored.parked;
+        report.announced_at_resume = restored.announced_at_resume.clone();
         report.downtime_steps_ms = self.source.step_times();
         report.downtime_steps_ms.extend(
             restored

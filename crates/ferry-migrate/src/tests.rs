@@ -250,6 +250,7 @@ impl TargetSide for FakeTarget {
                 pid: 42,
                 docker_start_ms: 1,
                 garp_sent: vec!["eth0".into()],
+                announced_at_resume: vec![],
                 steps_ms: Default::default(),
                 parked: true,
             }),

@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_net::{
-    build_garp_frame, gratuitous_arp, interfaces, is_locked, lock, remove_criu_lock, set_arp,
-    unlock, Iface, NetError,
+    announce_all_here, build_garp_frame, gratuitous_arp, interfaces, is_locked, lock,
+    remove_criu_lock, set_arp, unlock, Iface, NetError,
 };
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -176,6 +176,41 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     .unwrap()
 }
 
+/// Captures, in namespace `ns`, up to `n` ARP frames sent from `mac` (at most 5 s); returns
+/// once the capture socket is open.
+fn capture_arp(ns: &str, mac: [u8; 6], n: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = ns.to_string();
+    let capture = std::thread::spawn(move || {
+        in_ns(&ns, move || {
+            let proto = socket2::Protocol::from(i32::from(0x0806u16.to_be()));
+            let sock =
+                socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(proto))
+                    .unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while frames.len() < n && Instant::now() < deadline {
+                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1600];
+                if let Ok(len) = sock.recv(&mut buf) {
+                    let frame: Vec<u8> = buf[..len]
+                        .iter()
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
+                    if frame.get(6..12) == Some(&mac[..]) {
+                        frames.push(frame);
+                    }
+                }
+            }
+            frames
+        })
+    });
+    ready_rx.recv().unwrap();
+    capture
+}
+
 fn thread_netns() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
 }
@@ -313,35 +348,7 @@ async fn gratuitous_arp_reaches_and_updates_the_peer() {
     assert_eq!(net.neigh_in_b()["lladdr"], A_MAC_STR);
 
     let new_mac = [0x02, 0x00, 0xc6, 0x12, 0xbe, 0xef];
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let b = net.b.clone();
-    let capture = std::thread::spawn(move || {
-        in_ns(&b, move || {
-            let proto = socket2::Protocol::from(i32::from(0x0806u16.to_be()));
-            let sock =
-                socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, Some(proto))
-                    .unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut frames = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while frames.len() < 3 && Instant::now() < deadline {
-                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1600];
-                if let Ok(n) = sock.recv(&mut buf) {
-                    let frame: Vec<u8> = buf[..n]
-                        .iter()
-                        .map(|b| unsafe { b.assume_init() })
-                        .collect();
-                    if frame.get(6..12) == Some(&new_mac[..]) {
-                        frames.push(frame);
-                    }
-                }
-            }
-            frames
-        })
-    });
-    ready_rx.recv().unwrap();
+    let capture = capture_arp(&net.b, new_mac, 3);
 
     let before = thread_netns();
     gratuitous_arp(pid, "va", A_IP, new_mac, 3).await.unwrap();
@@ -358,6 +365,21 @@ async fn gratuitous_arp_reaches_and_updates_the_peer() {
         assert_eq!(frame[..42], want[..]);
     }
     assert_eq!(net.neigh_in_b()["lladdr"], "02:00:c6:12:be:ef");
+}
+
+/// What a restored container's namespace announces as its tasks resume: each IPv4 address at
+/// its own interface's MAC, seen in the peer namespace; loopback never.
+#[test]
+fn every_address_of_the_namespace_is_announced_from_inside_it() {
+    let Some(net) = TestNet::new("resume") else {
+        return;
+    };
+    let capture = capture_arp(&net.b, A_MAC, 1);
+    let sent = in_ns(&net.a, announce_all_here).unwrap();
+    assert_eq!(sent, vec![("va".to_string(), A_IP)]);
+    let frames = capture.join().unwrap();
+    assert_eq!(frames.len(), 1, "no announcement reached b");
+    assert_eq!(frames[0][..42], build_garp_frame(A_IP, A_MAC)[..]);
 }
 
 #[tokio::test]

@@ -357,6 +357,10 @@ pub struct RestoreInfo {
     /// Wall time of Docker's start-from-checkpoint call on the target.
     pub docker_start_ms: u64,
     pub garp_sent: Vec<String>,
+    /// `interface:address` announced from the container's namespace at the moment its tasks
+    /// resumed (CRIU's pre-resume action), before `docker start` returned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announced_at_resume: Vec<String>,
     /// Milliseconds of each step of the restore on the target (volumes, layer, lazy-pages
     /// daemon, Docker's start, the wait for it to run, the ARP announcement).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

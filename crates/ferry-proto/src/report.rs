@@ -196,6 +196,11 @@ pub struct Report {
     /// faults.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub page_reader_bytes: u64,
+    /// `interface:address` the target announced (gratuitous ARP) from the container's
+    /// namespace as its tasks resumed, so the clients' traffic reached them without waiting
+    /// for the rest of `docker start`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announced_at_resume: Vec<String>,
     /// CRIU locked the container's network with nftables at the dump, so its restore unlocked
     /// it in one transaction, where iptables costs five `iptables-restore` runs (~60 ms here)
     /// inside the pause. Both hosts' CRIU must be built with libnftables.

@@ -871,6 +871,14 @@ fn post_copy_is_chosen_automatically_and_moves_230mb_of_redis_under_a_live_clien
     // ran ferry's action script to open it before resume.
     assert_eq!(report["prewired_netns"], true, "{report}");
     assert_eq!(report["restore_parked"], true, "{report}");
+    // That action also announced the container's address as its tasks resumed, before the
+    // rest of `docker start`.
+    assert!(
+        report["announced_at_resume"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&format!("eth0:{ip}")))),
+        "{report}"
+    );
     // scripts/install-deps.sh builds CRIU with patches/criu: the lazy pages stay in the frozen
     // source and are read on request, not spliced into pipes inside the pause.
     assert_eq!(report["lazy_pages_read"], true, "{report}");
