@@ -118,12 +118,27 @@ impl HostEnv {
             pipe_max_size: read_trim("/proc/sys/fs/pipe-max-size").parse().unwrap_or(0),
             ..Default::default()
         };
-        match &self.criu {
-            None => f.problems.push(format!(
+        // The probes are independent processes and calls: side by side.
+        let criu_facts = async {
+            match &self.criu {
+                Some(criu) => Some(ferry_criu::criu_facts(criu).await),
+                None => None,
+            }
+        };
+        let runc_version = async {
+            match &self.runc {
+                Some(runc) => Some(ferry_criu::runc_version(runc).await),
+                None => None,
+            }
+        };
+        let (criu_facts, runc_version, docker_info) =
+            tokio::join!(criu_facts, runc_version, self.docker.info());
+        match (&self.criu, criu_facts) {
+            (None, _) | (_, None) => f.problems.push(format!(
                 "criu not found in PATH or {}",
                 TOOL_DIRS.join(", ")
             )),
-            Some(criu) => match ferry_criu::criu_facts(criu).await {
+            (Some(criu), Some(facts)) => match facts {
                 Ok(cf) => {
                     if !version_at_least(&cf.version, MIN_CRIU) {
                         f.problems.push(format!(
@@ -141,17 +156,15 @@ impl HostEnv {
                 Err(e) => f.problems.push(format!("{e} {}", e.log().join(" / "))),
             },
         }
-        match &self.runc {
+        match runc_version {
             None => f.problems.push(format!(
                 "runc not found in PATH or {}",
                 TOOL_DIRS.join(", ")
             )),
-            Some(runc) => match ferry_criu::runc_version(runc).await {
-                Ok(v) => f.runc_version = Some(v),
-                Err(e) => f.problems.push(e.to_string()),
-            },
+            Some(Ok(v)) => f.runc_version = Some(v),
+            Some(Err(e)) => f.problems.push(e.to_string()),
         }
-        match self.docker.info().await {
+        match docker_info {
             Ok(info) => {
                 f.docker_version = info
                     .get("ServerVersion")

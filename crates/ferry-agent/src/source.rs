@@ -530,8 +530,7 @@ impl SourceSide for LocalSource {
         .map_err(|e| SideError::refused(step, e.to_string()))?;
         info!(runc = %handle.binary, root = %handle.root.display(), "runc discovered");
 
-        let facts = self.env.facts(None).await;
-        let cpuinfo = self.env.cpuinfo().await;
+        let (facts, cpuinfo) = tokio::join!(self.env.facts(None), self.env.cpuinfo());
         let body = ferry_docker::create_body_from_inspect(
             &inspect,
             Some(crate::FERRY_RUNTIME),

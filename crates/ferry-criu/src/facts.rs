@@ -36,14 +36,25 @@ pub fn parse_runc_version(stdout: &str) -> Option<String> {
 /// Version and the features a migration needs. `criu check` without a feature exercises TCP
 /// repair among the basics, so its success is what `tcp_established` means here.
 pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
-    let out = run("criu --version", criu, &["--version"], PROBE_TIMEOUT).await?;
-    let out = out.ok_or("criu --version", criu)?;
+    // Independent probes, run side by side: one after the other they were ~100 ms of every
+    // migration's preflight, on each host.
+    let feature = |name: &'static str| feature_status(criu, name);
+    let (out, basic, uffd, uffd_noncoop, dirty, nft, lazy_read) = tokio::join!(
+        run("criu --version", criu, &["--version"], PROBE_TIMEOUT),
+        run("criu check", criu, &["check"], PROBE_TIMEOUT),
+        feature("uffd"),
+        feature("uffd-noncoop"),
+        feature("mem_dirty_track"),
+        feature("network_lock_nftables"),
+        feature("lazy_pages_read"),
+    );
+    let out = out?.ok_or("criu --version", criu)?;
     let version = parse_criu_version(&out.stdout).ok_or_else(|| ToolError::Other {
         step: "criu --version".into(),
         message: format!("unrecognised output from {criu} --version"),
         log: quote_text(&out.stdout),
     })?;
-    let basic = run("criu check", criu, &["check"], PROBE_TIMEOUT).await?;
+    let basic = basic?;
     let mut facts = CriuFacts {
         version,
         ..Default::default()
@@ -52,12 +63,11 @@ pub async fn criu_facts(criu: &str) -> Result<CriuFacts, ToolError> {
     if basic.status != 0 {
         facts.check_log = quote_text(&format!("{}\n{}", basic.stdout, basic.stderr));
     }
-    let feature = |name: &'static str| feature_status(criu, name);
-    facts.features.uffd = feature("uffd").await?;
-    facts.features.uffd_noncoop = feature("uffd-noncoop").await?;
-    facts.features.mem_dirty_track = feature("mem_dirty_track").await?;
-    facts.features.network_lock_nftables = feature("network_lock_nftables").await?;
-    facts.features.lazy_pages_read = feature("lazy_pages_read").await?;
+    facts.features.uffd = uffd?;
+    facts.features.uffd_noncoop = uffd_noncoop?;
+    facts.features.mem_dirty_track = dirty?;
+    facts.features.network_lock_nftables = nft?;
+    facts.features.lazy_pages_read = lazy_read?;
     Ok(facts)
 }
 
