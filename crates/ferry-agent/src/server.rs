@@ -201,25 +201,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             migration_id,
             chunks,
         } => {
-            let server = shared
-                .pages
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&migration_id).cloned());
             let Some(crate::source::PageServer {
                 port,
                 bytes,
                 closed,
                 ..
-            }) = server
+            }) = page_server(&shared, &migration_id)
             else {
-                let e = ErrorInfo {
-                    step: "pages".into(),
-                    message: format!("no page server for migration {migration_id}"),
-                    tool_log: vec![],
-                };
-                conn.send(&Message::Error(e.clone())).await?;
-                return Err(AgentError::Remote(e));
+                let message = format!("no page server for migration {migration_id}");
+                return refuse(conn, "pages", message).await;
             };
             let local = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -229,18 +219,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     ))
                 })?;
             let _ = local.set_nodelay(true);
-            let transfer = shared
-                .transfers
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&migration_id).cloned())
-                .unwrap_or_default();
-            let opts = BridgeOptions {
-                framed: chunks,
-                compression: transfer.settings.compression,
-                pacer: transfer.pacer,
-                stats: transfer.stats,
-            };
+            let opts = page_channel_options(&shared, &migration_id, chunks);
             match crate::conn::bridge(conn, local, opts).await {
                 Ok(t) => {
                     bytes.fetch_add(t.to_peer.wire, std::sync::atomic::Ordering::Relaxed);
@@ -483,16 +462,12 @@ async fn serve_image<S: AsyncRead + AsyncWrite + Unpin>(
 /// `ferry_pages::reader`), on the same framing, compression and pacing as the page tunnel.
 async fn serve_page_reads<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
-    mut conn: Conn<S>,
+    conn: Conn<S>,
     migration_id: &str,
     chunks: bool,
 ) -> Result<(), AgentError> {
-    let server = shared
-        .pages
-        .lock()
-        .ok()
-        .and_then(|m| m.get(migration_id).cloned());
-    let found = server.ok_or_else(|| format!("no page server for migration {migration_id}"));
+    let found = page_server(shared, migration_id)
+        .ok_or_else(|| format!("no page server for migration {migration_id}"));
     let tasks = found.and_then(|ps| {
         let lazy = ferry_pages::lazy_pages(&ps.images).map_err(|e| e.to_string())?;
         let procs = crate::freezer::Freezer::of(ps.pid)
@@ -512,28 +487,9 @@ async fn serve_page_reads<S: AsyncRead + AsyncWrite + Unpin>(
     });
     let (lazy, mut tasks, lane) = match tasks {
         Ok(t) => t,
-        Err(message) => {
-            let e = ErrorInfo {
-                step: "page reads".into(),
-                message,
-                tool_log: vec![],
-            };
-            conn.send(&Message::Error(e.clone())).await?;
-            return Err(AgentError::Remote(e));
-        }
+        Err(message) => return refuse(conn, "page reads", message).await,
     };
-    let transfer = shared
-        .transfers
-        .lock()
-        .ok()
-        .and_then(|m| m.get(migration_id).cloned())
-        .unwrap_or_default();
-    let opts = BridgeOptions {
-        framed: chunks,
-        compression: transfer.settings.compression,
-        pacer: transfer.pacer,
-        stats: transfer.stats,
-    };
+    let opts = page_channel_options(shared, migration_id, chunks);
     let (near, far) = tokio::io::duplex(PAGE_READS_PIPE);
     let (served, bridged) = tokio::join!(
         ferry_pages::serve_reads(near, &lazy, &mut tasks),
@@ -557,6 +513,46 @@ async fn serve_page_reads<S: AsyncRead + AsyncWrite + Unpin>(
     }
     lane.reads.closed.notify_one();
     Ok(())
+}
+
+/// The source side of a post-copy's page channels, registered at its lazy dump.
+fn page_server(shared: &Shared, migration_id: &str) -> Option<crate::source::PageServer> {
+    shared
+        .pages
+        .lock()
+        .ok()
+        .and_then(|m| m.get(migration_id).cloned())
+}
+
+/// A page channel carries the migration's compression, bandwidth limit and byte counts.
+fn page_channel_options(shared: &Shared, migration_id: &str, chunks: bool) -> BridgeOptions {
+    let transfer = shared
+        .transfers
+        .lock()
+        .ok()
+        .and_then(|m| m.get(migration_id).cloned())
+        .unwrap_or_default();
+    BridgeOptions {
+        framed: chunks,
+        compression: transfer.settings.compression,
+        pacer: transfer.pacer,
+        stats: transfer.stats,
+    }
+}
+
+/// Answers a channel that cannot be served with an error naming why.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    step: &str,
+    message: String,
+) -> Result<(), AgentError> {
+    let e = ErrorInfo {
+        step: step.into(),
+        message,
+        tool_log: vec![],
+    };
+    conn.send(&Message::Error(e.clone())).await?;
+    Err(AgentError::Remote(e))
 }
 
 /// The pipe between the page reader and its channel: a few read-ahead answers.

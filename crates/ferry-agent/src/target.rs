@@ -573,10 +573,8 @@ impl Targets {
                             warn!(migration = %mid, "page reader lane: {e}");
                         }
                     };
-                    let ((proxied, tunnelled), ()) = tokio::join!(
-                        async { tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts)) },
-                        lane
-                    );
+                    let (proxied, tunnelled, ()) =
+                        tokio::join!(proxy, crate::conn::bridge(tunnel, far, opts), lane);
                     (proxied, tunnelled)
                 }
                 None => {

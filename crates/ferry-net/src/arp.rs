@@ -148,18 +148,14 @@ fn send_garps(
     nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
         .map_err(|e| io_err(&format!("entering {ns_path}"), std::io::Error::from(e)))?;
 
-    send_garps_here(step, iface, ip, mac, count, first_sent).map_err(|e| match e {
-        NetError::NoSuchInterface { step, iface, .. } => {
-            NetError::NoSuchInterface { step, pid, iface }
-        }
-        e => e,
-    })
+    send_garps_here(step, pid, iface, ip, mac, count, first_sent)
 }
 
-/// Announces `ip` at `mac` on `iface` of the calling thread's network namespace, `count` times
-/// [`GARP_INTERVAL`] apart (blocking).
+/// Announces `ip` at `mac` on `iface` of the calling thread's network namespace (that of `pid`,
+/// which errors name), `count` times [`GARP_INTERVAL`] apart (blocking).
 fn send_garps_here(
     step: &str,
+    pid: u32,
     iface: &str,
     ip: Ipv4Addr,
     mac: [u8; 6],
@@ -175,7 +171,7 @@ fn send_garps_here(
         Err(nix::errno::Errno::ENODEV) => {
             return Err(NetError::NoSuchInterface {
                 step: step.to_string(),
-                pid: 0,
+                pid,
                 iface: iface.to_string(),
             })
         }
@@ -251,7 +247,7 @@ pub fn announce_all_here() -> Result<Vec<(String, Ipv4Addr)>, NetError> {
             continue;
         };
         check_iface(&iface)?;
-        send_garps_here(step, &iface, ip, mac, 1, || {})?;
+        send_garps_here(step, std::process::id(), &iface, ip, mac, 1, || {})?;
         sent.push((iface, ip));
     }
     Ok(sent)

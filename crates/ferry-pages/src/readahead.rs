@@ -346,6 +346,24 @@ impl State {
         Some((dst, stop, (end - stop) / PAGE_SIZE))
     }
 
+    /// A read-ahead answer of `data` (a prefix of the request, possibly empty) to the request
+    /// for `nr` pages at `start`: into the window, and what it left out wanted again.
+    fn arrived_ahead(&mut self, dst: u64, start: u64, nr: u64, data: Bytes) {
+        let (got, end) = (data.len() as u64, start + nr * PAGE_SIZE);
+        if let Some(f) = self.in_flight.get_mut(&dst) {
+            f.remove(start, end);
+        }
+        self.held -= end - start - got;
+        self.asked -= end - start;
+        self.stats.fetched_ahead += got;
+        if got > 0 {
+            self.window.entry(dst).or_default().insert(start, data);
+        }
+        if start + got < end {
+            self.want_again(dst, start + got, end);
+        }
+    }
+
     /// Puts back what an answer left out of a request, as far as it is lazy.
     fn want_again(&mut self, dst: u64, start: u64, end: u64) {
         let Some(lazy) = self.lazy.get(&dst) else {
@@ -609,6 +627,18 @@ where
     result.map(|()| st.stats)
 }
 
+/// What a channel sent while nothing was asked of it: closing then ends it; anything else is
+/// an error.
+fn unasked(r: std::io::Result<u8>, step: &'static str) -> Result<(), ReadAheadError> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+        Err(source) => Err(ReadAheadError::Io { step, source }),
+        Ok(b) => Err(ReadAheadError::Source(format!(
+            "{step}: byte {b:#x} nobody asked for"
+        ))),
+    }
+}
+
 /// Takes the reader lane's answers while it is open. An answer is applied only if the lane
 /// is still open once it has been read: [`Shared::reader_lost`] hands what the lane owed back
 /// to the page server, answers included.
@@ -633,37 +663,18 @@ where
             tokio::select! {
                 biased;
                 _ = notified => {}
-                r = rd.read_u8() => {
-                    return match r {
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
-                        Err(e) => Err(ReadAheadError::Io { step: "reading from the page reader", source: e }),
-                        Ok(b) => Err(ReadAheadError::Source(format!("byte {b:#x} nobody asked the reader for"))),
-                    };
-                }
+                r = rd.read_u8() => return unasked(r, "reading from the page reader"),
             }
         };
         let (head, data) = read_pages(&mut rd, Some((dst, start, nr))).await?;
-        let got = head.nr_pages * PAGE_SIZE;
-        let end = start + nr * PAGE_SIZE;
         {
             let mut st = sh.state();
             if !st.reader_open {
                 return Ok(());
             }
             st.expect_reader.pop_front();
-            if let Some(f) = st.in_flight.get_mut(&dst) {
-                f.remove(start, end);
-            }
-            st.held -= end - start - got;
-            st.asked -= end - start;
-            st.stats.fetched_ahead += got;
-            st.stats.fetched_by_reader += got;
-            if got > 0 {
-                st.window.entry(dst).or_default().insert(start, data);
-            }
-            if start + got < end {
-                st.want_again(dst, start + got, end);
-            }
+            st.stats.fetched_by_reader += head.nr_pages * PAGE_SIZE;
+            st.arrived_ahead(dst, start, nr, data);
         }
         sh.changed.notify_waiters();
     }
@@ -690,14 +701,7 @@ where
             tokio::select! {
                 biased;
                 _ = notified => {}
-                // The page server closing while nothing is asked of it ends the channel.
-                r = rd.read_u8() => {
-                    return match r {
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
-                        Err(e) => Err(ReadAheadError::Io { step: "reading from the page server", source: e }),
-                        Ok(b) => Err(ReadAheadError::Source(format!("byte {b:#x} nobody asked for"))),
-                    };
-                }
+                r = rd.read_u8() => return unasked(r, "reading from the page server"),
             }
         };
         match expect {
@@ -713,24 +717,8 @@ where
                 let _ = tx.send((head, data));
             }
             Expect::Ahead { dst, start, nr } => {
-                let (head, data) = read_pages(&mut rd, Some((dst, start, nr))).await?;
-                let got = head.nr_pages * PAGE_SIZE;
-                let end = start + nr * PAGE_SIZE;
-                {
-                    let mut st = sh.state();
-                    if let Some(f) = st.in_flight.get_mut(&dst) {
-                        f.remove(start, end);
-                    }
-                    st.held -= end - start - got;
-                    st.asked -= end - start;
-                    st.stats.fetched_ahead += got;
-                    if got > 0 {
-                        st.window.entry(dst).or_default().insert(start, data);
-                    }
-                    if start + got < end {
-                        st.want_again(dst, start + got, end);
-                    }
-                }
+                let (_, data) = read_pages(&mut rd, Some((dst, start, nr))).await?;
+                sh.state().arrived_ahead(dst, start, nr, data);
                 sh.changed.notify_waiters();
             }
         }

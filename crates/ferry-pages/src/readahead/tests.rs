@@ -901,15 +901,12 @@ fn split_opts() -> ReadAheadOptions {
     }
 }
 
-#[test]
-fn with_a_reader_lane_the_read_ahead_goes_there_and_the_page_server_gets_the_daemons_requests() {
+#[tokio::test]
+async fn with_a_reader_lane_the_read_ahead_goes_there_and_the_page_server_gets_the_daemons_requests(
+) {
     let lazy = layout(&[(1, 0x10, 300), (1, 0x400, 77), (9, 0x20, 150)]);
     let total: u64 = lazy.values().map(|r| r.len()).sum();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let r = rt.block_on(within(split_run(lazy, split_opts(), 42, 3, None)));
+    let r = within(split_run(lazy, split_opts(), 42, 3, None)).await;
     assert_eq!(r.received, total);
     assert_eq!(
         r.stats.served_ahead + r.stats.forwarded,
@@ -941,21 +938,17 @@ fn with_a_reader_lane_the_read_ahead_goes_there_and_the_page_server_gets_the_dae
     assert_eq!(r.stats.wasted, 0, "{:?}", r.stats);
 }
 
-#[test]
-fn a_reader_lane_that_dies_hands_what_it_owed_back_to_the_page_server() {
+#[tokio::test]
+async fn a_reader_lane_that_dies_hands_what_it_owed_back_to_the_page_server() {
     let lazy = layout(&[(1, 0x10, 600), (3, 0x900, 90)]);
     let total: u64 = lazy.values().map(|r| r.len()).sum();
     for answers in [0usize, 1, 5] {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         // Back on the page server's one connection, the quiet time after faults applies again.
         let opts = ReadAheadOptions {
             fault_quiet: std::time::Duration::ZERO,
             ..split_opts()
         };
-        let r = rt.block_on(within(split_run(lazy.clone(), opts, 7, 4, Some(answers))));
+        let r = within(split_run(lazy.clone(), opts, 7, 4, Some(answers))).await;
         assert_eq!(r.received, total, "after {answers} answers");
         assert!(r.stats.reader_lost, "after {answers}: {:?}", r.stats);
         assert_eq!(r.reader_sent, r.stats.fetched_by_reader, "{:?}", r.stats);
