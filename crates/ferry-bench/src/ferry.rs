@@ -101,6 +101,7 @@ pub struct MigrateArgs<'a> {
     pub to: &'a str,
     pub tls_dir: &'a Path,
     pub strategy: &'a str,
+    pub compress: ferry_proto::Compression,
     pub step_timeout_s: u64,
     pub timeout: Duration,
 }
@@ -130,7 +131,8 @@ pub async fn migrate(a: &MigrateArgs<'_>) -> Result<FerryRun, BenchError> {
         "--tls-dir",
     ])
     .arg(a.tls_dir)
-    .args(["--strategy", a.strategy, "--json", "--step-timeout"])
+    .args(["--strategy", a.strategy, "--compress", a.compress.as_str()])
+    .args(["--json", "--step-timeout"])
     .arg(a.step_timeout_s.to_string())
     .stdin(Stdio::null())
     .kill_on_drop(true);

@@ -75,6 +75,9 @@ pub struct BenchOptions {
     pub ferry_exe: PathBuf,
     pub out_dir: PathBuf,
     pub interval_ms: u64,
+    /// `ferry migrate --compress` for every ferry case: on the test bed the link is a veth, as
+    /// fast as memory, so the policy's cost in CPU is what a comparison of policies shows.
+    pub compress: ferry_proto::Compression,
 }
 
 impl BenchOptions {
@@ -86,6 +89,7 @@ impl BenchOptions {
             ferry_exe: ferry_exe.into(),
             out_dir: out_dir.into(),
             interval_ms: DEFAULT_INTERVAL_MS,
+            compress: ferry_proto::Compression::default(),
         }
     }
 
@@ -267,6 +271,9 @@ pub struct BenchReport {
     pub finished_unix_ms: u64,
     pub ferry_exe: PathBuf,
     pub interval_ms: u64,
+    /// The `--compress` policy the ferry cases ran with (older reports: auto).
+    #[serde(default)]
+    pub compress: ferry_proto::Compression,
     pub value_size: u64,
     pub sizes_mb: Vec<u64>,
     pub strategies: Vec<StrategyStatus>,
@@ -518,6 +525,7 @@ impl Ctx {
                 to: &self.b.agent_addr.to_string(),
                 tls_dir: &self.bed.client_tls_dir,
                 strategy,
+                compress: self.opts.compress,
                 step_timeout_s: 120,
                 timeout: Duration::from_secs(300),
             })
@@ -643,6 +651,7 @@ impl Ctx {
                     to: &self.b.agent_addr.to_string(),
                     tls_dir: &self.bed.client_tls_dir,
                     strategy: &rep.case,
+                    compress: self.opts.compress,
                     step_timeout_s: step_timeout_s(rep.size_mb),
                     timeout,
                 })
@@ -939,6 +948,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         finished_unix_ms: 0,
         ferry_exe: opts.ferry_exe.clone(),
         interval_ms: opts.interval_ms,
+        compress: opts.compress,
         value_size: VALUE_SIZE,
         sizes_mb: opts.sizes_mb.clone(),
         strategies: strategies.clone(),

@@ -136,11 +136,12 @@ pub fn markdown(r: &BenchReport) -> String {
         s,
         "Run {} – {}. Redis loaded with {}-byte values to the given RSS; one client connection \
          (INCR+SET every {} ms) from the test bed's client namespace; host a → host b on the \
-         local test bed (macvlan, shared L2). MB = 2^20 bytes.\n",
+         local test bed (macvlan, shared L2); ferry's compression policy `{}`. MB = 2^20 bytes.\n",
         utc(r.started_unix_ms),
         utc(r.finished_unix_ms),
         r.value_size,
-        r.interval_ms
+        r.interval_ms,
+        r.compress.as_str()
     );
     let _ = writeln!(
         s,
@@ -299,6 +300,7 @@ mod tests {
             finished_unix_ms: 1000,
             ferry_exe: "/f".into(),
             interval_ms: 5,
+            compress: ferry_proto::Compression::Auto,
             value_size: 1000,
             sizes_mb: vec![64],
             strategies: vec![],

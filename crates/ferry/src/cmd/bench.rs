@@ -20,6 +20,9 @@ pub struct Args {
     /// The client's interval between commands, in ms.
     #[arg(long, default_value_t = 5)]
     interval_ms: u64,
+    /// The compression policy of every ferry case (`ferry migrate --compress`).
+    #[arg(long, value_enum, default_value_t = super::migrate::CompressArg::Auto)]
+    compress: super::migrate::CompressArg,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -34,6 +37,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     opts.sizes_mb = a.sizes;
     opts.strategies = a.strategies;
     opts.interval_ms = a.interval_ms;
+    opts.compress = a.compress.into();
     let report = ferry_bench::run(opts).await?;
     println!("{}", ferry_bench::markdown(&report));
     println!("results in {}", a.out.display());
