@@ -39,6 +39,23 @@ pub const AUTO_RECHECK_BYTES: u64 = 64 << 20;
 /// After this much of a stream went plain, `auto` measures again, in case the data changed.
 pub const AUTO_REPROBE_AFTER: u64 = 64 << 20;
 
+/// Where the ratio and zstd's speed say compressing should pay, `auto` still times the stream
+/// over this much sent compressed, then this much sent plain, and keeps compressing only if
+/// that moved the data faster. The link estimate cannot see everything that bounds a stream:
+/// the receiver's CPU (decompression and what it does with the data), or a sender whose cores
+/// the receiver shares. On the test bed's veths both hosts share two cores, and compressing
+/// the post-copy pages cost ~0.2 s of a 512 MB migration's 2.2 s. 16 MiB is ~50 ms at the
+/// test bed's pace and ~130 ms on 1 GbE: long enough to smooth out single chunks.
+pub const AUTO_PACE_BYTES: u64 = 16 << 20;
+
+/// Compressing costs CPU at the same pace, so it has to move the stream at least this much
+/// faster than plain frames did.
+pub const AUTO_PACE_MARGIN: f64 = 1.05;
+
+/// After timing showed plain frames to be faster, `auto` measures again only after this much
+/// more of the stream: each measurement compresses `AUTO_PROBE_BYTES + AUTO_PACE_BYTES`.
+pub const AUTO_REPROBE_AFTER_PACE: u64 = 512 << 20;
+
 /// `auto` compresses only where zstd outruns the link by this factor. The uploader compresses
 /// the next chunk while the previous one is on the wire, so compressing moves data at
 /// min(zstd speed, link × ratio) against the link's own speed plain: it pays exactly when zstd
@@ -99,6 +116,10 @@ impl LinkMeter {
 pub enum AutoPhase {
     /// Measuring: every chunk is compressed (and sent plain when that did not shrink it).
     Probing,
+    /// The probe said compressing pays: timing the stream while compressing.
+    PaceCompressed,
+    /// Then timing it while sending plain.
+    PacePlain,
     Compressing,
     Plain,
 }
@@ -126,7 +147,18 @@ pub struct AutoState {
     /// The link's measured (or configured) throughput, when known.
     link_bps: Option<u64>,
     plain_run: u64,
+    /// How much plain stream makes `auto` measure again.
+    reprobe_after: u64,
     decided: Option<bool>,
+    /// The wall time since the encoder's previous chunk, for the chunk observed next.
+    gap_ns: Option<u64>,
+    /// The pace window's bytes and time. Its first chunk only starts the clock: the gap
+    /// before it still carries the previous window's last chunk.
+    pace_in: u64,
+    pace_ns: u64,
+    pace_started: bool,
+    /// Bytes per second while compressing, once that window closed (`None`: not timed).
+    pace_compressed: Option<f64>,
 }
 
 impl Default for AutoState {
@@ -138,7 +170,13 @@ impl Default for AutoState {
             window_ns: 0,
             link_bps: None,
             plain_run: 0,
+            reprobe_after: AUTO_REPROBE_AFTER,
             decided: None,
+            gap_ns: None,
+            pace_in: 0,
+            pace_ns: 0,
+            pace_started: false,
+            pace_compressed: None,
         }
     }
 }
@@ -159,7 +197,33 @@ impl AutoState {
 
     /// Whether the next chunk should be tried with zstd.
     pub fn wants_zstd(&self) -> bool {
-        self.phase != AutoPhase::Plain
+        !matches!(self.phase, AutoPhase::Plain | AutoPhase::PacePlain)
+    }
+
+    /// Records the wall time since the encoder's previous chunk; call it before the chunk's
+    /// `observe_tried` or `observe_plain`.
+    pub fn observe_gap(&mut self, ns: u64) {
+        self.gap_ns = Some(ns);
+    }
+
+    /// Counts a chunk of `raw` bytes into the pace window; the window's pace in bytes per
+    /// second once it holds [`AUTO_PACE_BYTES`] (`None` inside: not timed).
+    fn pace(&mut self, raw: u64) -> Option<Option<f64>> {
+        let gap = self.gap_ns.take();
+        if !self.pace_started {
+            self.pace_started = true;
+            return None;
+        }
+        self.pace_in = self.pace_in.saturating_add(raw);
+        self.pace_ns = self.pace_ns.saturating_add(gap.unwrap_or(0));
+        if self.pace_in < AUTO_PACE_BYTES {
+            return None;
+        }
+        let bps = (self.pace_ns > 0).then(|| self.pace_in as f64 * 1e9 / self.pace_ns as f64);
+        self.pace_in = 0;
+        self.pace_ns = 0;
+        self.pace_started = false;
+        Some(bps)
     }
 
     /// Records how long zstd took on the chunk about to be passed to [`Self::observe_tried`].
@@ -187,41 +251,86 @@ impl AutoState {
 
     /// Records a chunk zstd was tried on: `raw` bytes in, `out` bytes out (`raw` when zstd could
     /// not shrink it). Returns the decision when this chunk closed a measuring window.
+    ///
+    /// A probe that finds compressing worthwhile leads to the pace windows (the decision says
+    /// `compress`, and the stream compresses while the first is timed); the decision after
+    /// them comes from [`Self::observe_plain`].
     pub fn observe_tried(&mut self, raw: u64, out: u64) -> Option<Decision> {
         self.window_in = self.window_in.saturating_add(raw);
         self.window_out = self.window_out.saturating_add(out);
         let window = match self.phase {
             AutoPhase::Probing => AUTO_PROBE_BYTES,
             AutoPhase::Compressing => AUTO_RECHECK_BYTES,
-            AutoPhase::Plain => return None,
+            AutoPhase::PaceCompressed => {
+                if let Some(bps) = self.pace(raw) {
+                    self.pace_compressed = bps;
+                    self.phase = AutoPhase::PacePlain;
+                }
+                return None;
+            }
+            AutoPhase::Plain | AutoPhase::PacePlain => return None,
         };
         if self.window_in < window {
             return None;
         }
         let r = ratio(self.window_in, self.window_out);
         let compress = r >= AUTO_MIN_RATIO && self.link_allows();
-        self.phase = if compress {
-            AutoPhase::Compressing
-        } else {
-            AutoPhase::Plain
+        self.phase = match (compress, self.phase) {
+            (false, _) => AutoPhase::Plain,
+            (true, AutoPhase::Probing) => AutoPhase::PaceCompressed,
+            (true, _) => AutoPhase::Compressing,
         };
         self.window_in = 0;
         self.window_out = 0;
         self.window_ns = 0;
         self.plain_run = 0;
+        self.reprobe_after = AUTO_REPROBE_AFTER;
+        self.gap_ns = None;
+        self.pace_in = 0;
+        self.pace_ns = 0;
+        self.pace_started = false;
         self.decided = Some(compress);
         Some(Decision { compress, ratio: r })
     }
 
-    /// Records a chunk sent plain without trying zstd.
-    pub fn observe_plain(&mut self, raw: u64) {
-        if self.phase != AutoPhase::Plain {
-            return;
-        }
-        self.plain_run = self.plain_run.saturating_add(raw);
-        if self.plain_run >= AUTO_REPROBE_AFTER {
-            self.phase = AutoPhase::Probing;
-            self.plain_run = 0;
+    /// Records a chunk sent plain without trying zstd. Returns the decision when it closed
+    /// the plain pace window: compress only if compressing moved the stream
+    /// [`AUTO_PACE_MARGIN`] times faster (or either window could not be timed).
+    pub fn observe_plain(&mut self, raw: u64) -> Option<Decision> {
+        match self.phase {
+            AutoPhase::Plain => {
+                self.plain_run = self.plain_run.saturating_add(raw);
+                if self.plain_run >= self.reprobe_after {
+                    self.phase = AutoPhase::Probing;
+                    self.plain_run = 0;
+                }
+                None
+            }
+            AutoPhase::PacePlain => {
+                let plain = self.pace(raw)?;
+                let compressed = self.pace_compressed.take();
+                let compress = match (compressed, plain) {
+                    (Some(c), Some(p)) => c >= p * AUTO_PACE_MARGIN,
+                    _ => true,
+                };
+                let r = ratio(self.window_in, self.window_out);
+                self.window_in = 0;
+                self.window_out = 0;
+                self.window_ns = 0;
+                self.plain_run = 0;
+                self.decided = Some(compress);
+                if compress {
+                    self.phase = AutoPhase::Compressing;
+                } else {
+                    self.phase = AutoPhase::Plain;
+                    self.reprobe_after = AUTO_REPROBE_AFTER_PACE;
+                }
+                Some(Decision { compress, ratio: r })
+            }
+            _ => {
+                self.gap_ns = None;
+                None
+            }
         }
     }
 }
@@ -239,6 +348,8 @@ pub struct ChunkEncoder {
     finished: bool,
     /// The sender's running estimate of the link's throughput (bytes/s, 0 = unknown).
     link: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// When the previous chunk was encoded: the sender's pace, for `auto`'s pace windows.
+    last_chunk: Option<std::time::Instant>,
 }
 
 impl ChunkEncoder {
@@ -251,6 +362,7 @@ impl ChunkEncoder {
             stats,
             finished: false,
             link: None,
+            last_chunk: None,
         }
     }
 
@@ -286,13 +398,19 @@ impl ChunkEncoder {
         if self.policy == Compression::Off {
             return Ok((Encoding::Plain, chunk::plain(raw)?));
         }
+        let now = std::time::Instant::now();
+        let gap = self.last_chunk.replace(now).map(|l| now - l);
         if !raw.is_empty() && chunk::is_all_zero(raw) {
             return Ok((Encoding::Zeros, chunk::zeros(raw.len())?));
+        }
+        let measured = self.policy == Compression::Auto && raw.len() >= MIN_TRY_LEN;
+        if let (true, Some(gap)) = (measured, gap) {
+            self.auto.observe_gap(gap.as_nanos() as u64);
         }
         let try_zstd =
             raw.len() >= MIN_TRY_LEN && (self.policy == Compression::On || self.auto.wants_zstd());
         if !try_zstd {
-            if self.policy == Compression::Auto && raw.len() >= MIN_TRY_LEN {
+            if measured {
                 self.auto.observe_plain(raw.len() as u64);
             }
             return Ok((Encoding::Plain, chunk::plain(raw)?));
@@ -351,6 +469,7 @@ impl ChunkEncoder {
     pub fn restart(&mut self) {
         self.finish();
         self.auto = AutoState::new();
+        self.last_chunk = None;
         self.finished = false;
     }
 
@@ -465,7 +584,85 @@ mod tests {
                 ratio: 2.0
             })
         );
-        assert_eq!(a.phase(), AutoPhase::Compressing);
+        assert_eq!(a.phase(), AutoPhase::PaceCompressed);
+        assert!(a.wants_zstd());
+    }
+
+    /// Feeds one pace window of 1 MiB chunks, each `ns` after the previous one, and returns
+    /// the decision that closed it (plain windows decide; compressed ones lead to plain).
+    fn pace_window(a: &mut AutoState, ns: u64) -> Option<Decision> {
+        let step = 1 << 20;
+        let mut d = None;
+        // One chunk more than the window: the first only starts the clock.
+        for i in 0..=(AUTO_PACE_BYTES / step) {
+            // The first chunk's gap belongs to the previous window and must not count.
+            a.observe_gap(if i == 0 { 1_000_000_000 } else { ns });
+            d = if a.wants_zstd() {
+                a.observe_tried(step, step / 2)
+            } else {
+                a.observe_plain(step)
+            }
+            .or(d);
+        }
+        d
+    }
+
+    fn probed() -> AutoState {
+        let mut a = AutoState::new();
+        a.observe_tried(AUTO_PROBE_BYTES, AUTO_PROBE_BYTES / 2);
+        assert_eq!(a.phase(), AutoPhase::PaceCompressed);
+        a
+    }
+
+    #[test]
+    fn compressing_stays_only_where_it_moved_the_stream_faster() {
+        // ns per 1 MiB chunk compressed, then plain: what the pace windows saw.
+        for (compressed_ns, plain_ns, want) in [
+            (5_000_000u64, 8_000_000u64, true), // a slow link: compressing pays
+            (4_000_000, 4_000_000, false),      // as fast: the CPU is spent for nothing
+            (3_900_000, 4_000_000, false),      // 2.5% faster: inside the margin
+            (3_700_000, 4_000_000, true),       // 8% faster
+            (6_000_000, 3_000_000, false),      // a receiver that decompresses slower
+            (0, 4_000_000, true),               // compressed window not timed
+            (4_000_000, 0, true),               // plain window not timed
+        ] {
+            let mut a = probed();
+            assert_eq!(pace_window(&mut a, compressed_ns), None);
+            assert_eq!(a.phase(), AutoPhase::PacePlain, "{compressed_ns}/{plain_ns}");
+            assert!(!a.wants_zstd());
+            let d = pace_window(&mut a, plain_ns).expect("the plain window decides");
+            assert_eq!(d.compress, want, "{compressed_ns}/{plain_ns}");
+            assert_eq!(a.decided(), Some(want));
+            let phase = if want {
+                AutoPhase::Compressing
+            } else {
+                AutoPhase::Plain
+            };
+            assert_eq!(a.phase(), phase);
+        }
+    }
+
+    #[test]
+    fn a_stream_timed_faster_plain_is_measured_again_only_much_later() {
+        let mut a = probed();
+        pace_window(&mut a, 4_000_000);
+        assert!(!pace_window(&mut a, 2_000_000).unwrap().compress);
+        let step = 1 << 20;
+        for _ in 0..(AUTO_REPROBE_AFTER / step) {
+            a.observe_plain(step);
+        }
+        assert_eq!(a.phase(), AutoPhase::Plain);
+        for _ in (AUTO_REPROBE_AFTER / step)..(AUTO_REPROBE_AFTER_PACE / step) {
+            a.observe_plain(step);
+        }
+        assert_eq!(a.phase(), AutoPhase::Probing);
+        // A probe that fails on the ratio goes back to the short wait.
+        a.observe_tried(AUTO_PROBE_BYTES, AUTO_PROBE_BYTES);
+        assert_eq!(a.phase(), AutoPhase::Plain);
+        for _ in 0..(AUTO_REPROBE_AFTER / step) {
+            a.observe_plain(step);
+        }
+        assert_eq!(a.phase(), AutoPhase::Probing);
     }
 
     #[test]
@@ -486,8 +683,9 @@ mod tests {
 
     #[test]
     fn compressing_stops_when_the_data_turns_incompressible() {
-        let mut a = AutoState::new();
-        a.observe_tried(AUTO_PROBE_BYTES, AUTO_PROBE_BYTES / 3);
+        let mut a = probed();
+        pace_window(&mut a, 0);
+        pace_window(&mut a, 0);
         assert_eq!(a.phase(), AutoPhase::Compressing);
         let d = a.observe_tried(AUTO_RECHECK_BYTES, AUTO_RECHECK_BYTES);
         assert_eq!(
@@ -517,7 +715,8 @@ mod tests {
             assert_eq!(encoding(&p), Encoding::Plain as u8);
             assert_eq!(&d.decode(p).unwrap()[..], &n[..]);
         }
-        assert_eq!(text_enc.auto_state().phase(), AutoPhase::Compressing);
+        // 6 MiB after the 4 MiB probe: still inside the compressed pace window.
+        assert_eq!(text_enc.auto_state().phase(), AutoPhase::PaceCompressed);
         assert_eq!(noise_enc.auto_state().phase(), AutoPhase::Plain);
         drop(text_enc);
         drop(noise_enc);
