@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::conn::{describe, Conn, ConnError};
-use crate::host::HostEnv;
+use crate::host::{HostEnv, Probe};
 use crate::source::LocalSource;
 use crate::target::{ImagesChannel, RemoteTarget, Targets};
 use crate::AgentError;
@@ -111,10 +111,17 @@ pub async fn serve(opts: AgentOptions) -> Result<(), AgentError> {
     let server_cfg = ferry_tls::server_config(&identity)?;
     let client_tls = ferry_tls::client_config(&identity)?;
     let env = HostEnv::discover(name.clone(), opts.state_dir.clone()).await?;
-    let facts = env.facts(None).await;
+    let facts = env.facts(None, Probe::Fresh).await;
     for p in &facts.problems {
         warn!("host problem: {p}");
     }
+    let refresh = env.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(crate::host::PROBE_REFRESH).await;
+            refresh.refresh_probes().await;
+        }
+    });
     let shared = Arc::new(Shared {
         targets: Targets::new(env.clone(), client_tls.clone()),
         env,
@@ -262,7 +269,7 @@ async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::Check { cpuinfo } => {
-                let facts = shared.env.facts(cpuinfo.as_deref()).await;
+                let facts = shared.env.facts(cpuinfo.as_deref(), Probe::Fresh).await;
                 conn.send(&Message::CheckReply(facts)).await?;
             }
             Message::Migrate(req) => return run_migration(shared, conn, req).await,

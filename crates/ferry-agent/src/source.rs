@@ -530,7 +530,9 @@ impl SourceSide for LocalSource {
         .map_err(|e| SideError::refused(step, e.to_string()))?;
         info!(runc = %handle.binary, root = %handle.root.display(), "runc discovered");
 
-        let (facts, cpuinfo) = tokio::join!(self.env.facts(None), self.env.cpuinfo());
+        // The CPU image comes with the facts' probe: asked second, it is already kept.
+        let facts = self.env.facts(None, crate::host::Probe::Recent).await;
+        let cpuinfo = self.env.cpuinfo(crate::host::Probe::Recent).await;
         let body = ferry_docker::create_body_from_inspect(
             &inspect,
             Some(crate::FERRY_RUNTIME),

@@ -426,6 +426,10 @@ pub struct HostFacts {
     pub cpu_compatible: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_check_log: Vec<String>,
+    /// How old the answers of criu and runc were (an agent keeps them for a while; `ferry
+    /// check` asks again). None from agents that always asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_ms_ago: Option<u64>,
     /// Reasons this host cannot take part in a migration at all.
     pub problems: Vec<String>,
     /// Things that work but an operator should know.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_agent::client::AgentClient;
-use ferry_agent::host::HostEnv;
+use ferry_agent::host::{HostEnv, Probe};
 use ferry_proto::HostFacts;
 
 #[derive(clap::Args)]
@@ -83,7 +83,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let scratch = std::env::temp_dir().join(format!("ferry-check-{}", std::process::id()));
     // This host may be a workstation without Docker: peers are still checked, against its CPU.
     let (local, cpuinfo) = match HostEnv::discover("local".into(), scratch.clone()).await {
-        Ok(env) => (Some(env.facts(None).await), env.cpuinfo().await),
+        Ok(env) => {
+            let facts = env.facts(None, Probe::Fresh).await;
+            (Some(facts), env.cpuinfo(Probe::Recent).await)
+        }
         Err(e) if !a.to.is_empty() => {
             eprintln!("ferry check: this host is not a Docker host ({e}); checking the peers only");
             let cpuinfo = match ferry_agent::host::find_tool("criu") {
