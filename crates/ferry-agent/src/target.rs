@@ -1708,6 +1708,11 @@ impl Targets {
                 &self.env.state_dir,
                 cid,
             ));
+            rm(&ferry_criu::runtime::go_fifo_path(&self.env.state_dir, cid));
+            rm(&ferry_criu::runtime::arm_report_path(
+                &self.env.state_dir,
+                cid,
+            ));
         }
         problems
     }

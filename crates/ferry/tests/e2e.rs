@@ -164,7 +164,27 @@ fn migrate_ok(name: &str, extra: &[&str]) -> Value {
     let (ok, report, stderr) = migrate(name, &addr("a"), &addr("b"), extra);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "migrate failed: {report}\n{stderr}");
+    assert_no_runtime_files_left("b", name);
     report
+}
+
+/// A committed migration leaves none of the runtime wrapper's per-container files (the parked
+/// restore's fifo and report, overrides, CRIU config, restore record) in the target's state.
+fn assert_no_runtime_files_left(h: &str, name: &str) {
+    let id = inspect(h, name).expect("the migrated container exists")["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = PathBuf::from(host(h)["state_dir"].as_str().unwrap()).join("runtime");
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&id))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{} after commit: {left:?}", dir.display());
 }
 
 /// A workload client in the client namespace. Each has its own directory, and one a failed
