@@ -386,6 +386,9 @@ impl QuietNetns {
                     return;
                 }
             };
+            // Closed when this process ends, after the restore: closing them inside the pause
+            // would wait for the kernel (see `ferry_net::Announced`).
+            let mut sockets = Vec::new();
             for conn in listener.incoming() {
                 let Ok(mut c) = conn else { continue };
                 let mut b = [0u8; 1];
@@ -394,7 +397,7 @@ impl QuietNetns {
                 }
                 let answer = match opener.open() {
                     Ok(()) => {
-                        announce_at_resume(&announced);
+                        sockets.extend(announce_at_resume(&announced));
                         "ok\n".to_string()
                     }
                     Err(e) => format!("{e}\n"),
@@ -530,17 +533,23 @@ fn stamp_resumed(dir: &Path) -> std::io::Result<()> {
 
 /// Announces the opened namespace's addresses (see [`ferry_net::announce_all_here`]) and
 /// records which in `file`. Only ever a head start: the agent announces them again once
-/// `docker start` has returned, so a failure here is logged, not fatal.
-fn announce_at_resume(file: &Path) {
+/// `docker start` has returned, so a failure here is logged, not fatal. The sockets it sent on
+/// come back to be closed after the pause.
+fn announce_at_resume(file: &Path) -> Option<ferry_net::Announced> {
     match ferry_net::announce_all_here() {
-        Ok(sent) => {
-            let text: String = sent
+        Ok(announced) => {
+            let text: String = announced
+                .sent
                 .iter()
                 .map(|(iface, ip)| format!("{iface} {ip}\n"))
                 .collect();
             let _ = std::fs::write(file, text);
+            Some(announced)
         }
-        Err(e) => tracing::warn!("announcing the addresses at the resume: {e}"),
+        Err(e) => {
+            tracing::warn!("announcing the addresses at the resume: {e}");
+            None
+        }
     }
 }
 

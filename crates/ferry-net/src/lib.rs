@@ -16,7 +16,9 @@ mod lock;
 mod repair;
 mod tool;
 
-pub use arp::{announce_all_here, build_garp_frame, gratuitous_arp, set_arp, GARP_INTERVAL};
+pub use arp::{
+    announce_all_here, build_garp_frame, gratuitous_arp, set_arp, Announced, GARP_INTERVAL,
+};
 pub use error::NetError;
 pub use iface::{interfaces, parse_ip_addr_json, parse_mac, Iface};
 pub use lock::{

@@ -375,11 +375,37 @@ fn every_address_of_the_namespace_is_announced_from_inside_it() {
         return;
     };
     let capture = capture_arp(&net.b, A_MAC, 1);
-    let sent = in_ns(&net.a, announce_all_here).unwrap();
-    assert_eq!(sent, vec![("va".to_string(), A_IP)]);
+    let (announced, open) = in_ns(&net.a, || (announce_all_here().unwrap(), packet_sockets()));
+    assert_eq!(announced.sent, vec![("va".to_string(), A_IP)]);
     let frames = capture.join().unwrap();
     assert_eq!(frames.len(), 1, "no announcement reached b");
     assert_eq!(frames[0][..42], build_garp_frame(A_IP, A_MAC)[..]);
+    // Inside a restore's pause the socket must not be closed yet (that waits for an RCU grace
+    // period), and it never had a receive hook to take down (nor queues what it would get).
+    assert_eq!(open, vec![(0, false)], "a's packet sockets (protocol, hooked)");
+    let after = in_ns(&net.a, move || {
+        drop(announced);
+        packet_sockets()
+    });
+    assert_eq!(after, vec![], "closed once dropped");
+}
+
+/// The calling thread's namespace's packet sockets, as `(protocol, receive hook registered)`
+/// from `/proc/thread-self/net/packet`.
+fn packet_sockets() -> Vec<(u16, bool)> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/packet").unwrap();
+    let mut head = table.lines().next().unwrap().split_whitespace();
+    let col = |name: &str, head: &mut std::str::SplitWhitespace| head.position(|c| c == name);
+    let proto = col("Proto", &mut head.clone()).unwrap();
+    let running = col("R", &mut head).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (u16::from_str_radix(f[proto], 16).unwrap(), f[running] != "0")
+        })
+        .collect()
 }
 
 #[tokio::test]
