@@ -232,12 +232,7 @@ impl HostEnv {
     }
 
     /// `criu cpuinfo check` of a peer's CPU image, kept with the answers it was asked with.
-    async fn cpu_check(
-        &self,
-        criu: &str,
-        probed: &Probed,
-        peer: &[u8],
-    ) -> CpuCheck {
+    async fn cpu_check(&self, criu: &str, probed: &Probed, peer: &[u8]) -> CpuCheck {
         if let Some(r) = probed.cpu_checks.get(peer) {
             return r.clone();
         }

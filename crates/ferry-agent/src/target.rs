@@ -2023,13 +2023,11 @@ impl Targets {
                 }
             };
             let reply = match msg {
-                Message::Check { cpuinfo } => {
-                    Message::CheckReply(
-                        self.env
-                            .facts(cpuinfo.as_deref(), crate::host::Probe::Recent)
-                            .await,
-                    )
-                }
+                Message::Check { cpuinfo } => Message::CheckReply(
+                    self.env
+                        .facts(cpuinfo.as_deref(), crate::host::Probe::Recent)
+                        .await,
+                ),
                 Message::Prepare(req) if req.migration_id == id => match self.prepare(req).await {
                     Ok(p) => Message::Prepared {
                         container_id: p.container_id,

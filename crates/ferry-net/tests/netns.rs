@@ -382,7 +382,11 @@ fn every_address_of_the_namespace_is_announced_from_inside_it() {
     assert_eq!(frames[0][..42], build_garp_frame(A_IP, A_MAC)[..]);
     // Inside a restore's pause the socket must not be closed yet (that waits for an RCU grace
     // period), and it never had a receive hook to take down (nor queues what it would get).
-    assert_eq!(open, vec![(0, false)], "a's packet sockets (protocol, hooked)");
+    assert_eq!(
+        open,
+        vec![(0, false)],
+        "a's packet sockets (protocol, hooked)"
+    );
     let after = in_ns(&net.a, move || {
         drop(announced);
         packet_sockets()
@@ -403,7 +407,10 @@ fn packet_sockets() -> Vec<(u16, bool)> {
         .skip(1)
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (u16::from_str_radix(f[proto], 16).unwrap(), f[running] != "0")
+            (
+                u16::from_str_radix(f[proto], 16).unwrap(),
+                f[running] != "0",
+            )
         })
         .collect()
 }

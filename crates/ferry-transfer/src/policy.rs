@@ -628,7 +628,11 @@ mod tests {
         ] {
             let mut a = probed();
             assert_eq!(pace_window(&mut a, compressed_ns), None);
-            assert_eq!(a.phase(), AutoPhase::PacePlain, "{compressed_ns}/{plain_ns}");
+            assert_eq!(
+                a.phase(),
+                AutoPhase::PacePlain,
+                "{compressed_ns}/{plain_ns}"
+            );
             assert!(!a.wants_zstd());
             let d = pace_window(&mut a, plain_ns).expect("the plain window decides");
             assert_eq!(d.compress, want, "{compressed_ns}/{plain_ns}");
